@@ -1,0 +1,120 @@
+"""Pluggable gradient compression (pure torch, no collectives).
+
+    >>> from horovod_gravac import compression
+    >>> c = compression.create("topk:100")          # or create("topk", cf=100)
+    >>> payload, ctx = c.compress(grad)
+    >>> approx = c.decompress(payload, ctx)
+
+``names()`` lists every compressor; an unknown name or parameter raises ``ValueError``
+naming the valid ones.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .base import (Compressor, Ctx, Exchange, Payload, finite_marker, num_selected,
+                   validate_cf, wire_bytes)
+from .lowrank import PowerSGD
+from .memory import MEMORIES, DGCMemory, EFSignSGDMemory, Memory, ResidualMemory
+from .quantizers import (FP16, QSGD, EFSignSGD, EightBit, Natural, NoCompression, OneBit,
+                         SignSGD, Signum, TernGrad)
+from .sparsifiers import DGC, SIDCo, RandomK, RedSync, Sparsifier, Threshold, TopK
+
+COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (
+    NoCompression, FP16, EightBit, QSGD, TernGrad, Natural, SignSGD, Signum, EFSignSGD, OneBit,
+    TopK, RandomK, Threshold, DGC, RedSync, SIDCo, PowerSGD)}
+
+
+def names() -> list[str]:
+    """Every registered compressor name."""
+    return sorted(COMPRESSORS)
+
+
+def _parameters(cls: type) -> list[str]:
+    params: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            for p in list(inspect.signature(klass.__init__).parameters)[1:]:
+                if p not in params and p not in ("args", "kwargs"):
+                    params.append(p)
+    return params
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"topk:100"`` → ("topk", {"cf": 100}); ``"qsgd:levels=16,bucket_size=512"`` → kwargs.
+
+    A bare value after the colon is the compressor's main knob: ``cf`` where the CF is
+    adjustable, otherwise its first parameter (``powersgd:2`` is rank 2, ``qsgd:16`` 16 levels).
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"compression spec must be a non-empty string like 'topk:100', got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip().lower()
+    params: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            cls = COMPRESSORS.get(name)
+            if cls is None:
+                break  # reported below with the list of names
+            key, value = ("cf" if cls.adjustable_cf else (_parameters(cls) or ["cf"])[0]), item
+        params[key.strip()] = _parse_value(value)
+    return name, params
+
+
+def create(spec: str | Compressor, **params: Any) -> Compressor:
+    """A compressor from its name (or ``"name:value"`` string) and parameters."""
+    if isinstance(spec, Compressor):
+        if params:
+            raise ValueError("parameters can't be given with a compressor object")
+        return spec
+    name, parsed = parse_spec(spec)
+    cls = COMPRESSORS.get(name)
+    if cls is None:
+        raise ValueError(f"unknown compressor {name!r}; valid names: {', '.join(names())}")
+    parsed.update(params)
+    valid = _parameters(cls)
+    unknown = sorted(set(parsed) - set(valid))
+    if unknown:
+        raise ValueError(f"compressor {name!r} has no parameter {', '.join(map(repr, unknown))}; "
+                         f"valid parameters: {', '.join(valid) or 'none'}")
+    try:
+        return cls(**parsed)
+    except TypeError as exc:
+        raise ValueError(f"bad parameters for compressor {name!r}: {exc}") from None
+
+
+def create_memory(name: str | Memory | None, compressor: Compressor, **params: Any) -> Memory:
+    """The error-feedback memory ``name`` (default: the compressor's own) for ``compressor``."""
+    if isinstance(name, Memory):
+        return name
+    name = compressor.default_memory if name is None else name
+    cls = MEMORIES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown memory {name!r}; valid memories: {', '.join(sorted(MEMORIES))}")
+    if cls is DGCMemory and not isinstance(compressor, Sparsifier):
+        raise ValueError(f"the 'dgc' memory needs a sparsifier; {compressor.name!r} is not one")
+    return cls(**params)
+
+
+__all__ = [
+    "COMPRESSORS", "MEMORIES", "Compressor", "Ctx", "Exchange", "Memory", "Payload",
+    "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "create", "create_memory", "names",
+    "parse_spec", "num_selected", "validate_cf", "wire_bytes", "finite_marker",
+    *(cls.__name__ for cls in COMPRESSORS.values()),
+]

@@ -1,0 +1,186 @@
+"""The compression API: ``compress(tensor) -> (payload, ctx)``, ``decompress(payload, ctx)``.
+
+Pure torch, no collectives. A *payload* is the tuple of tensors a rank puts on the wire; a
+*ctx* is what stays local to rebuild the tensor (shape, dtype, indices a peer need not see)
+and says how the payload must be exchanged (:class:`Exchange`). The communication layer reads
+``ctx.exchange`` and never needs to know which compressor it is moving.
+
+The compression factor (CF) is the paper's unit: original size / size sent, so CF 100 keeps 1%
+of a sparsified tensor. :func:`num_selected` is the one place CF becomes an element count.
+"""
+from __future__ import annotations
+
+import enum
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor
+
+Payload = tuple[Tensor, ...]
+
+
+class Exchange(enum.Enum):
+    """How a payload travels between ranks."""
+
+    ALLREDUCE = "allreduce"  # same shape on every rank and summable: one allreduce (Sum)
+    ALLGATHER = "allgather"  # per-rank sizes or scales differ: gather all, then ``aggregate``
+    LOWRANK = "lowrank"  # PowerSGD: allreduce P, then ``compress_second`` and allreduce Q
+
+
+@dataclass
+class Ctx:
+    """What a rank keeps to decompress its own or its peers' payloads."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    exchange: Exchange
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+def wire_bytes(payload: Payload) -> int:
+    """Exact bytes the payload puts on the wire."""
+    return sum(t.numel() * t.element_size() for t in payload)
+
+
+def num_selected(numel: int, cf: float) -> int:
+    """Elements a sparsifier keeps at compression factor ``cf``: k = max(1, ⌊n / cf⌋)."""
+    return max(1, int(numel // cf)) if numel else 0
+
+
+def validate_cf(cf: Any) -> float:
+    """CF ≥ 1 as a float, or a ValueError that says what is allowed."""
+    try:
+        value = float(cf)
+    except (TypeError, ValueError):
+        raise ValueError(f"compression factor must be a number >= 1, got {cf!r}") from None
+    if not value >= 1.0 or value == float("inf"):
+        raise ValueError(f"compression factor must be a finite number >= 1 (CF 100 keeps 1%), "
+                         f"got {cf!r}")
+    return value
+
+
+def finite_marker(tensor: Tensor) -> Tensor:
+    """A float32 scalar: 0 if ``tensor`` is all finite, NaN otherwise.
+
+    Sent beside payloads that would otherwise turn NaN/Inf into finite-looking values (sign
+    bits, random samples); decompression adds it, so a bad gradient stays visibly bad.
+    """
+    return (torch.sum(tensor, dtype=torch.float64) * 0).to(torch.float32).reshape(1)
+
+
+def stable_seed(*parts: Any) -> int:
+    """A seed from ``parts`` that is the same in every process (``hash`` is salted per run)."""
+    return zlib.crc32(repr(parts).encode()) & 0x7FFF_FFFF
+
+
+class Compressor:
+    """Base class of all compressors.
+
+    Subclasses set ``name`` (the registry key), ``exchange``, ``default_memory`` and
+    implement ``compress``/``decompress``. ``aggregate`` turns every rank's payload into the
+    *sum* over ranks of the decompressed tensors (what allreduce(Sum) would give); override
+    it where plain summation is wrong (majority vote) or can be done cheaper.
+    """
+
+    name: ClassVar[str] = ""
+    exchange: ClassVar[Exchange] = Exchange.ALLREDUCE
+    default_memory: ClassVar[str] = "residual"
+    #: True when the CF is a free parameter (sparsifiers); quantizers have a fixed one.
+    adjustable_cf: ClassVar[bool] = False
+    #: CF a float32 tensor gets; for adjustable compressors, the current setting.
+    nominal_cf: ClassVar[float] = 1.0
+
+    def __init__(self, cf: float | None = None) -> None:
+        self._cf = self.nominal_cf
+        if cf is not None:
+            self.cf = cf
+
+    @property
+    def cf(self) -> float:
+        """The compression factor (CF 100 = 1% of the elements)."""
+        return self._cf
+
+    @cf.setter
+    def cf(self, value: float) -> None:
+        value = validate_cf(value)
+        if not self.adjustable_cf and value != self.nominal_cf:
+            raise ValueError(f"compressor {self.name!r} has a fixed compression factor "
+                             f"({self.nominal_cf:g}); it cannot be set to {value:g}")
+        self._cf = value
+
+    # -- the API ------------------------------------------------------------------------
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        """Compress ``tensor``; ``name`` and ``step`` seed shared randomness and keep state."""
+        raise NotImplementedError
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        """A tensor of ``ctx.shape`` and ``ctx.dtype`` from one rank's payload."""
+        raise NotImplementedError
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
+        """Sum over ranks of the decompressed payloads (gathered in rank order)."""
+        out = self.decompress(payloads[0], ctx).clone()
+        for p in payloads[1:]:
+            out += self.decompress(p, ctx)
+        return out
+
+    def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
+        """``compensated − decompress(payload)``: the error-feedback residual.
+
+        May reuse ``compensated``'s storage (the memory owns it); sparsifiers override this
+        to zero the sent positions in place instead of materialising a dense tensor.
+        """
+        return compensated.sub_(self.decompress(payload, ctx).reshape(compensated.shape))
+
+    def recompress(self, payload: Payload, ctx: Ctx, cf: float) -> tuple[Payload, Ctx]:
+        """Compress an already compressed tensor further, to total CF ``cf`` (multi-level).
+
+        The default decompresses and compresses again; sparsifiers select within the
+        values they kept, which is what makes GraVAC's C(C(g, θmin), θs) cheap.
+        """
+        previous = self.cf
+        try:
+            self.cf = cf
+            return self.compress(self.decompress(payload, ctx))
+        finally:
+            self.cf = previous
+
+    def state_dict(self) -> dict[str, Any]:
+        """Compressor state that must survive a restart (e.g. PowerSGD's Q, Signum's momentum)."""
+        return {"cf": self._cf}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._cf = state.get("cf", self._cf)
+
+    def __repr__(self) -> str:
+        cf = f"cf={self.cf:g}" if self.adjustable_cf else f"nominal_cf={self.nominal_cf:g}"
+        return f"{type(self).__name__}({cf})"
+
+
+class SeededCompressor(Compressor):
+    """A compressor that draws random numbers from its own generators, never the global RNG.
+
+    ``seed`` fixes the stream; draws are keyed by (seed, name, step[, rank salt]) so a
+    restarted job sees the same randomness at the same step.
+    """
+
+    def __init__(self, cf: float | None = None, seed: int = 0) -> None:
+        super().__init__(cf)
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def generator(self, device: torch.device, *key: Any) -> torch.Generator:
+        """The generator for ``device``, reseeded from (seed, *key)."""
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = self._generators[device] = torch.Generator(device=device)
+        gen.manual_seed(stable_seed(self.seed, *key))
+        return gen

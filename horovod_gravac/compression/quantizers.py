@@ -1,0 +1,307 @@
+"""Quantizers: every element is sent, in fewer bits.
+
+Payload sizes are fixed per tensor, but most carry a per-rank scale (norm, max), so their
+integer codes cannot be summed by an allreduce: they are all-gathered and each rank's
+contribution is decompressed (FP16 and the identity are plain allreduces). Codes use the
+smallest dtype Horovod exchanges (int8/uint8); sign bits are packed 8 per byte.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker
+
+_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """A bool tensor as uint8, 8 per byte, most significant bit first (zero-padded)."""
+    flat = bits.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = _SHIFTS.to(flat.device)
+    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: Tensor, numel: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: the first ``numel`` bits as a bool tensor."""
+    shifts = _SHIFTS.to(packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+
+
+def _nonzero(scale: Tensor) -> Tensor:
+    """``scale`` with exact zeros replaced by 1 (an all-zero tensor); NaN stays NaN."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+class NoCompression(Compressor):
+    """Identity: the dense baseline (bfloat16 travels as float32: Horovod can't sum it)."""
+
+    name = "none"
+    default_memory = "none"
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        wire = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
+        return (wire,), Ctx(tensor.shape, tensor.dtype, self.exchange)
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        return payload[0].to(ctx.dtype).view(ctx.shape)
+
+    def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
+        return compensated.zero_()
+
+
+class FP16(Compressor):
+    """Cast to half precision, as Horovod's ``Compression.fp16``."""
+
+    name = "fp16"
+    default_memory = "none"
+    nominal_cf = 2.0
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        return (tensor.to(torch.float16),), Ctx(tensor.shape, tensor.dtype, self.exchange)
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        return payload[0].to(ctx.dtype).view(ctx.shape)
+
+
+class EightBit(Compressor):
+    """8-bit linear quantization scaled by max|t| (Dettmers, ICLR 2016): sign + 7-bit level."""
+
+    name = "8bit"
+    exchange = Exchange.ALLGATHER
+    nominal_cf = 4.0
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        x = tensor.reshape(-1).float()
+        scale = x.abs().amax().reshape(1) if x.numel() else x.new_zeros(1)
+        codes = torch.round(x * (127.0 / _nonzero(scale))).to(torch.int8)
+        return (codes, scale), Ctx(tensor.shape, tensor.dtype, self.exchange)
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        codes, scale = payload
+        return (codes.float() * (scale / 127.0)).to(ctx.dtype).view(ctx.shape)
+
+
+class QSGD(SeededCompressor):
+    """QSGD (Alistarh et al., NeurIPS 2017): s levels, stochastic rounding, unbiased.
+
+    level_i = ⌊s|t_i|/‖t‖₂⌋ + Bernoulli(frac); sends sign·level (int8 for s ≤ 127, else
+    int16) and ‖t‖₂, per bucket of ``bucket_size`` elements when given.
+    """
+
+    name = "qsgd"
+    exchange = Exchange.ALLGATHER
+    default_memory = "none"
+    nominal_cf = 4.0
+
+    def __init__(self, levels: int = 127, bucket_size: int | None = None, seed: int = 0) -> None:
+        super().__init__(None, seed)
+        if int(levels) != levels or not 1 <= levels <= 32767:
+            raise ValueError(f"levels must be an integer in [1, 32767], got {levels!r}")
+        if bucket_size is not None and (int(bucket_size) != bucket_size or bucket_size < 1):
+            raise ValueError(f"bucket_size must be None or an integer >= 1, got {bucket_size!r}")
+        self.levels = int(levels)
+        self.bucket_size = None if bucket_size is None else int(bucket_size)
+        self.salt = 0
+
+    def _buckets(self, x: Tensor) -> Tensor:
+        size = self.bucket_size or max(1, x.numel())
+        pad = (-x.numel()) % size
+        return (torch.cat([x, x.new_zeros(pad)]) if pad else x).view(-1, size)
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        x = self._buckets(tensor.reshape(-1).float())
+        norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
+        scaled = x.abs() * (self.levels / _nonzero(norms))
+        gen = self.generator(x.device, "qsgd", name, step, self.salt)
+        lower = scaled.floor()
+        level = lower + (torch.rand(x.shape, generator=gen, device=x.device) < scaled - lower)
+        code_dtype = torch.int8 if self.levels <= 127 else torch.int16
+        codes = (level * torch.sign(x)).to(code_dtype)
+        return (codes.view(-1), norms.view(-1)), Ctx(tensor.shape, tensor.dtype, self.exchange)
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        codes, norms = payload
+        if ctx.numel == 0:
+            return torch.zeros(ctx.shape, dtype=ctx.dtype, device=codes.device)
+        x = codes.view(norms.numel(), -1).float() * (norms.view(-1, 1) / self.levels)
+        return x.view(-1)[: ctx.numel].to(ctx.dtype).view(ctx.shape)
+
+
+class TernGrad(SeededCompressor):
+    """TernGrad (Wen et al., NeurIPS 2017): clip at 2.5σ, s = max|t|, send s·sign·Bernoulli(|t|/s).
+
+    Unbiased for the clipped tensor; codes ∈ {−1, 0, 1} as int8.
+    """
+
+    name = "terngrad"
+    exchange = Exchange.ALLGATHER
+    default_memory = "none"
+    nominal_cf = 4.0
+
+    def __init__(self, clip: float = 2.5, seed: int = 0) -> None:
+        super().__init__(None, seed)
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0 (in standard deviations), got {clip!r}")
+        self.clip = float(clip)
+        self.salt = 0
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        x = tensor.reshape(-1).float()
+        if x.numel() == 0:
+            return (x.to(torch.int8), x.new_zeros(1)), Ctx(tensor.shape, tensor.dtype, self.exchange)
+        bound = self.clip * x.std(correction=0)
+        x = torch.maximum(torch.minimum(x, bound), -bound)
+        scale = x.abs().amax().reshape(1) + finite_marker(tensor)
+        gen = self.generator(x.device, "terngrad", name, step, self.salt)
+        keep = torch.rand(x.shape, generator=gen, device=x.device) < x.abs() / _nonzero(scale)
+        codes = (torch.sign(x) * keep).to(torch.int8)
+        return (codes, scale), Ctx(tensor.shape, tensor.dtype, self.exchange)
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        codes, scale = payload
+        return (codes.float() * scale).to(ctx.dtype).view(ctx.shape)
+
+
+class Natural(SeededCompressor):
+    """Natural compression (Horváth et al., 2019): stochastic rounding to a power of two.
+
+    |t| ∈ [2^p, 2^(p+1)) rounds up with probability (|t| − 2^p)/2^p, which is unbiased. Each
+    element is one byte: sign bit + 7-bit exponent below the tensor's largest one (sent as a
+    float32 scale); 127 encodes zero, and magnitudes 2^126 times below the largest underflow to 0.
+    """
+
+    name = "natural"
+    exchange = Exchange.ALLGATHER
+    default_memory = "none"
+    nominal_cf = 4.0
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(None, seed)
+        self.salt = 0
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        x = tensor.reshape(-1).float()
+        mantissa, exponent = torch.frexp(x.abs())  # |x| = m·2^e, m ∈ [0.5, 1)
+        gen = self.generator(x.device, "natural", name, step, self.salt)
+        up = torch.rand(x.shape, generator=gen, device=x.device) < (2 * mantissa - 1)
+        exponent = exponent - 1 + up  # |x| rounded to 2^exponent
+        top = exponent.amax() if x.numel() else exponent.new_zeros(())
+        below = (top - exponent).clamp_(max=127)
+        below[x == 0] = 127
+        codes = (below | ((x < 0).to(torch.int32) << 7)).to(torch.uint8)
+        scale = torch.ldexp(torch.ones(1, device=x.device), top.reshape(1)) + finite_marker(x)
+        return (codes, scale), Ctx(tensor.shape, tensor.dtype, self.exchange)
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        codes, scale = payload
+        below = (codes & 127).to(torch.int32)
+        magnitude = torch.ldexp(scale.expand(codes.shape), -below)
+        magnitude[below == 127] = 0
+        signed = torch.where(codes >= 128, -magnitude, magnitude)
+        return signed.to(ctx.dtype).view(ctx.shape)
+
+
+class SignSGD(Compressor):
+    """signSGD with majority vote (Bernstein et al., ICML 2018): 1 bit per element.
+
+    The aggregate over N ranks is N·sign(Σ signs), so averaging yields the majority vote.
+    A 4-byte finiteness marker rides along so a NaN gradient does not become ±1.
+    """
+
+    name = "signsgd"
+    exchange = Exchange.ALLGATHER
+    default_memory = "none"
+    nominal_cf = 32.0
+
+    def signs_of(self, tensor: Tensor, name: str) -> Tensor:
+        """The tensor whose signs are sent (Signum overrides: its momentum)."""
+        return tensor
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        source = self.signs_of(tensor, name)
+        payload = (pack_bits(source >= 0), finite_marker(source))
+        return payload, Ctx(tensor.shape, tensor.dtype, self.exchange)
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        bits, marker = payload
+        signs = unpack_bits(bits, ctx.numel).to(ctx.dtype) * 2 - 1
+        return signs.add_(marker.to(ctx.dtype)).view(ctx.shape)
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
+        votes = super().aggregate(payloads, ctx)
+        return torch.sign(votes).mul_(len(payloads))
+
+
+class Signum(SignSGD):
+    """Signum (Bernstein et al., ICML 2018): the sign of momentum m ← β·m + (1−β)·g, majority vote."""
+
+    name = "signum"
+
+    def __init__(self, momentum: float = 0.9) -> None:
+        super().__init__()
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        self.momenta: dict[str, Tensor] = {}
+
+    def signs_of(self, tensor: Tensor, name: str) -> Tensor:
+        m = self.momenta.get(name)
+        if m is None or m.shape != tensor.shape:
+            m = self.momenta[name] = torch.zeros_like(tensor)
+        return m.mul_(self.momentum).add_(tensor, alpha=1 - self.momentum)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "momenta": {k: v.clone() for k, v in self.momenta.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.momenta = {k: v.clone() for k, v in state.get("momenta", {}).items()}
+
+
+class EFSignSGD(Compressor):
+    """EF-SignSGD (Karimireddy et al., ICML 2019): send (‖t‖₁/n)·sign(t), with error feedback."""
+
+    name = "efsignsgd"
+    exchange = Exchange.ALLGATHER
+    default_memory = "efsignsgd"
+    nominal_cf = 32.0
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        x = tensor.reshape(-1)
+        scale = (torch.linalg.vector_norm(x, 1, dtype=torch.float32) / max(1, x.numel())).reshape(1)
+        return (pack_bits(x >= 0), scale + finite_marker(x)), Ctx(tensor.shape, tensor.dtype,
+                                                                   self.exchange)
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        bits, scale = payload
+        signs = unpack_bits(bits, ctx.numel).to(torch.float32) * 2 - 1
+        return (signs * scale).to(ctx.dtype).view(ctx.shape)
+
+
+class OneBit(Compressor):
+    """1-bit SGD (Seide et al., 2014): a sign bit per element plus the mean of the
+    non-negative and of the negative part, used with error feedback."""
+
+    name = "onebit"
+    exchange = Exchange.ALLGATHER
+    nominal_cf = 32.0
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        x = tensor.reshape(-1)
+        positive = x >= 0
+        n_pos = positive.sum()
+        pos_sum = x.clamp(min=0).sum(dtype=torch.float32)  # NaN-propagating, unlike a mask
+        neg_sum = x.sum(dtype=torch.float32) - pos_sum
+        means = torch.stack([pos_sum / n_pos.clamp(min=1), neg_sum / (x.numel() - n_pos).clamp(min=1)])
+        return (pack_bits(positive), means), Ctx(tensor.shape, tensor.dtype, self.exchange)
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        bits, means = payload
+        out = torch.where(unpack_bits(bits, ctx.numel), means[0], means[1])
+        return out.to(ctx.dtype).view(ctx.shape)

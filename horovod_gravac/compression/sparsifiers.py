@@ -1,0 +1,334 @@
+"""Sparsifiers: send a subset of the elements as (values, int32 indices).
+
+k = max(1, ⌊n/CF⌋) (:func:`num_selected`). Except RandomK, the selected positions differ by
+rank, so payloads are all-gathered and summed with one ``index_add_``: the concatenation of
+every rank's (values, indices) is itself a valid payload whose decompression is the sum.
+
+Selection by threshold uses ``~(|t| < thr)`` rather than ``|t| >= thr`` so that NaN elements are
+selected and show up in the payload instead of hiding in the residual.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker, num_selected
+
+_INT32_MAX = 2**31 - 1
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel <= _INT32_MAX else torch.int64
+
+
+def _sparse_payload(flat: Tensor, indices: Tensor) -> Payload:
+    return flat[indices], indices.to(_index_dtype(flat.numel()))
+
+
+def _select_at_least(magnitude: Tensor, thr: Tensor | float) -> Tensor:
+    """Indices of elements with |t| ≥ thr (and of NaNs)."""
+    return torch.nonzero(~(magnitude < thr)).view(-1)
+
+
+def exact_topk_indices(magnitude: Tensor, k: int, sample: int = 4096) -> Tensor:
+    """Indices of the k largest entries of ``magnitude`` (a 1-D, non-negative tensor).
+
+    The same set as ``torch.topk(magnitude, k)`` (up to ties), but a full sort is avoided:
+    a threshold a bit below the k-th largest is estimated from a strided sample, the
+    candidates above it are selected in one pass, and ``torch.topk`` runs on those few only.
+    If too few candidates pass (a bad estimate), the threshold is halved and the pass redone;
+    correctness never depends on the estimate.
+    """
+    n = magnitude.numel()
+    if k >= n:
+        return torch.arange(n, device=magnitude.device)
+    if n <= 4 * sample or k * 8 > n:
+        return torch.topk(magnitude, k, sorted=False).indices
+    stride = n // sample
+    probe = magnitude[::stride]
+    # Aim for ~1.5k candidates: the (1.5 k/n)-quantile from the top of the sample.
+    rank = min(probe.numel(), max(1, math.ceil(1.5 * k * probe.numel() / n) + 2))
+    thr = torch.topk(probe, rank, sorted=False).values.min()
+    while True:
+        cand = torch.nonzero(~(magnitude < thr)).view(-1)
+        if cand.numel() >= k or not thr > 0:
+            break
+        thr = thr / 2
+    if cand.numel() < k:  # only zeros left below thr: fall back to the exact routine
+        return torch.topk(magnitude, k, sorted=False).indices
+    return cand[torch.topk(magnitude[cand], k, sorted=False).indices]
+
+
+class Sparsifier(Compressor):
+    """Common machinery: (values, indices) payloads, sparse sum, in-place residuals."""
+
+    exchange = Exchange.ALLGATHER
+    adjustable_cf = True
+    nominal_cf = 100.0
+
+    def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
+        """Indices of the elements to send from the 1-D ``flat`` (about k of them)."""
+        raise NotImplementedError
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        flat = tensor.reshape(-1)
+        ctx = Ctx(tensor.shape, tensor.dtype, self.exchange)
+        if flat.numel() == 0:
+            return (flat, flat.new_zeros(0, dtype=torch.int32)), ctx
+        indices = self.select(flat, num_selected(flat.numel(), self.cf), name, step)
+        return _sparse_payload(flat, indices), ctx
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        values, indices = payload[0], payload[1]
+        out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=values.device)
+        out.index_add_(0, indices.long(), values.to(ctx.dtype))
+        return out.view(ctx.shape)
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
+        return self.decompress(tuple(torch.cat(parts) for parts in zip(*payloads)), ctx)
+
+    def indices(self, payload: Payload, ctx: Ctx) -> Tensor:
+        """Positions (into the flattened tensor) that the payload carries."""
+        return payload[1]
+
+    def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
+        flat = compensated.view(-1)
+        flat.index_fill_(0, self.indices(payload, ctx).long(), 0)
+        return compensated
+
+    def recompress(self, payload: Payload, ctx: Ctx, cf: float) -> tuple[Payload, Ctx]:
+        """Select within the kept values: exact top-k of them (cost ∝ k, not n)."""
+        values, indices = payload[0], payload[1]
+        k = num_selected(ctx.numel, cf)
+        if k >= values.numel():
+            return payload, ctx
+        keep = exact_topk_indices(values.abs(), k)
+        return (values[keep], indices[keep]), ctx
+
+
+class TopK(Sparsifier):
+    """The k = ⌊n/CF⌋ largest |t|, exactly (Aji & Heafield 2017; Alistarh et al. 2018)."""
+
+    name = "topk"
+
+    def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
+        return exact_topk_indices(flat.abs(), k)
+
+
+class RandomK(SeededCompressor, Sparsifier):
+    """k indices uniformly without replacement, identical on every rank (Wangni et al. 2018).
+
+    The indices come from a generator seeded by (seed, tensor name, step), so every rank
+    picks the same ones: only the values travel, and a plain allreduce sums them.
+    ``unbiased=True`` scales by n/k so that E[decompress(compress(t))] = t.
+    """
+
+    name = "randomk"
+    exchange = Exchange.ALLREDUCE
+
+    def __init__(self, cf: float | None = None, seed: int = 0, unbiased: bool = False) -> None:
+        super().__init__(cf, seed)
+        self.unbiased = bool(unbiased)
+
+    def sample_indices(self, numel: int, k: int, device: torch.device, name: str,
+                       step: int) -> Tensor:
+        """A uniform k-subset of range(numel), in O(k) when k ≪ n.
+
+        Draws ~1.25k indices with replacement, drops duplicates, then keeps a random k of
+        the distinct ones. Any permutation-invariant distribution over k-subsets is uniform,
+        so the result is exactly uniform; for k > n/8 a permutation is cheaper.
+        """
+        gen = self.generator(device, "randomk", name, step)
+        if k * 8 > numel:
+            return torch.randperm(numel, generator=gen, device=device)[:k]
+        while True:
+            draw = torch.randint(numel, (k + k // 4 + 16,), generator=gen, device=device)
+            distinct = torch.unique(draw)
+            if distinct.numel() >= k:
+                pick = torch.randperm(distinct.numel(), generator=gen, device=device)[:k]
+                return distinct[pick]
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        flat = tensor.reshape(-1)
+        k = num_selected(flat.numel(), self.cf)
+        indices = self.sample_indices(flat.numel(), k, flat.device, name, step)
+        scale = flat.numel() / k if self.unbiased and k else 1.0
+        values = flat[indices] * scale if scale != 1.0 else flat[indices]
+        # The finite marker rides along as one extra value so NaN/Inf is never hidden.
+        payload = (torch.cat([values.to(_wire_dtype(values.dtype)), finite_marker(flat)
+                              .to(_wire_dtype(values.dtype))]),)
+        return payload, Ctx(tensor.shape, tensor.dtype, self.exchange,
+                            {"indices": indices, "scale": scale})
+
+    def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        values = payload[0]
+        out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=values.device)
+        out[ctx.extra["indices"]] = values[:-1].to(ctx.dtype)
+        return out.add_(values[-1].to(ctx.dtype)).view(ctx.shape)
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
+        return self.decompress((torch.stack([p[0] for p in payloads]).sum(0),), ctx)
+
+    def indices(self, payload: Payload, ctx: Ctx) -> Tensor:
+        return ctx.extra["indices"]
+
+    def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
+        if ctx.extra["scale"] != 1.0:  # unbiased: sent values were scaled, residual is not 0
+            return Compressor.error(self, compensated, payload, ctx)
+        return Sparsifier.error(self, compensated, payload, ctx)
+
+    def recompress(self, payload: Payload, ctx: Ctx, cf: float) -> tuple[Payload, Ctx]:
+        """Keep a shared-random subset of the kept positions (still the same on all ranks)."""
+        k = num_selected(ctx.numel, cf)
+        values, marker = payload[0][:-1], payload[0][-1:]
+        if k >= values.numel():
+            return payload, ctx
+        gen = self.generator(values.device, "randomk-sub", ctx.numel, k)
+        keep = torch.randperm(values.numel(), generator=gen, device=values.device)[:k]
+        rescale = values.numel() / k if self.unbiased else 1.0
+        extra = {"indices": ctx.extra["indices"][keep], "scale": ctx.extra["scale"] * rescale}
+        return ((torch.cat([values[keep] * rescale, marker]),),
+                Ctx(ctx.shape, ctx.dtype, ctx.exchange, extra))
+
+
+def _wire_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Horovod's allreduce has no bfloat16: such values travel as float32."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
+class Threshold(Sparsifier):
+    """All elements with |t| ≥ λ (a fixed λ): the CF is an outcome, not a setting."""
+
+    name = "threshold"
+    adjustable_cf = False
+    nominal_cf = 1.0
+
+    def __init__(self, threshold: float = 1e-3) -> None:
+        super().__init__()
+        if not threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {threshold!r}")
+        self.threshold = float(threshold)
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        flat = tensor.reshape(-1)
+        indices = _select_at_least(flat.abs(), self.threshold)
+        return _sparse_payload(flat, indices), Ctx(tensor.shape, tensor.dtype, self.exchange)
+
+
+class DGC(SeededCompressor, Sparsifier):
+    """Deep Gradient Compression's sampled threshold (Lin et al., ICLR 2018).
+
+    Sample 1% of |t|, take the threshold that would keep 1/CF of the sample, select above it;
+    while the count is outside [0.7k, 1.3k], scale the threshold by 1.3 or 0.7 (at most
+    ``max_adjust`` times); if still above 1.3k, keep the exact top-k of the candidates.
+    Use with the ``dgc`` memory for momentum correction and factor masking.
+    """
+
+    name = "dgc"
+
+    def __init__(self, cf: float | None = None, seed: int = 0, sample_ratio: float = 0.01,
+                 max_adjust: int = 10) -> None:
+        super().__init__(cf, seed)
+        if not 0 < sample_ratio <= 1:
+            raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio!r}")
+        self.sample_ratio = float(sample_ratio)
+        self.max_adjust = int(max_adjust)
+
+    def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
+        n = flat.numel()
+        magnitude = flat.abs()
+        samples = min(n, max(1, int(n * self.sample_ratio), 1024))
+        if samples >= n:
+            probe = magnitude
+        else:
+            gen = self.generator(flat.device, "dgc", name, step)
+            probe = magnitude[torch.randint(n, (samples,), generator=gen, device=flat.device)]
+        probe_k = max(1, math.ceil(probe.numel() * k / n))
+        thr = torch.topk(probe, probe_k, sorted=False).values.min()
+        lo, hi = 0.7 * k, 1.3 * k
+        for _ in range(self.max_adjust):
+            selected = _select_at_least(magnitude, thr)
+            count = selected.numel()
+            if count > hi:
+                thr = thr * 1.3
+            elif count < lo and thr > 0:
+                thr = thr * 0.7
+            else:
+                break
+        else:
+            selected = _select_at_least(magnitude, thr)
+        if selected.numel() > hi:
+            selected = selected[exact_topk_indices(magnitude[selected], k)]
+        elif selected.numel() == 0:
+            selected = exact_topk_indices(magnitude, k)
+        return selected
+
+
+class RedSync(Sparsifier):
+    """RedSync's trimmed threshold search (Fang et al., JPDC 2019).
+
+    Binary search of r ∈ [0, 1] for thr = mean|t| + r·(max|t| − mean|t|) until
+    k < nnz < 2k or the interval is narrower than ``min_interval``.
+    """
+
+    name = "redsync"
+
+    def __init__(self, cf: float | None = None, min_interval: float = 0.2) -> None:
+        super().__init__(cf)
+        if not 0 < min_interval < 1:
+            raise ValueError(f"min_interval must be in (0, 1), got {min_interval!r}")
+        self.min_interval = float(min_interval)
+
+    def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
+        magnitude = flat.abs()
+        mean, top = magnitude.mean(), magnitude.max()
+        lo, hi = 0.0, 1.0
+        selected = None
+        while hi - lo > self.min_interval:
+            r = (lo + hi) / 2
+            candidate = _select_at_least(magnitude, mean + r * (top - mean))
+            nnz = candidate.numel()
+            if nnz <= k:
+                hi = r  # threshold too high
+            else:
+                selected, lo = candidate, r
+                if nnz < 2 * k:
+                    break
+        if selected is None:  # even the mean keeps ≤ k: take what r = lo keeps
+            selected = _select_at_least(magnitude, mean + lo * (top - mean))
+        return selected if selected.numel() else exact_topk_indices(magnitude, k)
+
+
+class SIDCo(Sparsifier):
+    """Statistical threshold from a fitted exponential model of |t| (Abdelmoniem et al., MLSys 2021).
+
+    For |t| ~ Exp(1/μ) the tail P(|t| > x) = exp(−x/μ), so thr = μ·ln(1/δ) keeps a fraction δ.
+    The target δ = k/n is reached in ``stages`` steps of δ^(1/stages): each stage fits the
+    mean excess of the elements above the current threshold (the exponential is memoryless)
+    and raises the threshold, working on ever fewer elements.
+    """
+
+    name = "sidco"
+
+    def __init__(self, cf: float | None = None, stages: int = 2) -> None:
+        super().__init__(cf)
+        if int(stages) != stages or stages < 1:
+            raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
+        self.stages = int(stages)
+
+    def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
+        magnitude = flat.abs()
+        n = flat.numel()
+        stage_log = math.log(n / k) / self.stages  # ln(1/δ_stage)
+        thr = magnitude.mean() * stage_log
+        candidates = _select_at_least(magnitude, thr)
+        for _ in range(self.stages - 1):
+            if candidates.numel() <= k:
+                break
+            excess = magnitude[candidates] - thr
+            thr = thr + excess.mean() * stage_log
+            candidates = candidates[~(magnitude[candidates] < thr)]
+        return candidates if candidates.numel() else exact_topk_indices(magnitude, k)
