@@ -133,8 +133,9 @@ class Compressor:
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
         """``compensated − decompress(payload)``: the error-feedback residual.
 
-        May reuse ``compensated``'s storage (the memory owns it); sparsifiers override this
-        to zero the sent positions in place instead of materialising a dense tensor.
+        May reuse ``compensated``'s storage (the memory owns it) unless the payload aliases
+        it; sparsifiers override this to zero the sent positions in place instead of
+        materialising a dense tensor.
         """
         return compensated.sub_(self.decompress(payload, ctx).reshape(compensated.shape))
 

@@ -84,7 +84,7 @@ class PowerSGD(SeededCompressor):
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
         """Local error M − P Q_localᵀ (= M − P Pᵀ M), as in the paper's Algorithm 2."""
         if ctx.exchange is Exchange.ALLREDUCE:
-            return compensated.zero_()
+            return torch.zeros_like(compensated)  # not in place: the payload is ``compensated``
         local = ctx.extra["p"] @ ctx.extra["q_local"].t()
         return compensated.sub_(local.to(compensated.dtype).view(compensated.shape))
 

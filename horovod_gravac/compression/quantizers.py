@@ -52,7 +52,7 @@ class NoCompression(Compressor):
         return payload[0].to(ctx.dtype).view(ctx.shape)
 
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
-        return compensated.zero_()
+        return torch.zeros_like(compensated)  # not in place: the payload is ``compensated``
 
 
 class FP16(Compressor):
@@ -235,7 +235,8 @@ class SignSGD(Compressor):
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
         votes = super().aggregate(payloads, ctx)
-        return torch.sign(votes).mul_(len(payloads))
+        # torch.sign(NaN) is 0: add votes·0 (NaN where a vote was) to keep NaN visible.
+        return torch.sign(votes).mul_(len(payloads)).add_(votes * 0)
 
 
 class Signum(SignSGD):

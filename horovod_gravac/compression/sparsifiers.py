@@ -142,7 +142,7 @@ class RandomK(SeededCompressor, Sparsifier):
         so the result is exactly uniform; for k > n/8 a permutation is cheaper.
         """
         gen = self.generator(device, "randomk", name, step)
-        if k * 8 > numel:
+        if k * 8 >= numel:
             return torch.randperm(numel, generator=gen, device=device)[:k]
         while True:
             draw = torch.randint(numel, (k + k // 4 + 16,), generator=gen, device=device)

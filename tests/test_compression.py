@@ -1,0 +1,351 @@
+"""The compression library, one process, no collectives."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from horovod_gravac import compression as C
+from horovod_gravac.compression.quantizers import pack_bits, unpack_bits
+from horovod_gravac.compression.sparsifiers import exact_topk_indices
+
+ALL = C.names()
+SPARSE_ADJUSTABLE = ["topk", "randomk", "dgc", "redsync", "sidco"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def exchange_locally(compressor, tensors, name="w", step=0):
+    """What the communication layer does, for N simulated ranks in one process: the sum."""
+    compressed = [compressor.compress(t, name, step) for t in tensors]
+    ctx = compressed[0][1]
+    payloads = [p for p, _ in compressed]
+    if ctx.exchange is C.Exchange.LOWRANK:
+        p_sum = torch.stack([p[0] for p in payloads]).sum(0)
+        q = [compressor.compress_second(p_sum, c) for _, c in compressed]
+        return compressor.aggregate(q, ctx)
+    return compressor.aggregate(payloads, ctx)
+
+
+def roundtrip(compressor, tensor, name="w", step=0):
+    return exchange_locally(compressor, [tensor], name, step)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (33, 17), (8, 3, 3, 3)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_round_trip_keeps_shape_and_dtype(name, dtype, shape, device):
+    torch.manual_seed(0)
+    t = torch.randn(shape, device=device).to(dtype)
+    out = roundtrip(C.create(name), t)
+    assert out.shape == t.shape and out.dtype == dtype and out.device == t.device
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_non_contiguous_input(name):
+    base = torch.randn(40, 30)
+    t = base.t()  # non-contiguous view
+    assert not t.is_contiguous()
+    c1, c2 = C.create(name), C.create(name)
+    out = roundtrip(c1, t)
+    ref = roundtrip(c2, t.contiguous())
+    assert out.shape == t.shape
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_is_not_hidden(name, bad):
+    t = torch.randn(64, 40)
+    t[5, 7] = bad
+    out = roundtrip(C.create(name), t)
+    assert not torch.isfinite(out).all(), f"{name} turned a {bad} gradient into finite numbers"
+
+
+@pytest.mark.parametrize("name", ["topk", "randomk"])
+@given(n=st.integers(1, 5000), cf=st.floats(1, 2000))
+@settings(max_examples=40, deadline=None)
+def test_exact_k_for_topk_and_randomk(name, n, cf):
+    c = C.create(name, cf=cf)
+    payload, ctx = c.compress(torch.randn(n), "w", 0)
+    k = max(1, int(n // cf))
+    assert payload[0].numel() - (name == "randomk") == k  # RandomK carries one marker value
+    assert C.wire_bytes(payload) == k * 4 + (4 if name == "randomk" else k * 4)
+
+
+@given(n=st.integers(1, 200_000), cf=st.sampled_from([1, 1.5, 3, 10, 100, 1000, 1e5]),
+       seed=st.integers(0, 2**16))
+@settings(max_examples=40, deadline=None)
+def test_topk_selects_the_same_set_as_torch_topk(n, cf, seed):
+    t = torch.randn(n, generator=torch.Generator().manual_seed(seed))
+    payload, _ = C.create("topk", cf=cf).compress(t)
+    k = max(1, int(n // cf))
+    expected = torch.topk(t.abs(), k).indices
+    assert set(payload[1].tolist()) == set(expected.tolist())
+    torch.testing.assert_close(payload[0], t[payload[1].long()])
+
+
+def test_exact_topk_handles_heavy_ties_and_zeros():
+    m = torch.zeros(100_000)
+    m[:10] = 1.0
+    idx = exact_topk_indices(m, 500)
+    assert idx.numel() == 500 and set(range(10)) <= set(idx.tolist())
+
+
+@pytest.mark.parametrize("cf", [10, 100, 1000])
+def test_dgc_count_within_tolerance(cf):
+    t = torch.randn(1_000_000, generator=torch.Generator().manual_seed(1))
+    payload, _ = C.create("dgc", cf=cf).compress(t, "w", 3)
+    k = 1_000_000 // cf
+    assert 0.7 * k <= payload[0].numel() <= 1.3 * k
+
+
+@pytest.mark.parametrize("name", ["redsync", "sidco"])
+@pytest.mark.parametrize("cf", [10, 100])
+def test_threshold_estimators_land_near_k(name, cf):
+    t = torch.randn(500_000, generator=torch.Generator().manual_seed(2))
+    payload, _ = C.create(name, cf=cf).compress(t)
+    k = 500_000 // cf
+    assert 0.3 * k <= payload[0].numel() <= 3 * k, payload[0].numel()
+
+
+def _mean_of_draws(compressor, t, draws):
+    total = torch.zeros_like(t, dtype=torch.float64)
+    for step in range(draws):
+        total += roundtrip(compressor, t, step=step).double()
+    return total / draws
+
+
+@pytest.mark.parametrize("name,params", [
+    ("qsgd", {"levels": 4}), ("qsgd", {"levels": 8, "bucket_size": 16}), ("natural", {}),
+    ("randomk", {"cf": 4, "unbiased": True}), ("terngrad", {"clip": 100.0})])
+def test_stochastic_compressors_are_unbiased(name, params):
+    t = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    draws = 4000
+    mean = _mean_of_draws(C.create(name, **params), t, draws)
+    # Unbiased: E‖mean − t‖² = Σ Var_i / draws. Variances from independent draws; a bias
+    # of even 1% of |t| would exceed this bound many times over.
+    c = C.create(name, seed=99, **params)
+    samples = torch.stack([roundtrip(c, t, step=s).double() for s in range(400)])
+    expected = samples.var(0).sum().item() / draws
+    observed = (mean - t.double()).pow(2).sum().item()
+    assert observed < 2.0 * expected, f"{name} looks biased: {observed:.3g} vs {expected:.3g}"
+
+
+def test_terngrad_is_unbiased_for_the_clipped_tensor():
+    t = torch.randn(256, generator=torch.Generator().manual_seed(4))
+    t[0] = 50.0  # far beyond 2.5σ: clipped
+    bound = 2.5 * t.std(correction=0)
+    mean = _mean_of_draws(C.create("terngrad"), t, 3000)
+    clipped = t.clamp(-bound, bound).double()
+    assert (mean - clipped).abs().max() < 0.15 * bound
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_error_feedback_invariant(name):
+    """compensated = decompress(payload) + new residual, for the compressor's own memory."""
+    c = C.create(name)
+    memory = C.create_memory("residual", c)
+    for step in range(3):
+        g = torch.randn(50, 20, generator=torch.Generator().manual_seed(step))
+        compensated = memory.compensate(g, "w")
+        before = compensated.clone()
+        payload, ctx = c.compress(compensated, "w", step)
+        if ctx.exchange is C.Exchange.LOWRANK:
+            payload = c.compress_second(payload[0], ctx)
+            sent = ctx.extra["p"] @ ctx.extra["q_local"].t()
+        else:
+            sent = c.decompress(payload, ctx)
+        memory.update("w", compensated, c, payload, ctx)
+        torch.testing.assert_close(sent.reshape(before.shape) + memory.residuals["w"], before)
+
+
+def test_dgc_memory_momentum_correction_and_masking():
+    c = C.create("topk", cf=10)
+    mem = C.create_memory("dgc", c, momentum=0.5)
+    g = torch.arange(1.0, 21.0)
+    v = mem.compensate(g, "w")
+    torch.testing.assert_close(v, g)
+    payload, ctx = c.compress(v)
+    mem.update("w", v, c, payload, ctx)
+    sent = set(payload[1].tolist())
+    assert sent == {18, 19}
+    u, acc = mem.velocities["w"], mem.accumulated["w"]
+    assert all(u[i] == 0 and acc[i] == 0 for i in sent)
+    torch.testing.assert_close(u[:18], g[:18])
+    v2 = mem.compensate(g, "w")  # u = 0.5 u + g; v += u
+    torch.testing.assert_close(v2[:18], g[:18] + 1.5 * g[:18])
+    with pytest.raises(ValueError, match="sparsifier"):
+        C.create_memory("dgc", C.create("qsgd"))
+
+
+def test_efsignsgd_memory_rescales_error_when_lr_changes():
+    c = C.create("efsignsgd")
+    mem = C.create_memory(None, c)
+    assert isinstance(mem, C.EFSignSGDMemory)
+    mem.lr = 0.1
+    g = torch.tensor([1.0, -3.0, 0.5, 0.0])
+    comp = mem.compensate(g, "w")
+    payload, ctx = c.compress(comp)
+    mem.update("w", comp, c, payload, ctx)
+    residual = mem.residuals["w"].clone()
+    mem.lr = 0.05  # halved: the same update needs twice the gradient
+    comp2 = mem.compensate(torch.zeros(4), "w")
+    torch.testing.assert_close(comp2, 2 * residual)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_deterministic_under_a_seed(name):
+    t = torch.randn(300, 40, generator=torch.Generator().manual_seed(5))
+    a = roundtrip(C.create(name), t, step=7)
+    b = roundtrip(C.create(name), t, step=7)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_randomk_shares_indices_across_ranks_and_leaves_global_rng_alone():
+    a, b = C.create("randomk:50"), C.create("randomk:50")
+    x, y = torch.empty(10_000).uniform_(), torch.empty(10_000).normal_()  # not the global RNG's
+    state = torch.get_rng_state()
+    _, ctx_a = a.compress(x, "layer1.weight", 12)
+    _, ctx_b = b.compress(y, "layer1.weight", 12)
+    assert torch.equal(ctx_a.extra["indices"], ctx_b.extra["indices"])
+    _, ctx_c = a.compress(x, "layer1.weight", 13)
+    assert not torch.equal(ctx_a.extra["indices"], ctx_c.extra["indices"])
+    assert len(set(ctx_a.extra["indices"].tolist())) == 200
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_randomk_indices_are_uniform():
+    counts = torch.zeros(100)
+    c = C.create("randomk:10")
+    for step in range(2000):
+        _, ctx = c.compress(torch.randn(100), "w", step)
+        counts[ctx.extra["indices"]] += 1
+    expected = 2000 * 10 / 100
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 160, chi2  # 99 dof: p ≈ 1e-4
+
+
+def test_sparse_aggregate_sums_overlapping_payloads():
+    c = C.create("topk:4")
+    ts = [torch.randn(40, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    expected = sum(c.decompress(*c.compress(t)) for t in ts)
+    torch.testing.assert_close(exchange_locally(c, ts), expected)
+
+
+def test_signsgd_majority_vote():
+    c = C.create("signsgd")
+    ts = [torch.tensor([1.0, -1, 2, -3]), torch.tensor([1.0, 1, -2, -3]), torch.tensor([-1.0, 1, -2, 3])]
+    out = exchange_locally(c, ts)
+    torch.testing.assert_close(out / 3, torch.tensor([1.0, 1, -1, -1]))
+
+
+def test_onebit_sends_means_of_each_sign():
+    c = C.create("onebit")
+    out = roundtrip(c, torch.tensor([1.0, 3.0, -2.0, -4.0, 0.0]))
+    torch.testing.assert_close(out, torch.tensor([4 / 3, 4 / 3, -3.0, -3.0, 4 / 3]))
+
+
+@given(n=st.integers(0, 300), seed=st.integers(0, 1000))
+@settings(max_examples=50, deadline=None)
+def test_bit_packing_round_trip(n, seed):
+    bits = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(unpack_bits(packed, n), bits)
+
+
+@pytest.mark.parametrize("name,cf", [("signsgd", 32), ("onebit", 32), ("efsignsgd", 32),
+                                     ("fp16", 2), ("8bit", 4), ("qsgd", 4), ("natural", 4)])
+def test_quantizer_wire_size(name, cf):
+    n = 1 << 16
+    payload, _ = C.create(name).compress(torch.randn(n))
+    assert C.wire_bytes(payload) <= 4 * n / cf + 16
+
+
+@pytest.mark.parametrize("name", SPARSE_ADJUSTABLE)
+def test_multilevel_recompress_reaches_the_total_cf(name):
+    t = torch.randn(200_000, generator=torch.Generator().manual_seed(6))
+    c = C.create(name, cf=10)
+    payload, ctx = c.compress(t, "w", 0)
+    second, ctx2 = c.recompress(payload, ctx, 10 * 20)
+    k = 200_000 // 200
+    assert second[0].numel() - (name == "randomk") == min(k, payload[0].numel())
+    out = c.decompress(second, ctx2)
+    assert out.shape == t.shape
+    nz = out.nonzero().view(-1)
+    torch.testing.assert_close(out[nz], t[nz] * (1 if name != "randomk" else 1))
+
+
+def test_multilevel_topk_equals_direct_topk():
+    t = torch.randn(100_000, generator=torch.Generator().manual_seed(7))
+    c = C.create("topk:10")
+    two_level, _ = c.recompress(*c.compress(t), 1000)
+    direct, _ = C.create("topk:1000").compress(t)
+    assert set(two_level[1].tolist()) == set(direct[1].tolist())
+
+
+def test_powersgd_is_exact_for_low_rank_input_after_warm_start():
+    torch.manual_seed(0)
+    m = torch.randn(64, 2) @ torch.randn(2, 48)
+    c = C.create("powersgd:2")
+    for _ in range(3):
+        out = roundtrip(c, m, name="w")
+    torch.testing.assert_close(out, m, rtol=1e-4, atol=1e-4)
+    state = c.state_dict()
+    c2 = C.create("powersgd:2")
+    c2.load_state_dict(state)
+    torch.testing.assert_close(roundtrip(c2, m, name="w"), out, rtol=1e-4, atol=1e-4)
+
+
+def test_powersgd_sends_vectors_uncompressed():
+    _, ctx = C.create("powersgd").compress(torch.randn(100), "bias")
+    assert ctx.exchange is C.Exchange.ALLREDUCE
+
+
+def test_signum_state_round_trip():
+    c = C.create("signum", momentum=0.5)
+    c.compress(torch.ones(4), "w")
+    c2 = C.create("signum", momentum=0.5)
+    c2.load_state_dict(c.state_dict())
+    torch.testing.assert_close(c2.momenta["w"], torch.full((4,), 0.5))
+
+
+def test_cf_is_adjustable_between_steps_for_sparsifiers_only():
+    c = C.create("topk:10")
+    c.cf = 250
+    payload, _ = c.compress(torch.randn(1000))
+    assert payload[0].numel() == 4
+    with pytest.raises(ValueError, match="fixed compression factor"):
+        C.create("qsgd").cf = 10
+
+
+@pytest.mark.parametrize("spec,params,message", [
+    ("nope", {}, "unknown compressor 'nope'; valid names: .*topk"),
+    ("topk", {"cf": 0.5}, "compression factor must be a finite number >= 1"),
+    ("topk", {"cf": float("nan")}, "compression factor must be"),
+    ("topk:abc", {}, "compression factor must be a number"),
+    ("topk", {"ratio": 0.1}, "no parameter 'ratio'; valid parameters: cf"),
+    ("qsgd", {"levels": 0}, "levels must be an integer"),
+    ("qsgd", {"bucket_size": -2}, "bucket_size"),
+    ("powersgd", {"rank": 0}, "rank must be an integer >= 1"),
+    ("dgc", {"sample_ratio": 2}, "sample_ratio"),
+    ("threshold", {"threshold": -1}, "threshold must be > 0"),
+    ("signum", {"momentum": 1.0}, "momentum"),
+    ("", {}, "non-empty string"),
+])
+def test_bad_parameters_are_rejected_clearly(spec, params, message):
+    with pytest.raises(ValueError, match=message):
+        C.create(spec, **params)
+
+
+def test_spec_strings():
+    assert C.create("topk:100").cf == 100
+    assert C.create("powersgd:2").rank == 2
+    q = C.create("qsgd:levels=16,bucket_size=512")
+    assert (q.levels, q.bucket_size) == (16, 512)
+    assert C.create("randomk:cf=20,unbiased=true").unbiased
+    with pytest.raises(ValueError, match="unknown memory"):
+        C.create_memory("nope", C.create("topk"))
