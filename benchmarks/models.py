@@ -1,0 +1,146 @@
+"""The paper's models and CPU-sized versions on the same code path (no torchvision needed).
+
+* ResNet for CIFAR: bottleneck ResNet-101 (ImageNet layout, 10-class head: 42.5M parameters,
+  the paper's) and the basic-block CIFAR ResNet-20 (0.27M) for CPUs.
+* VGG: VGG16 with a CIFAR-100 head (134.7M, the paper's) and a small VGG for CPUs.
+* LSTM language model for PTB: 2×1500 (66M, the paper's), 2×650 and 2×200.
+
+``torchvision``'s ResNet/VGG are used instead when it is importable and asked for.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inp: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inp, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inp != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(inp, planes, 1, stride, bias=False),
+                                          nn.BatchNorm2d(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inp: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inp, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or inp != out:
+            self.shortcut = nn.Sequential(nn.Conv2d(inp, out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        return torch.relu(self.bn3(self.conv3(y)) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """ResNet with a CIFAR stem (3×3 conv, no max-pool), so 32×32 inputs keep their resolution."""
+
+    def __init__(self, block: type, blocks: list[int], widths: list[int], num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        layers, inp = [], widths[0]
+        for i, (n, planes) in enumerate(zip(blocks, widths)):
+            for j in range(n):
+                layers.append(block(inp, planes, 2 if (i > 0 and j == 0) else 1))
+                inp = planes * block.expansion
+        self.layers = nn.Sequential(*layers)
+        self.fc = nn.Linear(inp, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(torch.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class VGG(nn.Module):
+    def __init__(self, config: list, num_classes: int, hidden: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        inp = 3
+        for v in config:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(inp, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                inp = v
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(7 if hidden >= 4096 else 1)
+        flat = inp * (49 if hidden >= 4096 else 1)
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True), nn.Dropout(),
+            nn.Linear(hidden, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class LSTMLanguageModel(nn.Module):
+    """Word-level LSTM LM (Zaremba et al. 2014 layout): embedding, stacked LSTM, decoder."""
+
+    def __init__(self, vocab: int = 10000, hidden: int = 1500, layers: int = 2,
+                 dropout: float = 0.65) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, hidden)
+        self.lstm = nn.LSTM(hidden, hidden, layers, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.decoder = nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: Tensor, state: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        out, state = self.lstm(self.dropout(self.embedding(tokens)), state)
+        return self.decoder(self.dropout(out)), state
+
+
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_VGG_SMALL = [32, "M", 64, "M", 128, 128, "M", 256, 256, "M"]
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet101": lambda num_classes=10: ResNet(Bottleneck, [3, 4, 23, 3], [64, 128, 256, 512],
+                                               num_classes),
+    "resnet20": lambda num_classes=10: ResNet(BasicBlock, [3, 3, 3], [16, 32, 64], num_classes),
+    "vgg16": lambda num_classes=100: VGG(_VGG16, num_classes, 4096),
+    "vgg_small": lambda num_classes=100: VGG(_VGG_SMALL, num_classes, 256),
+    "lstm1500": lambda vocab=10000: LSTMLanguageModel(vocab, 1500, 2),
+    "lstm650": lambda vocab=10000: LSTMLanguageModel(vocab, 650, 2, dropout=0.5),
+    "lstm200": lambda vocab=10000: LSTMLanguageModel(vocab, 200, 2, dropout=0.2),
+}
+
+
+def create_model(name: str, **kwargs) -> nn.Module:
+    """A model by name; ``ValueError`` naming the valid ones otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
+    return MODELS[name](**kwargs)
+
+
+def parameter_shapes(name: str) -> list[tuple[str, torch.Size]]:
+    """(name, shape) of every parameter, built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        model = create_model(name)
+    return [(n, p.shape) for n, p in model.named_parameters()]
