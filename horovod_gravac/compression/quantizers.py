@@ -14,23 +14,31 @@ from torch import Tensor
 
 from .base import Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker
 
-_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+# (Little-endian byte order, as on x86-64 and ARM64.)
+# Eight 0/1 bytes read as one little-endian int64 → one byte of bits, bit j = element j:
+# multiplying by Σ_j 2^(56−7j) moves byte j's bit to position 56 + j, with no carries.
+_PACK_MAGIC = 0x0102040810204080
+# One byte → eight 0/1 bytes: replicate it into every byte, keep bit j in byte j, and turn
+# "nonzero" into 1 by adding 0x7F per byte (no carry crosses a byte) and keeping the top bit.
+_SPREAD, _BIT_OF_BYTE = 0x0101010101010101, -0x7FBFDFEFF7FBFDFF  # 0x8040201008040201
+_ADD_7F, _TOP_BITS = 0x7F7F7F7F7F7F7F7F, -0x7F7F7F7F7F7F7F80  # 0x8080808080808080
 
 
 def pack_bits(bits: Tensor) -> Tensor:
-    """A bool tensor as uint8, 8 per byte, most significant bit first (zero-padded)."""
+    """A bool tensor as uint8, 8 per byte, element j of each group in bit j (zero-padded)."""
     flat = bits.reshape(-1)
     pad = (-flat.numel()) % 8
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = _SHIFTS.to(flat.device)
-    return (flat.view(-1, 8).to(torch.uint8) << shifts).sum(1, dtype=torch.uint8)
+    words = flat.view(torch.uint8).view(torch.int64)
+    return (((words * _PACK_MAGIC) >> 56) & 0xFF).to(torch.uint8)
 
 
 def unpack_bits(packed: Tensor, numel: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``numel`` bits as a bool tensor."""
-    shifts = _SHIFTS.to(packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 1).view(-1)[:numel].bool()
+    words = (packed.to(torch.int64) * _SPREAD) & _BIT_OF_BYTE
+    ones = (((words + _ADD_7F) & _TOP_BITS) >> 7) & _SPREAD  # & drops the sign extension
+    return ones.view(torch.uint8)[:numel].view(torch.bool)
 
 
 def _nonzero(scale: Tensor) -> Tensor:

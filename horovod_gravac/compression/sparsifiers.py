@@ -30,7 +30,7 @@ def _sparse_payload(flat: Tensor, indices: Tensor) -> Payload:
 
 def _select_at_least(magnitude: Tensor, thr: Tensor | float) -> Tensor:
     """Indices of elements with |t| ≥ thr (and of NaNs)."""
-    return torch.nonzero(~(magnitude < thr)).view(-1)
+    return torch.nonzero((magnitude < thr).logical_not_()).view(-1)
 
 
 def exact_topk_indices(magnitude: Tensor, k: int, sample: int = 4096) -> Tensor:
@@ -53,7 +53,7 @@ def exact_topk_indices(magnitude: Tensor, k: int, sample: int = 4096) -> Tensor:
     rank = min(probe.numel(), max(1, math.ceil(1.5 * k * probe.numel() / n) + 2))
     thr = torch.topk(probe, rank, sorted=False).values.min()
     while True:
-        cand = torch.nonzero(~(magnitude < thr)).view(-1)
+        cand = _select_at_least(magnitude, thr)
         if cand.numel() >= k or not thr > 0:
             break
         thr = thr / 2
