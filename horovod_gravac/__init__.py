@@ -1,3 +1,23 @@
-"""horovod-gravac: communicate less, adaptively, in data-parallel PyTorch on Horovod."""
+"""horovod-gravac: communicate less, adaptively, in data-parallel PyTorch on Horovod.
+
+    import horovod.torch as hvd
+    import horovod_gravac as hg
+
+    hvd.init()
+    opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                  named_parameters=model.named_parameters(),
+                                  compression="topk:100")
+"""
+from . import compression
 
 __version__ = "0.1.0"
+
+__all__ = ["compression", "DistributedOptimizer", "CommunicationStats", "__version__"]
+
+
+def __getattr__(name: str):
+    # The optimizer imports horovod.torch; the compression layer stays importable without it.
+    if name in ("DistributedOptimizer", "CommunicationStats"):
+        from . import optimizer
+        return getattr(optimizer, name)
+    raise AttributeError(f"module 'horovod_gravac' has no attribute {name!r}")

@@ -1,0 +1,122 @@
+"""The one module that calls Horovod's collectives.
+
+Payloads are exchanged according to ``ctx.exchange``:
+
+* ALLREDUCE — one asynchronous ``hvd.allreduce`` (Sum) of the single payload tensor.
+* ALLGATHER — the payload tensors are packed into one uint8 buffer (a small int64 header
+  with each tensor's length, then each tensor's bytes padded to 8), so a layer costs one
+  ``hvd.allgather`` whatever its payload; per-rank sizes may differ (DGC, thresholds).
+  After the gather, every rank's payload is unpacked and ``compressor.aggregate`` sums them.
+* LOWRANK — PowerSGD: allreduce P; at ``finish`` orthogonalize and allreduce Q.
+
+All collectives are started asynchronously as gradients become ready, and Horovod's tensor
+fusion batches the small ones. Results are *sums* over ranks; ``finish`` applies the Average
+/ predivide scaling the same way ``hvd.DistributedOptimizer`` does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import horovod.torch as hvd
+import torch
+from torch import Tensor
+
+from .compression import Compressor, Ctx, Exchange, Payload
+
+_ALIGN = 8
+
+
+def pack(payload: Payload) -> Tensor:
+    """Payload tensors → one flat uint8 tensor: [n0 n1 … as int64][bytes of t0][bytes of t1]…"""
+    parts = [torch.tensor([t.numel() for t in payload], dtype=torch.int64,
+                          device=payload[0].device).view(torch.uint8)]
+    for t in payload:
+        raw = t.reshape(-1).contiguous().view(torch.uint8)
+        pad = (-raw.numel()) % _ALIGN
+        parts.append(raw)
+        if pad:
+            parts.append(raw.new_zeros(pad))
+    return torch.cat(parts)
+
+
+def unpack(buffer: Tensor, dtypes: list[torch.dtype], ranks: int) -> list[Payload]:
+    """Split an allgathered buffer into each rank's payload (flat tensors, given dtypes)."""
+    payloads, offset, header = [], 0, 8 * len(dtypes)
+    for _ in range(ranks):
+        counts = buffer[offset:offset + header].view(torch.int64).tolist()
+        offset += header
+        tensors = []
+        for count, dtype in zip(counts, dtypes):
+            size = count * torch.empty((), dtype=dtype).element_size()
+            tensors.append(buffer[offset:offset + size].view(dtype))
+            offset += size + (-size) % _ALIGN
+        payloads.append(tuple(tensors))
+    return payloads
+
+
+@dataclass
+class Pending:
+    """An exchange in flight for one named tensor."""
+
+    name: str
+    compressor: Compressor
+    ctx: Ctx
+    handle: Any
+    dtypes: list[torch.dtype] = field(default_factory=list)
+    wire_bytes: int = 0
+
+
+class Communicator:
+    """Starts and finishes the exchange of compressed payloads on a Horovod process set."""
+
+    def __init__(self, op=hvd.Average, gradient_predivide_factor: float = 1.0,
+                 process_set=hvd.global_process_set) -> None:
+        self.op = op
+        self.predivide = float(gradient_predivide_factor)
+        self.process_set = process_set
+
+    @property
+    def size(self) -> int:
+        return self.process_set.size()
+
+    def start(self, name: str, compressor: Compressor, payload: Payload, ctx: Ctx) -> Pending:
+        """Launch the collective(s) for ``payload``; returns at once."""
+        if ctx.exchange is Exchange.ALLGATHER:
+            buffer = pack(payload)
+            handle = hvd.allgather_async(buffer, name=f"gravac.gather.{name}",
+                                         process_set=self.process_set)
+            return Pending(name, compressor, ctx, handle, [t.dtype for t in payload],
+                           buffer.numel())
+        if len(payload) != 1:
+            raise ValueError(f"{compressor.name}: an allreduced payload must be one tensor")
+        tensor = payload[0]
+        tag = "P" if ctx.exchange is Exchange.LOWRANK else "sum"
+        handle = hvd.allreduce_async(tensor, name=f"gravac.{tag}.{name}", op=hvd.Sum,
+                                     prescale_factor=1.0 / self.predivide,
+                                     process_set=self.process_set)
+        return Pending(name, compressor, ctx, handle, [tensor.dtype],
+                       tensor.numel() * tensor.element_size())
+
+    def start_second_phase(self, pending: Pending) -> Payload:
+        """PowerSGD: wait for P, send Q. Returns the local Q payload (for error feedback)."""
+        p_sum = hvd.synchronize(pending.handle)
+        q = pending.compressor.compress_second(p_sum, pending.ctx)
+        pending.handle = hvd.allreduce_async(q[0], name=f"gravac.Q.{pending.name}", op=hvd.Sum,
+                                             prescale_factor=1.0 / self.predivide,
+                                             process_set=self.process_set)
+        pending.wire_bytes += q[0].numel() * q[0].element_size()
+        return q
+
+    def finish(self, pending: Pending) -> Tensor:
+        """Wait for the exchange and return the reduced gradient (average or sum over ranks)."""
+        result = hvd.synchronize(pending.handle)
+        average = self.op == hvd.Average
+        if pending.ctx.exchange is Exchange.ALLGATHER:
+            total = pending.compressor.aggregate(unpack(result, pending.dtypes, self.size),
+                                                 pending.ctx)
+            scale = 1.0 / self.size if average else 1.0
+        else:  # allreduced with prescale 1/predivide, as Horovod splits the average
+            total = pending.compressor.aggregate([(result,)], pending.ctx)
+            scale = self.predivide / self.size if average else 1.0
+        return total.mul_(scale) if scale != 1.0 else total

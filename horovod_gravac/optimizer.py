@@ -1,0 +1,270 @@
+"""``DistributedOptimizer``: layer-wise compressed gradient exchange with error feedback.
+
+Drop-in for ``hvd.DistributedOptimizer``. A post-accumulate-grad hook on every parameter
+compresses its gradient (after error feedback) and starts the asynchronous collective as soon
+as backprop produces it, overlapping communication with the rest of the backward pass;
+``step()`` waits, decompresses, averages, writes ``p.grad`` and steps the wrapped optimizer.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+import horovod.torch as hvd
+import torch
+from torch import Tensor
+
+from . import compression as C
+from .communication import Communicator, Pending
+
+GRANULARITIES = ("layer", "model")
+MODEL_TENSOR = "__model__"
+
+
+class CommunicationStats:
+    """Bytes each rank put on the wire: per step, per tensor, and cumulative.
+
+    ``dense_bytes`` is what an uncompressed float32 exchange of the same gradients sends, so
+    ``dense_bytes / bytes`` is the achieved compression factor.
+    """
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.total_bytes = 0
+        self.total_dense_bytes = 0
+        self.last_step: dict[str, int] = {}
+        self._current: dict[str, int] = {}
+        self._current_dense = 0
+        self.last_dense_bytes = 0
+
+    def record(self, name: str, wire_bytes: int, numel: int) -> None:
+        self._current[name] = self._current.get(name, 0) + wire_bytes
+        self._current_dense += 4 * numel
+
+    def end_step(self) -> None:
+        self.last_step, self._current = self._current, {}
+        self.last_dense_bytes, self._current_dense = self._current_dense, 0
+        self.total_bytes += sum(self.last_step.values())
+        self.total_dense_bytes += self.last_dense_bytes
+        self.steps += 1
+
+    @property
+    def last_bytes(self) -> int:
+        return sum(self.last_step.values())
+
+    @property
+    def float32_equivalents(self) -> float:
+        """Cumulative bytes sent, in float32 elements."""
+        return self.total_bytes / 4
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "total_bytes": self.total_bytes,
+                "total_dense_bytes": self.total_dense_bytes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.total_bytes = state["total_bytes"]
+        self.total_dense_bytes = state["total_dense_bytes"]
+
+
+class DistributedOptimizer(torch.optim.Optimizer):
+    """Wraps ``optimizer`` so gradients are compressed, exchanged and averaged across ranks.
+
+    Arguments mean what they mean for ``hvd.DistributedOptimizer``; in addition
+    ``compression`` is a :class:`~horovod_gravac.compression.Compressor`, a registry name or a
+    ``"name:value"`` string (``"topk:100"``), ``memory`` the error-feedback memory (default:
+    the compressor's own), and ``granularity="model"`` compresses all gradients flattened into
+    one vector once per step instead of layer by layer.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 named_parameters: Iterable[tuple[str, Tensor]] | None = None,
+                 compression: str | C.Compressor = "none",
+                 backward_passes_per_step: int = 1,
+                 op=hvd.Average,
+                 gradient_predivide_factor: float = 1.0,
+                 process_set=hvd.global_process_set,
+                 granularity: str = "layer",
+                 memory: str | C.Memory | None = None,
+                 agent: Any = None) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.compressor = C.create(compression)
+        self.memory = C.create_memory(memory, self.compressor)
+        if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
+                or backward_passes_per_step < 1:
+            raise ValueError(f"backward_passes_per_step must be an integer >= 1, "
+                             f"got {backward_passes_per_step!r}")
+        if op not in (hvd.Average, hvd.Sum, hvd.Adasum):
+            raise ValueError(f"op must be hvd.Average, hvd.Sum or hvd.Adasum, got {op!r}")
+        if op == hvd.Adasum:
+            raise ValueError("op=hvd.Adasum is not supported: Adasum combines full gradients "
+                             "pairwise and cannot combine compressed payloads; use "
+                             "hvd.DistributedOptimizer for Adasum")
+        if not gradient_predivide_factor > 0:
+            raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor!r}")
+        if gradient_predivide_factor != 1.0 and op != hvd.Average:
+            raise ValueError("gradient_predivide_factor not supported with op != Average")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if named_parameters is None:
+            named = [(f"param.{i}", p) for i, p in enumerate(params)]
+        else:
+            named = list(named_parameters)
+            if any(not isinstance(n, str) or not isinstance(p, Tensor) for n, p in named):
+                raise ValueError("named_parameters must yield (str, Tensor) pairs, as "
+                                 "model.named_parameters() does")
+            names = [n for n, _ in named]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"parameter names must be unique; repeated: {duplicates}")
+            missing = {id(p) for p in params} - {id(p) for _, p in named}
+            if missing:
+                raise ValueError(f"{len(missing)} parameter(s) of the optimizer are missing "
+                                 "from named_parameters")
+
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.backward_passes_per_step = backward_passes_per_step
+        self.granularity = granularity
+        self.agent = agent
+        self.communicator = Communicator(op, gradient_predivide_factor, process_set)
+        self.communication = CommunicationStats()
+        ids = {id(p) for p in params}
+        self._names = {p: n for n, p in named if id(p) in ids}
+        self._requires_update = [p for p in params if p.requires_grad]
+        self._passes: dict[Tensor, int] = defaultdict(int)
+        self._pending: dict[Tensor, tuple[Pending, Tensor, Any]] = {}
+        self._synchronized = False
+        self._should_synchronize = True
+        self.step_count = 0
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
+                       for p in self._requires_update] if granularity == "layer" else []
+
+    # -- backprop hooks ------------------------------------------------------------------
+    def _on_grad_ready(self, p: Tensor) -> None:
+        self._passes[p] += 1
+        if self._passes[p] < self.backward_passes_per_step:
+            return
+        if p in self._pending:
+            raise RuntimeError(
+                f"gradient of {self._names[p]} was computed more than backward_passes_per_step="
+                f"{self.backward_passes_per_step} time(s) before step(); call step() or "
+                "synchronize() after every backward_passes_per_step backward passes")
+        self._start(p, self._names[p], self._gradient(p))
+
+    @staticmethod
+    def _gradient(p: Tensor) -> Tensor:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        elif p.grad.is_sparse:  # embedding(sparse=True): exchanged dense, as sparse_as_dense
+            p.grad = p.grad.to_dense()
+        return p.grad
+
+    def _start(self, key: Any, name: str, grad: Tensor) -> None:
+        compensated = self.memory.compensate(grad, name)
+        payload, ctx = self.compressor.compress(compensated, name, self.step_count)
+        pending = self.communicator.start(name, self.compressor, payload, ctx)
+        if ctx.exchange is not C.Exchange.LOWRANK:  # PowerSGD's error needs phase 2 first
+            self.memory.update(name, compensated, self.compressor, payload, ctx)
+            compensated = None
+        self._pending[key] = (pending, compensated, grad)
+
+    # -- the Horovod optimizer API ---------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait for every exchange and write the averaged gradients into ``p.grad``."""
+        if self.granularity == "model":
+            self._start_model()
+        else:
+            for p in self._requires_update:  # no gradient on this rank: send zeros, never hang
+                if p not in self._pending:
+                    self._start(p, self._names[p], self._gradient(p))
+        lowrank = [(k, v) for k, v in self._pending.items()
+                   if v[0].ctx.exchange is C.Exchange.LOWRANK]
+        for key, (pending, compensated, grad) in lowrank:
+            q = self.communicator.start_second_phase(pending)
+            self.memory.update(pending.name, compensated, self.compressor, q, pending.ctx)
+        for key, (pending, _, grad) in self._pending.items():
+            reduced = self.communicator.finish(pending)
+            self.communication.record(pending.name, pending.wire_bytes, grad.numel())
+            if key == MODEL_TENSOR:
+                self._scatter_model(reduced)
+            else:
+                grad.copy_(reduced.view_as(grad))
+        self.communication.end_step()
+        self._pending.clear()
+        self._passes.clear()
+        self._synchronized = True
+
+    def _start_model(self) -> None:
+        grads = [self._gradient(p) for p in self._requires_update]
+        flat = torch.cat([g.reshape(-1) for g in grads]) if grads else torch.zeros(0)
+        self._start(MODEL_TENSOR, MODEL_TENSOR, flat)
+
+    def _scatter_model(self, flat: Tensor) -> None:
+        offset = 0
+        for p in self._requires_update:
+            n = p.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p))
+            offset += n
+
+    def skip_synchronize(self):
+        """Context manager: ``step()`` inside it does not synchronize (call it yourself)."""
+        optimizer = self
+
+        class _Skip:
+            def __enter__(self):
+                optimizer._should_synchronize = False
+
+            def __exit__(self, *exc):
+                optimizer._should_synchronize = True
+
+        return _Skip()
+
+    def step(self, closure=None):
+        if self._should_synchronize:
+            if self._synchronized:
+                raise RuntimeError("optimizer.step() called after synchronize() without "
+                                   "skip_synchronize(): gradients would be reduced twice")
+            self.synchronize()
+        self._synchronized = False
+        self.step_count += 1
+        return self.optimizer.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._pending:
+            raise AssertionError("optimizer.zero_grad() was called after loss.backward() "
+                                 "but before optimizer.step() or optimizer.synchronize()")
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- state -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = self.optimizer.state_dict()
+        state["horovod_gravac"] = {
+            "step": self.step_count,
+            "memory": self.memory.state_dict(),
+            "compressor": self.compressor.state_dict(),
+            "communication": self.communication.state_dict(),
+            "agent": self.agent.state_dict() if self.agent is not None else None,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("horovod_gravac", None)
+        self.optimizer.load_state_dict(state_dict)
+        if ours is not None:
+            self.step_count = ours["step"]
+            self.memory.load_state_dict(ours["memory"])
+            self.compressor.load_state_dict(ours["compressor"])
+            self.communication.load_state_dict(ours["communication"])
+            if self.agent is not None and ours.get("agent") is not None:
+                self.agent.load_state_dict(ours["agent"])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({type(self.optimizer).__name__}, "
+                f"compression={self.compressor!r}, granularity={self.granularity!r})")

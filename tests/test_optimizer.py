@@ -1,0 +1,111 @@
+"""DistributedOptimizer under real multi-rank jobs (mpirun and horovodrun --gloo, 2 and 4 ranks)."""
+import horovod.torch as hvd
+import pytest
+import torch
+
+from horovod_gravac import compression as C
+from tests.multirank import LAUNCHERS, assert_identical_across_ranks, run_ranks
+
+
+def early_loss(losses):
+    return sum(losses[:5]) / 5
+
+
+def late_loss(losses):
+    return sum(losses[-10:]) / 10
+
+
+@pytest.fixture(scope="module", params=[(l, n) for l in LAUNCHERS for n in (2, 4)],
+                ids=lambda p: f"{p[0]}-np{p[1]}")
+def job(request):
+    launcher, np = request.param
+    return run_ranks("optimizer_checks.py", np, launcher, timeout=600)
+
+
+def test_none_matches_horovod_distributed_optimizer(job):
+    for rank in job:
+        assert rank["results"]["none_vs_horovod"] < 1e-5
+        assert rank["results"]["none_bytes_per_step"] == rank["results"]["dense_bytes_per_step"]
+
+
+def test_topk_at_cf_1_equals_dense(job):
+    assert job[0]["results"]["topk1_vs_none"] < 1e-5
+
+
+def test_backward_passes_per_step(job):
+    assert job[0]["results"]["bpps2_vs_horovod"] < 1e-5
+
+
+@pytest.mark.parametrize("name", C.names())
+def test_every_compressor_trains_and_ranks_agree(job, name):
+    runs = [r["per_compressor"][name] for r in job]
+    assert_identical_across_ranks(runs)
+    losses = runs[0]["losses"]
+    assert late_loss(losses) < 0.75 * early_loss(losses), (name, losses)
+    if name not in ("none", "threshold"):
+        assert runs[0]["bytes"] < runs[0]["dense_bytes"], name
+
+
+def test_whole_model_granularity_and_unused_parameter(job):
+    for key in ("whole", "unused"):
+        assert_identical_across_ranks([{"p": r["params"][key]} for r in job], "p")
+    r = job[0]
+    assert late_loss(r["results"]["model_granularity_losses"]) < 0.75 * early_loss(
+        r["results"]["model_granularity_losses"])
+    assert late_loss(r["unused_losses"]) < 0.75 * early_loss(r["unused_losses"])
+    assert r["state_keys"] == ["agent", "communication", "compressor", "memory", "step"]
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    hvd.init()
+    model = torch.nn.Linear(4, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"compression": "nope"}, "unknown compressor 'nope'"),
+    ({"compression": "topk:0.5"}, "compression factor must be"),
+    ({"compression": 3}, "compression spec must be"),
+    ({"backward_passes_per_step": 0}, "backward_passes_per_step must be an integer >= 1"),
+    ({"backward_passes_per_step": 1.5}, "backward_passes_per_step"),
+    ({"op": hvd.Adasum, "compression": "topk:10"}, "Adasum is not supported"),
+    ({"op": "mean"}, "op must be"),
+    ({"gradient_predivide_factor": 0}, "gradient_predivide_factor must be > 0"),
+    ({"gradient_predivide_factor": 2.0, "op": hvd.Sum}, "not supported with op != Average"),
+    ({"granularity": "bucket"}, "granularity must be one of"),
+    ({"memory": "dgc", "compression": "qsgd"}, "needs a sparsifier"),
+])
+def test_bad_arguments_raise_at_construction(single_rank, kwargs, message):
+    import horovod_gravac as hg
+    model, opt = single_rank
+    with pytest.raises(ValueError, match=message):
+        hg.DistributedOptimizer(opt, named_parameters=model.named_parameters(), **kwargs)
+
+
+def test_bad_optimizer_and_names(single_rank):
+    import horovod_gravac as hg
+    model, opt = single_rank
+    with pytest.raises(ValueError, match="torch.optim.Optimizer"):
+        hg.DistributedOptimizer(model)
+    with pytest.raises(ValueError, match="unique"):
+        hg.DistributedOptimizer(opt, named_parameters=[("w", model.weight), ("w", model.bias)])
+    with pytest.raises(ValueError, match="missing from named_parameters"):
+        hg.DistributedOptimizer(opt, named_parameters=[("w", model.weight)])
+
+
+def test_is_a_subclassable_optimizer(single_rank):
+    import horovod_gravac as hg
+    model, opt = single_rank
+
+    class Mine(hg.DistributedOptimizer):
+        pass
+
+    wrapped = Mine(opt, named_parameters=model.named_parameters(), compression="topk:2")
+    assert isinstance(wrapped, hg.DistributedOptimizer)
+    assert isinstance(wrapped, torch.optim.Optimizer)
+    sched = torch.optim.lr_scheduler.StepLR(wrapped, 1, gamma=0.5)
+    model(torch.randn(3, 4)).sum().backward()
+    wrapped.step()
+    sched.step()
+    assert wrapped.param_groups[0]["lr"] == 0.05
