@@ -109,3 +109,21 @@ def test_is_a_subclassable_optimizer(single_rank):
     wrapped.step()
     sched.step()
     assert wrapped.param_groups[0]["lr"] == 0.05
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_embedding_gradients_sparse_or_dense(single_rank, sparse):
+    import horovod_gravac as hg
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, sparse=sparse)
+    opt = hg.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5),
+                                  named_parameters=emb.named_parameters(), compression="topk:4")
+    tokens = torch.tensor([1, 2, 3, 2])
+    before = emb.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        emb(tokens).pow(2).sum().backward()
+        opt.step()
+    changed = (emb.weight.detach() != before).any(dim=1).nonzero().view(-1).tolist()
+    assert changed and set(changed) <= {1, 2, 3}
+    assert opt.communication.steps == 3
