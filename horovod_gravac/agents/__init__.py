@@ -1,0 +1,35 @@
+"""Adaptive compression agents: decisions only, no tensors.
+
+``create("gravac", theta_min=10, ...)`` or an agent object; ``AGENTS`` is the registry.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .accordion import Accordion
+from .base import (SEND_CHOICES, SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision,
+                   StepStats)
+from .gravac import SCALING_POLICIES, GraVAC
+from .static import Static
+
+AGENTS: dict[str, type[Agent]] = {cls.name: cls for cls in (Static, GraVAC, Accordion)}
+
+
+def create(spec: str | Agent | None, **params: Any) -> Agent | None:
+    """An agent by name with parameters; ``None``/"none" for no agent."""
+    if spec is None or isinstance(spec, Agent):
+        return spec
+    if spec == "none":
+        return None
+    cls = AGENTS.get(spec)
+    if cls is None:
+        raise ValueError(f"unknown agent {spec!r}; valid agents: none, {', '.join(AGENTS)}")
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise ValueError(f"bad parameters for agent {spec!r}: {exc}") from None
+
+
+__all__ = ["AGENTS", "Agent", "Accordion", "Decision", "GraVAC", "SCALING_POLICIES",
+           "SEND_CHOICES", "SEND_COMPRESSED", "SEND_DENSE", "SEND_MIN", "Static", "StepStats",
+           "create"]
