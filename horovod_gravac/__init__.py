@@ -8,11 +8,11 @@
                                   named_parameters=model.named_parameters(),
                                   compression="topk:100")
 """
-from . import compression
+from . import agents, compression
 
 __version__ = "0.1.0"
 
-__all__ = ["compression", "DistributedOptimizer", "CommunicationStats", "__version__"]
+__all__ = ["agents", "compression", "DistributedOptimizer", "CommunicationStats", "__version__"]
 
 
 def __getattr__(name: str):

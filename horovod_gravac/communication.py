@@ -75,6 +75,38 @@ class Communicator:
         self.op = op
         self.predivide = float(gradient_predivide_factor)
         self.process_set = process_set
+        self._mpi_comm = None
+
+    @property
+    def rank(self) -> int:
+        return self.process_set.rank()
+
+    def combine(self, values: list[float]) -> list[float]:
+        """Sum a few floats over ranks: one tiny blocking allreduce (agents' statistics)."""
+        summed = hvd.allreduce(torch.tensor(values, dtype=torch.float64), name="gravac.stats",
+                               op=hvd.Sum, process_set=self.process_set)
+        return summed.tolist()
+
+    def broadcast_decision(self, decision: Any) -> Any:
+        """Rank 0's decision on every rank: over MPI (mpi4py) when Horovod runs on MPI,
+        else with Horovod's own broadcast (Gloo)."""
+        comm = self._mpi()
+        if comm is not None:
+            return comm.bcast(decision, root=0)
+        return hvd.broadcast_object(decision, root_rank=0, name="gravac.decision",
+                                    process_set=self.process_set)
+
+    def _mpi(self):
+        """COMM_WORLD when Horovod itself runs on MPI with the global process set, else None."""
+        if self._mpi_comm is None and hvd.mpi_enabled() \
+                and self.process_set == hvd.global_process_set:
+            import mpi4py
+            # Horovod initialised MPI and will finalise it: mpi4py must do neither.
+            mpi4py.rc.initialize = False
+            mpi4py.rc.finalize = False
+            from mpi4py import MPI
+            self._mpi_comm = MPI.COMM_WORLD
+        return self._mpi_comm
 
     @property
     def size(self) -> int:

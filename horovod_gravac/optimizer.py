@@ -7,6 +7,7 @@ as backprop produces it, overlapping communication with the rest of the backward
 """
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -14,6 +15,7 @@ import horovod.torch as hvd
 import torch
 from torch import Tensor
 
+from . import agents as A
 from . import compression as C
 from .communication import Communicator, Pending
 
@@ -86,7 +88,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  process_set=hvd.global_process_set,
                  granularity: str = "layer",
                  memory: str | C.Memory | None = None,
-                 agent: Any = None) -> None:
+                 agent: str | A.Agent | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.compressor = C.create(compression)
@@ -107,6 +109,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError("gradient_predivide_factor not supported with op != Average")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        agent = A.create(agent)
+        if agent is not None and not self.compressor.adjustable_cf:
+            adjustable = [n for n in C.names() if C.COMPRESSORS[n].adjustable_cf]
+            raise ValueError(f"agent {agent.name!r} sets the compression factor, which "
+                             f"{self.compressor.name!r} does not have; use one of "
+                             f"{', '.join(adjustable)}")
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if named_parameters is None:
@@ -142,6 +150,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         self._should_synchronize = True
         self.step_count = 0
+        self.decision = agent.initial_decision() if agent is not None else None
+        #: the decision applied at every step so far, on this rank
+        self.decisions: list[A.Decision] = []
+        self._dense = C.NoCompression()
+        self._gain_terms: list[Tensor] = []
+        self._last_sync = time.perf_counter()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                        for p in self._requires_update] if granularity == "layer" else []
 
@@ -167,12 +181,38 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _start(self, key: Any, name: str, grad: Tensor) -> None:
         compensated = self.memory.compensate(grad, name)
-        payload, ctx = self.compressor.compress(compensated, name, self.step_count)
-        pending = self.communicator.start(name, self.compressor, payload, ctx)
-        if ctx.exchange is not C.Exchange.LOWRANK:  # PowerSGD's error needs phase 2 first
-            self.memory.update(name, compensated, self.compressor, payload, ctx)
+        compressor, decision = self.compressor, self.decision
+        if decision is None:
+            payload, ctx = compressor.compress(compensated, name, self.step_count)
+        elif self.agent.needs_gain_stats:
+            payload, ctx, compressor = self._multilevel(compensated, name, decision)
+        else:
+            compressor.cf = decision.cf_for(name)
+            payload, ctx = compressor.compress(compensated, name, self.step_count)
+        pending = self.communicator.start(name, compressor, payload, ctx)
+        if compressor is self._dense:  # GraVAC's dense branch: the residual restarts at 0
+            self.memory.reset(name)
+            compensated = None
+        elif ctx.exchange is not C.Exchange.LOWRANK:  # PowerSGD's error needs phase 2 first
+            self.memory.update(name, compensated, compressor, payload, ctx)
             compensated = None
         self._pending[key] = (pending, compensated, grad)
+
+    def _multilevel(self, g_o: Tensor, name: str, decision: A.Decision):
+        """GraVAC's step: g_min = C(g_o, θmin), g_c = C(g_min, θs); gains' norms; pick one."""
+        c = self.compressor
+        c.cf = decision.theta_min
+        p_min, ctx_min = c.compress(g_o, name, self.step_count)
+        p_c, ctx_c = c.recompress(p_min, ctx_min, decision.cf)
+        self._gain_terms.append(torch.stack([
+            torch.linalg.vector_norm(g_o, dtype=torch.float64).square(),
+            c.sent_norm_sq(p_min, ctx_min).double(), c.sent_norm_sq(p_c, ctx_c).double()]))
+        if decision.send == A.SEND_COMPRESSED:
+            return p_c, ctx_c, c
+        if decision.send == A.SEND_MIN:
+            return p_min, ctx_min, c
+        payload, ctx = self._dense.compress(g_o, name)
+        return payload, ctx, self._dense
 
     # -- the Horovod optimizer API ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -196,9 +236,42 @@ class DistributedOptimizer(torch.optim.Optimizer):
             else:
                 grad.copy_(reduced.view_as(grad))
         self.communication.end_step()
+        layer_norms = self._layer_norms() if self.agent is not None else None
         self._pending.clear()
         self._passes.clear()
         self._synchronized = True
+        if self.agent is not None:
+            self._consult_agent(layer_norms)
+
+    def _layer_norms(self) -> dict[str, float] | None:
+        """Norms of the averaged gradients (identical on all ranks), for Accordion on rank 0."""
+        if not self.agent.needs_layer_norms or self.communicator.rank != 0:
+            return None
+        params = self._requires_update
+        norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params])
+        return dict(zip((self._names[p] for p in params), norms.tolist()))
+
+    def _consult_agent(self, layer_norms: dict[str, float] | None) -> None:
+        """Combine statistics, let rank 0 decide, broadcast: every rank applies the same."""
+        now = time.perf_counter()
+        iter_time, self._last_sync = now - self._last_sync, now
+        gains = [0.0, 0.0, 0.0]
+        if self.agent.needs_gain_stats:
+            local = torch.stack(self._gain_terms).sum(0).tolist() if self._gain_terms else gains
+            gains = self.communicator.combine(local + [iter_time])
+            iter_time = gains.pop() / self.communicator.size
+        self._gain_terms.clear()
+        self.decisions.append(self.decision)
+        stats = A.StepStats(step=self.step_count, iter_time=iter_time,
+                            world_size=self.communicator.size, norm_sq=gains[0],
+                            norm_sq_min=gains[1], norm_sq_compressed=gains[2],
+                            lr=self.param_groups[0].get("lr"), sent=self.decision.send,
+                            layer_norms=layer_norms or {})
+        if not self.agent.adaptive:
+            self.decision = self.agent.decide(stats)
+            return
+        decision = self.agent.decide(stats) if self.communicator.rank == 0 else None
+        self.decision = self.communicator.broadcast_decision(decision)
 
     def _start_model(self) -> None:
         grads = [self._gradient(p) for p in self._requires_update]
@@ -250,6 +323,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             "compressor": self.compressor.state_dict(),
             "communication": self.communication.state_dict(),
             "agent": self.agent.state_dict() if self.agent is not None else None,
+            "decision": self.decision,
         }
         return state
 
@@ -264,6 +338,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.communication.load_state_dict(ours["communication"])
             if self.agent is not None and ours.get("agent") is not None:
                 self.agent.load_state_dict(ours["agent"])
+                self.decision = ours["decision"]
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.optimizer).__name__}, "

@@ -130,6 +130,10 @@ class Compressor:
             out += self.decompress(p, ctx)
         return out
 
+    def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:
+        """‖decompress(payload)‖² as a 0-dim float tensor (GraVAC's compression gain)."""
+        return self.decompress(payload, ctx).float().pow(2).sum()
+
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
         """``compensated − decompress(payload)``: the error-feedback residual.
 

@@ -90,6 +90,9 @@ class Sparsifier(Compressor):
     def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
         return self.decompress(tuple(torch.cat(parts) for parts in zip(*payloads)), ctx)
 
+    def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:
+        return payload[0].float().pow(2).sum()  # O(k): the values are all that is sent
+
     def indices(self, payload: Payload, ctx: Ctx) -> Tensor:
         """Positions (into the flattened tensor) that the payload carries."""
         return payload[1]

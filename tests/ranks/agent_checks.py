@@ -1,0 +1,53 @@
+"""Agents on real ranks with deliberately different data: the same decisions everywhere.
+
+argv: steps
+"""
+import sys
+
+import horovod.torch as hvd
+import torch
+from sklearn.datasets import load_digits
+
+import horovod_gravac as hg
+from tests.multirank import report
+
+hvd.init()
+torch.set_num_threads(1)
+RANK, SIZE = hvd.rank(), hvd.size()
+STEPS = int(sys.argv[1])
+x_all, y_all = load_digits(return_X_y=True)
+# Different data per rank: its own shard, its own input scale and label noise.
+X = torch.tensor(x_all, dtype=torch.float32)[RANK::SIZE] / 16.0 * (1 + RANK)
+Y = torch.tensor(y_all)[RANK::SIZE]
+noisy = torch.rand(len(Y), generator=torch.Generator().manual_seed(RANK)) < 0.1 * RANK
+Y[noisy] = torch.randint(0, 10, (int(noisy.sum()),), generator=torch.Generator().manual_seed(RANK))
+
+
+def train(agent, compression="topk", memory=None):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                                  named_parameters=model.named_parameters(),
+                                  compression=compression, agent=agent, memory=memory)
+    for step in range(STEPS):
+        idx = torch.randint(0, len(X), (32,), generator=torch.Generator().manual_seed(step * 97 + RANK))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(X[idx]), Y[idx]).backward()
+        opt.step()
+    decisions = [(d.cf, d.theta_min, d.send, tuple(sorted((d.layer_cf or {}).items())))
+                 for d in opt.decisions]
+    return {"decisions": decisions, "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "bytes": opt.communication.total_bytes, "dense_bytes": opt.communication.total_dense_bytes,
+            "history": opt.agent.history if RANK == 0 else None}
+
+
+runs = {
+    "gravac_exp": train(hg.agents.GraVAC(theta_min=2, theta_max=500, epsilon=0.3, window=25,
+                                         policy="exponential")),
+    "gravac_geo_dgc": train(hg.agents.GraVAC(theta_min=2, theta_max=200, epsilon=0.3, window=40,
+                                             policy="geometric"), compression="dgc", memory="dgc"),
+    "accordion": train(hg.agents.Accordion(low_cf=2, high_cf=20, interval=50)),
+    "static": train(hg.agents.Static(cf=20)),
+}
+report(RANK, runs=runs, mpi=hvd.mpi_enabled())

@@ -1,0 +1,36 @@
+"""Rank 0 decides, every rank applies the same decision: 4 real ranks, different data."""
+import pytest
+
+from tests.multirank import LAUNCHERS, assert_identical_across_ranks, run_ranks
+
+STEPS = 500
+
+
+@pytest.fixture(scope="module", params=LAUNCHERS)
+def job(request):
+    return run_ranks("agent_checks.py", 4, request.param, args=[str(STEPS)], timeout=900)
+
+
+def test_broadcast_goes_over_mpi_exactly_when_horovod_runs_on_mpi(job, request):
+    launcher = request.node.callspec.params["job"]
+    assert all(r["mpi"] == (launcher == "mpirun") for r in job)
+
+
+@pytest.mark.parametrize("run", ["gravac_exp", "gravac_geo_dgc", "accordion", "static"])
+def test_identical_decisions_and_parameters_on_all_ranks(job, run):
+    runs = [r["runs"][run] for r in job]
+    assert len(runs[0]["decisions"]) == STEPS
+    for rank, r in enumerate(runs[1:], start=1):
+        assert r["decisions"] == runs[0]["decisions"], f"rank {rank} applied other decisions"
+    assert_identical_across_ranks(runs)
+    if run != "static":  # the adaptive agents did change their minds
+        assert len(set(runs[0]["decisions"])) >= 2, runs[0]["decisions"][:: STEPS // 10]
+    assert runs[0]["bytes"] < runs[0]["dense_bytes"]
+
+
+def test_gravac_metrics_stream(job):
+    history = job[0]["runs"]["gravac_exp"]["history"]
+    assert len(history) == STEPS
+    row = history[-1]
+    assert {"step", "cf", "delta_min", "delta_c", "throughput", "send"} <= set(row)
+    assert 0 < row["delta_c"] <= row["delta_min"] <= 1
