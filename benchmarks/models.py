@@ -120,7 +120,20 @@ class LSTMLanguageModel(nn.Module):
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 _VGG_SMALL = [32, "M", 64, "M", 128, 128, "M", 256, 256, "M"]
 
+class MLP(nn.Module):
+    """A small classifier on flattened inputs (scikit-learn's 8×8 digits)."""
+
+    def __init__(self, inputs: int = 64, hidden: int = 128, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": lambda num_classes=10: MLP(num_classes=num_classes),
     "resnet101": lambda num_classes=10: ResNet(Bottleneck, [3, 4, 23, 3], [64, 128, 256, 512],
                                                num_classes),
     "resnet20": lambda num_classes=10: ResNet(BasicBlock, [3, 3, 3], [16, 32, 64], num_classes),

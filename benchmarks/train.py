@@ -1,0 +1,405 @@
+"""The training application: the paper's workloads on Horovod with compression and agents.
+
+Run it under a Horovod launcher; every rank trains on its own shard of the data:
+
+    horovodrun -np 2 -H localhost:2 --gloo gravac-train --model lstm200 --data ptb \\
+        --compression topk --agent gravac --theta-min 10 --theta-max 1000 --steps 300
+
+Writes to ``--out``: ``steps.csv`` (per step: loss, samples/s, CF, gains, bytes),
+``evals.csv`` (per evaluation: quality vs wall time and bytes), ``summary.json``, and
+TensorBoard events; ``gravac-plot`` turns run directories into PNGs.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+WORKLOADS = {  # data → (task, models that fit, classes or None)
+    "ptb": ("lm", ("lstm200", "lstm650", "lstm1500"), None),
+    "cifar10": ("image", ("resnet20", "resnet101", "vgg_small", "vgg16"), 10),
+    "cifar100": ("image", ("resnet20", "resnet101", "vgg_small", "vgg16"), 100),
+    "digits": ("image", ("mlp",), 10),
+}
+METRICS = {"lm": ("perplexity",), "image": ("accuracy", "top5")}
+BASELINES = ("horovod", "horovod-fp16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gravac-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("workload")
+    g.add_argument("--model", default="lstm200")
+    g.add_argument("--data", default="ptb", choices=sorted(WORKLOADS))
+    g.add_argument("--data-dir", default=None, help="PTB or CIFAR directory (PTB: ../shared/data/ptb)")
+    g.add_argument("--no-download", action="store_true", help="never download CIFAR")
+    g.add_argument("--torchvision", action="store_true", help="torchvision's ResNet/VGG")
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--steps", type=int, default=None, help="stop after this many steps")
+    g.add_argument("--batch-size", type=int, default=None, help="per rank (paper: 32 CNN, 20 LSTM)")
+    g.add_argument("--bptt", type=int, default=35)
+    g.add_argument("--lr", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--lr-decay-steps", default="", help="comma-separated steps, e.g. 9000,14000")
+    g.add_argument("--lr-decay-factor", type=float, default=0.1)
+    g.add_argument("--clip", type=float, default=None, help="gradient norm clipping (LSTM: 0.25)")
+    g = p.add_argument_group("communication")
+    g.add_argument("--baseline", choices=BASELINES, default=None,
+                   help="use hvd.DistributedOptimizer (dense or fp16) instead of this library")
+    g.add_argument("--compression", default="none", help="name[:value], e.g. topk:100")
+    g.add_argument("--memory", default=None, help="error-feedback memory (default: the compressor's)")
+    g.add_argument("--granularity", default="layer", choices=("layer", "model"))
+    g.add_argument("--agent", default="none", choices=("none", "static", "gravac", "accordion"))
+    g.add_argument("--cf", type=float, default=None, help="static agent's CF")
+    g.add_argument("--theta-min", type=float, default=10.0)
+    g.add_argument("--theta-max", type=float, default=1000.0)
+    g.add_argument("--epsilon", type=float, default=0.7)
+    g.add_argument("--omega", type=float, default=0.01)
+    g.add_argument("--window", type=int, default=500)
+    g.add_argument("--theta-s", type=float, default=2.0)
+    g.add_argument("--policy", default="exponential", choices=("exponential", "geometric"))
+    g.add_argument("--ewma", type=float, default=None, help="default: number of ranks / 100")
+    g.add_argument("--low-cf", type=float, default=1.0)
+    g.add_argument("--high-cf", type=float, default=10.0)
+    g.add_argument("--interval", type=int, default=10, help="Accordion's interval")
+    g.add_argument("--interval-unit", choices=("steps", "epochs"), default="epochs")
+    g.add_argument("--eta", type=float, default=0.5)
+    g.add_argument("--whole-model-norms", action="store_true", help="Accordion on the model norm")
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--target-metric", default=None, help="accuracy, top5 or perplexity")
+    g.add_argument("--target", type=float, default=None)
+    g.add_argument("--stop-at-target", action="store_true")
+    g.add_argument("--eval-interval", type=int, default=100, help="steps between evaluations")
+    g.add_argument("--eval-batches", type=int, default=None, help="limit evaluation batches")
+    g.add_argument("--out", default="runs/latest")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=1)
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every flag checked before Horovod starts: errors name the flag, value and range."""
+    task, models, _ = WORKLOADS[args.data]
+    if args.model not in models:
+        raise ValueError(f"--model {args.model!r} does not fit --data {args.data!r}; "
+                         f"use one of {', '.join(models)}")
+    for flag, value, low in (("--epochs", args.epochs, 0), ("--lr", args.lr, 0),
+                             ("--lr-decay-factor", args.lr_decay_factor, 0)):
+        if not value > low:
+            raise ValueError(f"{flag} must be > {low}, got {value!r}")
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
+                        ("--bptt", args.bptt), ("--eval-interval", args.eval_interval),
+                        ("--threads", args.threads), ("--eval-batches", args.eval_batches)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value!r}")
+    if not 0 <= args.momentum < 1:
+        raise ValueError(f"--momentum must be in [0, 1), got {args.momentum!r}")
+    if args.weight_decay < 0:
+        raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay!r}")
+    if args.clip is not None and not args.clip > 0:
+        raise ValueError(f"--clip must be > 0, got {args.clip!r}")
+    args.decay_steps = parse_steps(args.lr_decay_steps)
+    if args.target_metric is not None and args.target_metric not in METRICS[task]:
+        raise ValueError(f"--target-metric {args.target_metric!r} does not apply to --data "
+                         f"{args.data!r}; use one of {', '.join(METRICS[task])}")
+    if args.target is not None and args.target_metric is None:
+        args.target_metric = METRICS[task][0]
+    if args.stop_at_target and args.target is None:
+        raise ValueError("--stop-at-target needs --target")
+    if args.baseline and (args.agent != "none" or args.compression != "none"):
+        raise ValueError("--baseline runs hvd.DistributedOptimizer: it takes no --agent or "
+                         "--compression")
+    from horovod_gravac import agents, compression
+    compression.create(args.compression)  # unknown names and bad values fail here
+    args.agent_obj = agents.create(args.agent, **agent_params(args))
+
+
+def parse_steps(text: str) -> list[int]:
+    try:
+        steps = sorted(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--lr-decay-steps must be comma-separated integers, got {text!r}") from None
+    if any(s < 1 for s in steps):
+        raise ValueError(f"--lr-decay-steps must be >= 1, got {text!r}")
+    return steps
+
+
+def agent_params(args: argparse.Namespace) -> dict[str, Any]:
+    if args.agent == "static":
+        return {"cf": args.cf if args.cf is not None else 100.0}
+    if args.agent == "gravac":
+        return {"theta_min": args.theta_min, "theta_max": args.theta_max, "epsilon": args.epsilon,
+                "omega": args.omega, "window": args.window, "theta_s": args.theta_s,
+                "policy": args.policy, "ewma": args.ewma,
+                "batch_size": args.batch_size or default_batch(args)}
+    if args.agent == "accordion":
+        return {"low_cf": args.low_cf, "high_cf": args.high_cf, "interval": args.interval,
+                "eta": args.eta, "per_layer": not args.whole_model_norms}
+    return {}
+
+
+def default_batch(args: argparse.Namespace) -> int:
+    return 20 if WORKLOADS[args.data][0] == "lm" else 32
+
+
+class Workload:
+    """Model, this rank's data, a training-step iterator and an evaluation."""
+
+    def __init__(self, args: argparse.Namespace, rank: int, size: int) -> None:
+        import torch
+
+        from benchmarks import data as D
+        from benchmarks.models import create_model
+
+        self.task, _, classes = WORKLOADS[args.data]
+        self.batch = args.batch_size or default_batch(args)
+        self.bptt = args.bptt
+        self.eval_batches = args.eval_batches
+        if self.task == "lm":
+            corpus = D.PTBCorpus(args.data_dir)
+            self.train = D.batchify(corpus.train, self.batch, rank, size)
+            self.valid = D.batchify(corpus.valid, 10, rank, size)
+            self.model = create_model(args.model, vocab=len(corpus.vocab))
+            self.steps_per_epoch = math.ceil((self.train.size(1) - 1) / self.bptt)
+        else:
+            if args.data == "digits":
+                xt, yt, xv, yv = D.load_digits_images()
+            else:
+                xt, yt, xv, yv = D.load_cifar(args.data_dir or "data", classes,
+                                              download=not args.no_download)
+            self.x, self.y = D.shard(xt, yt, rank, size)
+            self.xv, self.yv = D.shard(xv, yv, rank, size)
+            if args.torchvision:
+                try:
+                    import torchvision
+                except ImportError as exc:
+                    raise ValueError(f"--torchvision needs an importable torchvision ({exc})") from None
+                self.model = getattr(torchvision.models, args.model)(num_classes=classes)
+            else:
+                self.model = create_model(args.model, num_classes=classes)
+            self.steps_per_epoch = max(1, len(self.x) // self.batch)
+        self.generator = torch.Generator().manual_seed(args.seed * 1000 + rank)
+        self.state = None
+
+    def batches(self):
+        """Endless (inputs, targets) for training, epoch after epoch."""
+        import torch
+        from benchmarks.data import bptt_batches
+        while True:
+            if self.task == "lm":
+                self.state = None
+                yield from bptt_batches(self.train, self.bptt)
+            else:
+                order = torch.randperm(len(self.x), generator=self.generator)
+                for i in range(self.steps_per_epoch):
+                    idx = order[i * self.batch:(i + 1) * self.batch]
+                    yield self.x[idx], self.y[idx]
+
+    def loss(self, inputs, targets):
+        import torch.nn.functional as F
+        if self.task == "lm":
+            if self.state is not None:
+                self.state = tuple(s.detach() for s in self.state)
+            logits, self.state = self.model(inputs, self.state)
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+        return F.cross_entropy(self.model(inputs), targets)
+
+    def evaluate(self, hvd) -> dict[str, float]:
+        """Quality on the validation split: every rank its shard, summed with one allreduce."""
+        import torch
+        import torch.nn.functional as F
+        from benchmarks.data import bptt_batches
+        self.model.eval()
+        totals = torch.zeros(4, dtype=torch.float64)  # loss sum, count, top1, top5
+        with torch.no_grad():
+            if self.task == "lm":
+                state = None
+                for i, (x, t) in enumerate(bptt_batches(self.valid, self.bptt)):
+                    if self.eval_batches and i >= self.eval_batches:
+                        break
+                    logits, state = self.model(x, state)
+                    totals[0] += F.cross_entropy(logits.reshape(-1, logits.size(-1)), t.reshape(-1),
+                                                 reduction="sum").item()
+                    totals[1] += t.numel()
+            else:
+                for i in range(0, len(self.xv), 256):
+                    if self.eval_batches and i // 256 >= self.eval_batches:
+                        break
+                    out = self.model(self.xv[i:i + 256])
+                    t = self.yv[i:i + 256]
+                    totals[0] += F.cross_entropy(out, t, reduction="sum").item()
+                    totals[1] += len(t)
+                    top = out.topk(min(5, out.size(1)), dim=1).indices
+                    totals[2] += (top[:, 0] == t).sum().item()
+                    totals[3] += (top == t[:, None]).any(dim=1).sum().item()
+        self.model.train()
+        totals = hvd.allreduce(totals, op=hvd.Sum, name="eval.totals")
+        loss = (totals[0] / totals[1]).item()
+        if self.task == "lm":
+            return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+        return {"loss": loss, "accuracy": (totals[2] / totals[1]).item(),
+                "top5": (totals[3] / totals[1]).item()}
+
+
+def reached(metric: str, value: float, target: float) -> bool:
+    return value <= target if metric == "perplexity" else value >= target
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import horovod.torch as hvd
+    import torch
+
+    import horovod_gravac as hg
+
+    hvd.init()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rank, size = hvd.rank(), hvd.size()
+    work = Workload(args, rank, size)
+    model = work.model
+    if args.interval_unit == "epochs" and args.agent == "accordion":
+        args.agent_obj = hg.agents.Accordion(**{**agent_params(args), "steps_per_epoch": work.steps_per_epoch})
+    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+    if args.baseline:
+        compression = hvd.Compression.fp16 if args.baseline == "horovod-fp16" else hvd.Compression.none
+        opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                       compression=compression)
+    else:
+        opt = hg.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                      compression=args.compression, memory=args.memory,
+                                      granularity=args.granularity, agent=args.agent_obj)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(base, root_rank=0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(base, args.decay_steps, args.lr_decay_factor) \
+        if args.decay_steps else None
+    total_steps = args.steps or max(1, int(args.epochs * work.steps_per_epoch))
+    samples_per_step = work.batch * (work.bptt if work.task == "lm" else 1) * size
+
+    out = Path(args.out)
+    writer = steps_file = evals_file = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(
+            {k: v for k, v in vars(args).items() if k != "agent_obj"}, indent=1, default=str))
+        steps_file = open(out / "steps.csv", "w", newline="")
+        evals_file = open(out / "evals.csv", "w", newline="")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            writer = None
+    step_log = csv.writer(steps_file) if steps_file else None
+    eval_log = csv.writer(evals_file) if evals_file else None
+    if step_log:
+        step_log.writerow(["step", "epoch", "wall", "loss", "samples_per_s", "cf", "send",
+                           "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes"])
+        eval_log.writerow(["step", "wall", "total_bytes", "loss", "metric", "value"])
+    progress = None
+    if rank == 0 and not args.no_progress:
+        from tqdm import tqdm
+        progress = tqdm(total=total_steps, desc=f"{args.model}/{args.agent}", dynamic_ncols=True)
+
+    dense_bytes = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
+    total_bytes, time_to_target, evals = 0, None, []
+    start = last = time.perf_counter()
+    batches = work.batches()
+    for step in range(1, total_steps + 1):
+        inputs, targets = next(batches)
+        opt.zero_grad()
+        loss = work.loss(inputs, targets)
+        loss.backward()
+        if args.clip:
+            opt.synchronize()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            with opt.skip_synchronize():
+                opt.step()
+        else:
+            opt.step()
+        if scheduler:
+            scheduler.step()
+        now = time.perf_counter()
+        step_time, last = now - last, now
+        if isinstance(opt, hg.DistributedOptimizer):
+            sent = opt.communication.last_bytes
+            decision = opt.decisions[-1] if opt.decisions else None
+        else:
+            sent = dense_bytes // (2 if args.baseline == "horovod-fp16" else 1)
+            decision = None
+        total_bytes += sent
+        if rank == 0:
+            history = opt.agent.history[-1] if getattr(opt, "agent", None) and opt.agent.history else {}
+            cf = sent and dense_bytes / sent
+            row = [step, step / work.steps_per_epoch, now - start, loss.item(),
+                   samples_per_step / step_time, cf, decision.send if decision else "",
+                   history.get("delta_min", ""), history.get("delta_c", ""), sent, total_bytes,
+                   dense_bytes * step]
+            step_log.writerow(row)
+            if writer:
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/samples_per_s", samples_per_step / step_time, step)
+                writer.add_scalar("comm/cf", cf, step)
+                writer.add_scalar("comm/bytes", total_bytes, step)
+                if history.get("delta_c") is not None:
+                    writer.add_scalar("gravac/delta_c", history["delta_c"], step)
+                    writer.add_scalar("gravac/delta_min", history["delta_min"], step)
+            if progress:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss.item():.3f}", cf=f"{cf:.0f}")
+        if step % args.eval_interval == 0 or step == total_steps:
+            metrics = work.evaluate(hvd)
+            wall = time.perf_counter() - start
+            evals.append({"step": step, "wall": wall, "total_bytes": total_bytes, **metrics})
+            if rank == 0:
+                for k, v in metrics.items():
+                    eval_log.writerow([step, wall, total_bytes, metrics["loss"], k, v])
+                    if writer:
+                        writer.add_scalar(f"eval/{k}", v, step)
+            if args.target is not None and time_to_target is None and \
+                    reached(args.target_metric, metrics[args.target_metric], args.target):
+                time_to_target = wall
+                if args.stop_at_target:
+                    break
+    wall = time.perf_counter() - start
+    if progress:
+        progress.close()
+    final = evals[-1] if evals else {}
+    summary = {
+        "model": args.model, "data": args.data, "ranks": size, "steps": step,
+        "agent": args.agent, "compression": args.baseline or args.compression,
+        "wall_s": wall, "time_to_target_s": time_to_target, "target_metric": args.target_metric,
+        "target": args.target, "final": final, "total_bytes": total_bytes,
+        "dense_bytes": dense_bytes * step, "mean_cf": dense_bytes * step / max(total_bytes, 1),
+        "evals": evals,
+    }
+    if rank == 0:
+        steps_file.close()
+        evals_file.close()
+        if writer:
+            writer.close()
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    validate(args)
+    summary = run(args)
+    if int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == 0:
+        final = summary["final"]
+        quality = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k not in ("step", "wall", "total_bytes"))
+        print(f"{summary['compression']}/{summary['agent']} on {summary['ranks']} ranks: "
+              f"{summary['steps']} steps in {summary['wall_s']:.1f} s; {quality}; "
+              f"{summary['total_bytes'] / 1e6:.1f} MB sent vs {summary['dense_bytes'] / 1e6:.1f} MB "
+              f"dense ({summary['mean_cf']:.1f}x less)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The training application: flags, data loading, short real runs under both launchers."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import data as D
+from benchmarks import train as T
+from tests.multirank import launch_command
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(*argv):
+    args = T.build_parser().parse_args(list(argv))
+    T.validate(args)
+    return args
+
+
+@pytest.mark.parametrize("argv,error,message", [
+    (["--model", "resnet20"], ValueError, "--model 'resnet20' does not fit --data 'ptb'"),
+    (["--compression", "nope"], ValueError, "unknown compressor 'nope'"),
+    (["--compression", "topk:0"], ValueError, "compression factor must be"),
+    (["--agent", "gravac", "--theta-min", "100", "--theta-max", "10"], ValueError, "theta_max"),
+    (["--agent", "gravac", "--epsilon", "2"], ValueError, "epsilon"),
+    (["--agent", "gravac", "--window", "0"], ValueError, "window"),
+    (["--agent", "accordion", "--low-cf", "10", "--high-cf", "2"], ValueError, "high_cf"),
+    (["--agent", "static", "--cf", "0.5"], ValueError, "cf must be"),
+    (["--steps", "0"], ValueError, "--steps must be >= 1"),
+    (["--lr", "-1"], ValueError, "--lr must be > 0"),
+    (["--momentum", "1.5"], ValueError, "--momentum must be in"),
+    (["--lr-decay-steps", "10,x"], ValueError, "--lr-decay-steps must be comma-separated"),
+    (["--target-metric", "accuracy"], ValueError, "does not apply to --data 'ptb'"),
+    (["--stop-at-target"], ValueError, "--stop-at-target needs --target"),
+    (["--baseline", "horovod", "--compression", "topk"], ValueError, "takes no --agent"),
+])
+def test_bad_flags_fail_before_training(argv, error, message):
+    with pytest.raises(error, match=message):
+        parse(*argv)
+
+
+def test_missing_data_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ptb.train.txt.*not found.*--data-dir"):
+        D.PTBCorpus(tmp_path)
+    with pytest.raises(FileNotFoundError, match="CIFAR-10 not found"):
+        D.load_cifar(tmp_path, 10, download=False)
+
+
+def write_cifar(root: Path, classes: int, n: int = 20) -> None:
+    """Files in the standard python-pickle format, with random images."""
+    rng = np.random.default_rng(0)
+    if classes == 10:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True)
+        names, key = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True)
+        names, key = ["train", "test"], b"fine_labels"
+    for name in names:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 key: rng.integers(0, classes, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_pickle_format(tmp_path, classes):
+    write_cifar(tmp_path, classes)
+    xt, yt, xv, yv = D.load_cifar(tmp_path, classes, download=False)
+    assert xt.shape == ((100 if classes == 10 else 20), 3, 32, 32) and xv.shape == (20, 3, 32, 32)
+    assert int(yt.max()) < classes and xt.dtype == torch.float32
+    assert abs(float(xt.mean())) < 1e-3
+
+
+def test_ptb_shards_are_disjoint_and_cover_the_corpus():
+    corpus = D.PTBCorpus()
+    assert len(corpus.vocab) == 10000 and corpus.train.numel() == 929589
+    a, b = D.batchify(corpus.train, 20, 0, 2), D.batchify(corpus.train, 20, 1, 2)
+    assert a.shape == b.shape and not torch.equal(a[:, :5], b[:, :5])
+
+
+def train_job(launcher, out, *flags, np=2, timeout=600):
+    cmd = launch_command(launcher, np, ["-m", "benchmarks.train", "--no-progress", "--out",
+                                        str(out), *flags])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+PTB_FLAGS = ["--model", "lstm200", "--data", "ptb", "--lr", "1", "--momentum", "0",
+             "--clip", "0.25", "--eval-batches", "20"]
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "gloo"])
+def test_short_runs_under_both_launchers(tmp_path, launcher):
+    s = train_job(launcher, tmp_path / "digits", "--model", "mlp", "--data", "digits",
+                  "--steps", "40", "--eval-interval", "20", "--compression", "dgc",
+                  "--agent", "accordion", "--interval", "10", "--interval-unit", "steps",
+                  "--target-metric", "accuracy", "--target", "0.5")
+    assert s["steps"] == 40 and s["final"]["accuracy"] > 0.5 and s["time_to_target_s"] is not None
+    assert (tmp_path / "digits" / "steps.csv").read_text().count("\n") == 41
+    s = train_job(launcher, tmp_path / "lm", *PTB_FLAGS, "--steps", "8", "--eval-interval", "4",
+                  "--baseline", "horovod-fp16")
+    assert s["compression"] == "horovod-fp16" and s["final"]["perplexity"] < 10000
+
+
+def test_gravac_on_ptb_sends_10x_less_than_dense_at_the_same_loss(tmp_path):
+    """The issue's end-to-end check: same steps, loss within 5% of dense, ≥ 10× fewer bytes."""
+    steps = ["--steps", "150", "--eval-interval", "150"]
+    dense = train_job("gloo", tmp_path / "dense", *PTB_FLAGS, *steps)
+    gravac = train_job("gloo", tmp_path / "gravac", *PTB_FLAGS, *steps, "--compression", "topk",
+                       "--agent", "gravac", "--theta-min", "20", "--epsilon", "0.5",
+                       "--window", "20")
+    assert gravac["final"]["loss"] <= 1.05 * dense["final"]["loss"], (gravac["final"], dense["final"])
+    assert gravac["total_bytes"] * 10 <= dense["total_bytes"], (gravac["total_bytes"], dense["total_bytes"])
