@@ -1,0 +1,88 @@
+"""The network emulator: ranks in namespaces behind shaped links, cleaned up on every exit."""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NETEM = ROOT / "launch" / "netem.py"
+sys.path.insert(0, str(NETEM.parent))
+import netem  # noqa: E402
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None,
+    reason="network emulation needs root and iproute2 (ip, tc)")
+
+
+def leftovers() -> list[str]:
+    """Namespaces and links the emulator names hg<tag>... that are still there."""
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    names = [line.split()[0] for line in namespaces.splitlines() if line.strip()]
+    names += [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+    return [n for n in names if n.startswith("hg")]
+
+
+def emulate(*command, rate="100mbit", timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(NETEM), "--np", "2", "--rate", rate, "--delay",
+                           "1ms", "--", *command], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_refuses_without_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(netem.NetemError, match="needs root"):
+        netem.check_prerequisites()
+
+
+def test_rate_units():
+    assert netem.rate_bits("100mbit") == 1e8 and netem.rate_bits("1gbps") == 8e9
+
+
+@needs_root
+def test_training_through_shaped_links_and_cleanup(tmp_path):
+    res = emulate(sys.executable, "-m", "benchmarks.train", "--model", "mlp", "--data", "digits",
+                  "--steps", "10", "--eval-interval", "10", "--compression", "topk:10",
+                  "--agent", "gravac", "--window", "3", "--no-progress", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "10 steps" in res.stdout
+    assert not leftovers()
+
+
+@needs_root
+def test_link_is_actually_shaped():
+    code = ("import time, horovod.torch as hvd, torch; hvd.init(); x = torch.ones(1_250_000);"
+            "hvd.allreduce(x, name='warm'); t = time.time(); hvd.allreduce(x, name='m');"
+            "print('seconds', time.time() - t, flush=True)")
+    res = emulate(sys.executable, "-c", code, rate="50mbit")
+    assert res.returncode == 0, res.stderr[-3000:]
+    seconds = max(float(l.split()[-1]) for l in res.stdout.splitlines() if l.startswith("seconds"))
+    assert seconds > 0.5  # 5 MB each way at 50 Mbit/s is ≥ 0.8 s; unshaped it is ~0.03 s
+
+
+@needs_root
+def test_failing_rank_stops_the_job_and_cleans_up():
+    code = ("import os, horovod.torch as hvd, torch; hvd.init();"
+            "hvd.rank() == 1 and os._exit(3); hvd.allreduce(torch.ones(1), name='x')")
+    start = time.time()
+    res = emulate(sys.executable, "-c", code)
+    assert res.returncode == 3 and time.time() - start < 120
+    assert not leftovers()
+
+
+@needs_root
+def test_sigterm_cleans_up():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, str(NETEM), "--np", "2", "--", "sleep", "60"],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "cleaning up" in err
+    assert not leftovers()
