@@ -205,7 +205,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         p_min, ctx_min = c.compress(g_o, name, self.step_count)
         p_c, ctx_c = c.recompress(p_min, ctx_min, decision.cf)
         self._gain_terms.append(torch.stack([
-            torch.linalg.vector_norm(g_o, dtype=torch.float64).square(),
+            torch.linalg.vector_norm(g_o).double().square(),  # fp32 pass; fp64 would copy
             c.sent_norm_sq(p_min, ctx_min).double(), c.sent_norm_sq(p_c, ctx_c).double()]))
         if decision.send == A.SEND_COMPRESSED:
             return p_c, ctx_c, c

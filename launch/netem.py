@@ -126,8 +126,10 @@ class Network:
             (etc / "hosts").write_text(f"127.0.0.1 localhost\n{self.address(rank)} {hostname}\n")
 
     def down(self) -> None:
-        for ns in self.namespaces:
-            sh("ip", "netns", "del", ns, check=False)  # deletes its veth pair too
+        for rank, ns in enumerate(self.namespaces):
+            # Deleting one end removes the pair at once; a namespace's deletion does it later.
+            sh("ip", "link", "del", self.iface(rank, "h"), check=False)
+            sh("ip", "netns", "del", ns, check=False)
             shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
         if self.created_bridge:
             sh("ip", "link", "del", self.bridge, check=False)
@@ -136,18 +138,17 @@ class Network:
 
 
 def run(args: argparse.Namespace) -> int:
-    from horovod.runner.common.util.hosts import SlotInfo
-    from horovod.runner.http.http_server import RendezvousServer
-
-    check_prerequisites()
-    net = Network(args.np, args.rate, args.delay, tag=str(os.getpid() % 10000))
-    procs: list[subprocess.Popen] = []
-
     def terminate(*_):
         raise KeyboardInterrupt
 
-    old = signal.signal(signal.SIGTERM, terminate)
+    old = signal.signal(signal.SIGTERM, terminate)  # first: cleanup must cover everything below
+    net = Network(args.np, args.rate, args.delay, tag=str(os.getpid() % 10000))
+    procs: list[subprocess.Popen] = []
     try:
+        from horovod.runner.common.util.hosts import SlotInfo
+        from horovod.runner.http.http_server import RendezvousServer
+
+        check_prerequisites()
         net.up()
         plan = [SlotInfo(hostname=f"rank{r}", rank=r, local_rank=0, cross_rank=r, size=args.np,
                          local_size=1, cross_size=args.np) for r in range(args.np)]
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
                        GLOO_SOCKET_IFNAME=net.iface(slot.rank, "v"))
             procs.append(subprocess.Popen(["ip", "netns", "exec", net.namespaces[slot.rank],
                                            *args.command], env=env))
+        print(f"[netem] {args.np} ranks running, links {args.rate or 'unshaped'} "
+              f"{args.delay or ''}".rstrip(), file=sys.stderr, flush=True)
         deadline = time.monotonic() + args.timeout if args.timeout else None
         while True:
             codes = [p.poll() for p in procs]

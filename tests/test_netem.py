@@ -81,8 +81,12 @@ def test_sigterm_cleans_up():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, str(NETEM), "--np", "2", "--", "sleep", "60"],
                             env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    lines = []
+    for line in proc.stderr:  # wait until the ranks run, however slow the machine is
+        lines.append(line)
+        if "ranks running" in line:
+            break
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "cleaning up" in err
+    assert proc.returncode == 130 and "cleaning up" in err, "".join(lines) + err
     assert not leftovers()
