@@ -10,8 +10,9 @@ Payloads are exchanged according to ``ctx.exchange``:
 * LOWRANK — PowerSGD: allreduce P; at ``finish`` orthogonalize and allreduce Q.
 
 All collectives are started asynchronously as gradients become ready, and Horovod's tensor
-fusion batches the small ones. Results are *sums* over ranks; ``finish`` applies the Average
-/ predivide scaling the same way ``hvd.DistributedOptimizer`` does.
+fusion batches the small ones. Compressors aggregate to *sums* over ranks; the Average /
+predivide scaling is split as ``hvd.DistributedOptimizer`` does (prescale 1/f, postscale
+f/size inside the allreduce; 1/size after an allgather).
 """
 from __future__ import annotations
 
@@ -124,18 +125,29 @@ class Communicator:
             raise ValueError(f"{compressor.name}: an allreduced payload must be one tensor")
         tensor = payload[0]
         tag = "P" if ctx.exchange is Exchange.LOWRANK else "sum"
-        handle = hvd.allreduce_async(tensor, name=f"gravac.{tag}.{name}", op=hvd.Sum,
-                                     prescale_factor=1.0 / self.predivide,
-                                     process_set=self.process_set)
+        # In place: payloads are fresh tensors or the gradient itself (as Horovod does), and
+        # the Average/predivide scaling happens inside the collective, not in an extra pass.
+        handle = hvd.allreduce_async_(tensor, name=f"gravac.{tag}.{name}", op=hvd.Sum,
+                                      prescale_factor=1.0 / self.predivide,
+                                      postscale_factor=self._postscale(ctx),
+                                      process_set=self.process_set)
         return Pending(name, compressor, ctx, handle, [tensor.dtype],
                        tensor.numel() * tensor.element_size())
+
+    def _postscale(self, ctx: Ctx) -> float:
+        """Horovod's split of Average: prescale 1/f, postscale f/size (P needs none)."""
+        if ctx.exchange is Exchange.LOWRANK or self.op != hvd.Average:
+            return 1.0
+        return self.predivide / self.size
 
     def start_second_phase(self, pending: Pending) -> Payload:
         """PowerSGD: wait for P, send Q. Returns the local Q payload (for error feedback)."""
         p_sum = hvd.synchronize(pending.handle)
         q = pending.compressor.compress_second(p_sum, pending.ctx)
+        postscale = self.predivide / self.size if self.op == hvd.Average else 1.0
         pending.handle = hvd.allreduce_async(q[0], name=f"gravac.Q.{pending.name}", op=hvd.Sum,
                                              prescale_factor=1.0 / self.predivide,
+                                             postscale_factor=postscale,
                                              process_set=self.process_set)
         pending.wire_bytes += q[0].numel() * q[0].element_size()
         return q
@@ -143,12 +155,7 @@ class Communicator:
     def finish(self, pending: Pending) -> Tensor:
         """Wait for the exchange and return the reduced gradient (average or sum over ranks)."""
         result = hvd.synchronize(pending.handle)
-        average = self.op == hvd.Average
-        if pending.ctx.exchange is Exchange.ALLGATHER:
-            total = pending.compressor.aggregate(unpack(result, pending.dtypes, self.size),
-                                                 pending.ctx)
-            scale = 1.0 / self.size if average else 1.0
-        else:  # allreduced with prescale 1/predivide, as Horovod splits the average
-            total = pending.compressor.aggregate([(result,)], pending.ctx)
-            scale = self.predivide / self.size if average else 1.0
-        return total.mul_(scale) if scale != 1.0 else total
+        if pending.ctx.exchange is not Exchange.ALLGATHER:  # already scaled by the allreduce
+            return pending.compressor.aggregate([(result,)], pending.ctx)
+        total = pending.compressor.aggregate(unpack(result, pending.dtypes, self.size), pending.ctx)
+        return total.mul_(1.0 / self.size) if self.op == hvd.Average else total

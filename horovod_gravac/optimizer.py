@@ -189,13 +189,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
         else:
             compressor.cf = decision.cf_for(name)
             payload, ctx = compressor.compress(compensated, name, self.step_count)
-        pending = self.communicator.start(name, compressor, payload, ctx)
+        # The residual is taken before the collective starts: allreduces run in place on
+        # the payload, so reading it afterwards would race with Horovod.
         if compressor is self._dense:  # GraVAC's dense branch: the residual restarts at 0
             self.memory.reset(name)
             compensated = None
         elif ctx.exchange is not C.Exchange.LOWRANK:  # PowerSGD's error needs phase 2 first
             self.memory.update(name, compensated, compressor, payload, ctx)
             compensated = None
+        pending = self.communicator.start(name, compressor, payload, ctx)
         self._pending[key] = (pending, compensated, grad)
 
     def _multilevel(self, g_o: Tensor, name: str, decision: A.Decision):
@@ -233,7 +235,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.communication.record(pending.name, pending.wire_bytes, grad.numel())
             if key == MODEL_TENSOR:
                 self._scatter_model(reduced)
-            else:
+            elif reduced.data_ptr() != grad.data_ptr():  # dense in place: already there
                 grad.copy_(reduced.view_as(grad))
         self.communication.end_step()
         layer_norms = self._layer_norms() if self.agent is not None else None

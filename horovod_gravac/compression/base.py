@@ -125,6 +125,8 @@ class Compressor:
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
         """Sum over ranks of the decompressed payloads (gathered in rank order)."""
+        if len(payloads) == 1:  # an allreduced payload: already the sum
+            return self.decompress(payloads[0], ctx)
         out = self.decompress(payloads[0], ctx).clone()
         for p in payloads[1:]:
             out += self.decompress(p, ctx)
