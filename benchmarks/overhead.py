@@ -57,20 +57,21 @@ def worker(args: argparse.Namespace) -> None:
         opt.step()
         return time.perf_counter() - start
 
+    def interleaved(runs: dict) -> dict[str, float]:
+        """Median step time of each run, alternating runs so machine noise hits all alike."""
+        times = {k: [] for k in runs}
+        for i in range(args.steps + 1):  # step 0 is a warm-up
+            for kind, (opt, params) in runs.items():
+                t = step(opt, params)
+                if i:
+                    times[kind].append(t)
+        return {k: statistics.median(v) for k, v in times.items()}
+
     results: dict = {"model": args.model, "np": hvd.size(),
                      "fusion_threshold": os.environ.get("HOROVOD_FUSION_THRESHOLD", "default")}
-    # Interleave Horovod and ours so machine noise hits both alike.
-    runs = {"horovod": make("horovod"), "ours": make("none")}
-    times = {"horovod": [], "ours": []}
-    for i in range(args.steps + 1):
-        for kind, (opt, params) in runs.items():
-            t = step(opt, params)
-            if i:
-                times[kind].append(t)
-    results["horovod_s"] = statistics.median(times["horovod"])
-    results["ours_none_s"] = statistics.median(times["ours"])
+    medians = interleaved({"horovod": make("horovod"), "ours": make("none")})
+    results["horovod_s"], results["ours_none_s"] = medians["horovod"], medians["ours"]
     results["overhead_ratio"] = results["ours_none_s"] / results["horovod_s"]
-    del runs
     per = {}
     for spec in args.compressors.split(","):
         opt, params = make(spec)
@@ -82,17 +83,10 @@ def worker(args: argparse.Namespace) -> None:
     # GraVAC's own cost: the same CF on the wire as static TopK 100x (it sends θmin = 100 in
     # its warm-up window), plus the second level at 200x, the norms, the stats allreduce and
     # the decision broadcast.
-    agents = {"static": hg.agents.Static(cf=100),
-              "gravac": hg.agents.GraVAC(theta_min=100, theta_max=1000, window=10**9)}
-    runs = {k: make("topk", agent) for k, agent in agents.items()}
-    agent_times = {k: [] for k in runs}
-    for i in range(args.steps + 1):
-        for kind, (opt, params) in runs.items():
-            t = step(opt, params)
-            if i:
-                agent_times[kind].append(t)
-    results["static_topk100_s"] = statistics.median(agent_times["static"])
-    results["gravac_topk100_s"] = statistics.median(agent_times["gravac"])
+    medians = interleaved({
+        "static": make("topk", hg.agents.Static(cf=100)),
+        "gravac": make("topk", hg.agents.GraVAC(theta_min=100, theta_max=1000, window=10**9))})
+    results["static_topk100_s"], results["gravac_topk100_s"] = medians["static"], medians["gravac"]
     results["gravac_overhead"] = results["gravac_topk100_s"] / results["static_topk100_s"]
     if hvd.rank() == 0:
         Path(args.json).write_text(json.dumps(results, indent=1))
