@@ -1,6 +1,4 @@
 """The compression library, one process, no collectives."""
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings

@@ -7,7 +7,7 @@ saw, and their state is in ``state_dict()``, so a resumed job continues the same
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 SEND_COMPRESSED, SEND_MIN, SEND_DENSE = "compressed", "min", "dense"
@@ -98,7 +98,3 @@ def check_positive(name: str, value: Any, minimum: float = 0.0, inclusive: bool 
         raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} "
                          f"{minimum:g}, got {value!r}")
     return v
-
-
-def decision_to_dict(decision: Decision) -> dict[str, Any]:
-    return asdict(decision)
