@@ -12,12 +12,16 @@ from . import agents, compression
 
 __version__ = "0.1.0"
 
-__all__ = ["agents", "compression", "DistributedOptimizer", "CommunicationStats", "__version__"]
+_OPTIMIZER = ("DistributedOptimizer", "CommunicationStats", "NonFiniteGradientError")
+__all__ = ["agents", "compression", "checkpoint", "elastic", *_OPTIMIZER, "__version__"]
 
 
 def __getattr__(name: str):
-    # The optimizer imports horovod.torch; the compression layer stays importable without it.
-    if name in ("DistributedOptimizer", "CommunicationStats"):
+    # These import horovod.torch; the compression layer stays importable without it.
+    if name in _OPTIMIZER:
         from . import optimizer
         return getattr(optimizer, name)
+    if name in ("checkpoint", "elastic"):
+        import importlib
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'horovod_gravac' has no attribute {name!r}")

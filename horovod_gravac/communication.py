@@ -56,6 +56,22 @@ def unpack(buffer: Tensor, dtypes: list[torch.dtype], ranks: int) -> list[Payloa
     return payloads
 
 
+def allgather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (checkpoints: per-rank state)."""
+    return hvd.allgather_object(obj, name="gravac.gather_object")
+
+
+def broadcast_object(obj: Any, process_set=hvd.global_process_set) -> Any:
+    """Rank 0's ``obj`` on every rank (checkpoints and elastic state)."""
+    return hvd.broadcast_object(obj, root_rank=0, name="gravac.broadcast_object",
+                                process_set=process_set)
+
+
+def world() -> tuple[int, int]:
+    """(rank, size) of the global process set."""
+    return hvd.rank(), hvd.size()
+
+
 @dataclass
 class Pending:
     """An exchange in flight for one named tensor."""

@@ -20,7 +20,12 @@ from . import compression as C
 from .communication import Communicator, Pending
 
 GRANULARITIES = ("layer", "model")
+NONFINITE_ACTIONS = ("skip", "raise")
 MODEL_TENSOR = "__model__"
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised on every rank when ``on_nonfinite="raise"`` and a step's gradient is not finite."""
 
 
 class CommunicationStats:
@@ -77,6 +82,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
     ``"name:value"`` string (``"topk:100"``), ``memory`` the error-feedback memory (default:
     the compressor's own), and ``granularity="model"`` compresses all gradients flattened into
     one vector once per step instead of layer by layer.
+
+    A NaN/Inf gradient never enters a residual: the rank that has it sends it without error
+    feedback, the averaged gradient then is non-finite on every rank, and every rank skips
+    the step (``on_nonfinite="skip"``, counted in ``skipped_steps``) or raises
+    :class:`NonFiniteGradientError` (``"raise"``). Finite ranks keep their residuals.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer,
@@ -88,7 +98,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  process_set=hvd.global_process_set,
                  granularity: str = "layer",
                  memory: str | C.Memory | None = None,
-                 agent: str | A.Agent | None = None) -> None:
+                 agent: str | A.Agent | None = None,
+                 on_nonfinite: str = "skip") -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.compressor = C.create(compression)
@@ -107,6 +118,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor!r}")
         if gradient_predivide_factor != 1.0 and op != hvd.Average:
             raise ValueError("gradient_predivide_factor not supported with op != Average")
+        if on_nonfinite not in NONFINITE_ACTIONS:
+            raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         agent = A.create(agent)
@@ -139,6 +152,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.state = optimizer.state
         self.backward_passes_per_step = backward_passes_per_step
         self.granularity = granularity
+        self.on_nonfinite = on_nonfinite
         self.agent = agent
         self.communicator = Communicator(op, gradient_predivide_factor, process_set)
         self.communication = CommunicationStats()
@@ -150,6 +164,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = False
         self._should_synchronize = True
         self.step_count = 0
+        #: steps whose averaged gradient was not finite (not applied), and this rank's culprits
+        self.skipped_steps = 0
+        self._nonfinite_local: list[str] = []
+        self._skip = False
         self.decision = agent.initial_decision() if agent is not None else None
         #: the decision applied at every step so far, on this rank
         self.decisions: list[A.Decision] = []
@@ -180,7 +198,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return p.grad
 
     def _start(self, key: Any, name: str, grad: Tensor) -> None:
-        compensated = self.memory.compensate(grad, name)
+        finite = bool(torch.isfinite(grad).all())
+        if finite:
+            compensated = self.memory.compensate(grad, name)
+        else:  # sent as is (NaN stays visible to every rank); the memory never sees it
+            self._nonfinite_local.append(name)
+            compensated = grad
         compressor, decision = self.compressor, self.decision
         if decision is None:
             payload, ctx = compressor.compress(compensated, name, self.step_count)
@@ -191,7 +214,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             payload, ctx = compressor.compress(compensated, name, self.step_count)
         # The residual is taken before the collective starts: allreduces run in place on
         # the payload, so reading it afterwards would race with Horovod.
-        if compressor is self._dense:  # GraVAC's dense branch: the residual restarts at 0
+        if not finite:
+            compensated = None
+        elif compressor is self._dense:  # GraVAC's dense branch: the residual restarts at 0
             self.memory.reset(name)
             compensated = None
         elif ctx.exchange is not C.Exchange.LOWRANK:  # PowerSGD's error needs phase 2 first
@@ -229,7 +254,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
                    if v[0].ctx.exchange is C.Exchange.LOWRANK]
         for key, (pending, compensated, grad) in lowrank:
             q = self.communicator.start_second_phase(pending)
-            self.memory.update(pending.name, compensated, self.compressor, q, pending.ctx)
+            if compensated is not None:
+                self.memory.update(pending.name, compensated, self.compressor, q, pending.ctx)
         for key, (pending, _, grad) in self._pending.items():
             reduced = self.communicator.finish(pending)
             self.communication.record(pending.name, pending.wire_bytes, grad.numel())
@@ -238,12 +264,31 @@ class DistributedOptimizer(torch.optim.Optimizer):
             elif reduced.data_ptr() != grad.data_ptr():  # dense in place: already there
                 grad.copy_(reduced.view_as(grad))
         self.communication.end_step()
-        layer_norms = self._layer_norms() if self.agent is not None else None
         self._pending.clear()
         self._passes.clear()
         self._synchronized = True
+        self._skip = not self._averaged_finite()
         if self.agent is not None:
-            self._consult_agent(layer_norms)
+            self.decisions.append(self.decision)
+        local, self._nonfinite_local = self._nonfinite_local, []
+        if self._skip:
+            self._gain_terms.clear()
+            if self.on_nonfinite == "raise":
+                culprit = (f"this rank's gradient of {', '.join(local)} is non-finite" if local
+                           else "another rank's gradient is non-finite")
+                raise NonFiniteGradientError(
+                    f"step {self.step_count}: the averaged gradient contains NaN/Inf ({culprit}); "
+                    "lower the learning rate or use on_nonfinite='skip'")
+            return
+        if self.agent is not None:
+            self._consult_agent(self._layer_norms())
+
+    def _averaged_finite(self) -> bool:
+        """One check of all averaged gradients: identical on every rank, so is the verdict."""
+        grads = [p.grad for p in self._requires_update]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def _layer_norms(self) -> dict[str, float] | None:
         """Norms of the averaged gradients (identical on all ranks), for Accordion on rank 0."""
@@ -263,7 +308,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
             gains = self.communicator.combine(local + [iter_time])
             iter_time = gains.pop() / self.communicator.size
         self._gain_terms.clear()
-        self.decisions.append(self.decision)
         stats = A.StepStats(step=self.step_count, iter_time=iter_time,
                             world_size=self.communicator.size, norm_sq=gains[0],
                             norm_sq_min=gains[1], norm_sq_compressed=gains[2],
@@ -308,6 +352,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.synchronize()
         self._synchronized = False
         self.step_count += 1
+        if self._skip:
+            self._skip = False
+            self.skipped_steps += 1
+            return None
         return self.optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -321,6 +369,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         state = self.optimizer.state_dict()
         state["horovod_gravac"] = {
             "step": self.step_count,
+            "skipped_steps": self.skipped_steps,
             "memory": self.memory.state_dict(),
             "compressor": self.compressor.state_dict(),
             "communication": self.communication.state_dict(),
@@ -333,14 +382,24 @@ class DistributedOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         ours = state_dict.pop("horovod_gravac", None)
         self.optimizer.load_state_dict(state_dict)
+        self._forget_step_in_flight()
         if ours is not None:
             self.step_count = ours["step"]
+            self.skipped_steps = ours.get("skipped_steps", 0)
             self.memory.load_state_dict(ours["memory"])
             self.compressor.load_state_dict(ours["compressor"])
             self.communication.load_state_dict(ours["communication"])
             if self.agent is not None and ours.get("agent") is not None:
                 self.agent.load_state_dict(ours["agent"])
                 self.decision = ours["decision"]
+
+    def _forget_step_in_flight(self) -> None:
+        """Drop a half-done step (exchanges of a Horovod world that is gone, after elastic)."""
+        self._pending.clear()
+        self._passes.clear()
+        self._gain_terms.clear()
+        self._nonfinite_local = []
+        self._synchronized = self._skip = False
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.optimizer).__name__}, "

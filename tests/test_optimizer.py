@@ -53,7 +53,8 @@ def test_whole_model_granularity_and_unused_parameter(job):
     assert late_loss(r["results"]["model_granularity_losses"]) < 0.75 * early_loss(
         r["results"]["model_granularity_losses"])
     assert late_loss(r["unused_losses"]) < 0.75 * early_loss(r["unused_losses"])
-    assert r["state_keys"] == ["agent", "communication", "compressor", "decision", "memory", "step"]
+    assert r["state_keys"] == ["agent", "communication", "compressor", "decision", "memory", "skipped_steps",
+                            "step"]
 
 
 @pytest.fixture(scope="module")

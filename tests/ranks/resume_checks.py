@@ -1,0 +1,114 @@
+"""Checkpoint/resume on real ranks: an interrupted job must end bit for bit like a whole one.
+
+argv: mode (whole | first | resume | convert) checkpoint-dir
+  whole   train STEPS steps; report parameters and decisions
+  first   train SPLIT steps, then save a checkpoint per configuration
+  resume  load those checkpoints, train to STEPS; also check refusals (wrong compressor,
+          missing file)
+  convert load a checkpoint written by another world size: refused, then converted on purpose
+"""
+import sys
+from pathlib import Path
+
+import horovod.torch as hvd
+import torch
+from sklearn.datasets import load_digits
+
+import horovod_gravac as hg
+from horovod_gravac import checkpoint
+from tests.multirank import report
+
+STEPS, SPLIT = 40, 17
+hvd.init()
+torch.set_num_threads(1)
+RANK, SIZE = hvd.rank(), hvd.size()
+MODE, DIRECTORY = sys.argv[1], Path(sys.argv[2])
+x_all, y_all = load_digits(return_X_y=True)
+X = torch.tensor(x_all, dtype=torch.float32)[RANK::SIZE] / 16.0
+Y = torch.tensor(y_all)[RANK::SIZE]
+
+
+def gravac(policy):
+    # omega=0: no decision depends on measured throughput, so two runs decide alike
+    return hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3, window=5, omega=0.0,
+                            policy=policy)
+
+
+CONFIGS = {  # name → (compression, memory, agent factory, momentum of the wrapped SGD)
+    "topk_static": ("topk", None, lambda: hg.agents.Static(cf=10), 0.9),
+    "dgc_static": ("dgc", "dgc", lambda: hg.agents.Static(cf=10), 0.0),
+    "powersgd": ("powersgd", None, lambda: None, 0.9),
+    "topk_gravac": ("topk", None, lambda: gravac("exponential"), 0.9),
+    "dgc_gravac": ("dgc", "dgc", lambda: gravac("geometric"), 0.0),
+}
+
+
+def build(name):
+    compression, memory, agent, momentum = CONFIGS[name]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                torch.nn.Linear(32, 10))
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum),
+                                  named_parameters=model.named_parameters(),
+                                  compression=compression, memory=memory, agent=agent())
+    torch.manual_seed(1000 + RANK)  # per-rank dropout and noise streams
+    return model, opt
+
+
+def train(model, opt, start, stop):
+    for step in range(start, stop):
+        idx = torch.randint(0, len(X), (32,), generator=torch.Generator().manual_seed(step * 97 + RANK))
+        x = X[idx] + 0.01 * torch.randn(32, 64)  # global RNG: must be restored too
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), Y[idx]).backward()
+        opt.step()
+
+
+def summary(model, opt):
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "decisions": [(d.cf, d.theta_min, d.send) for d in opt.decisions]}
+
+
+def expect_error(kind, fn):
+    try:
+        fn()
+    except kind as e:
+        return str(e)
+    raise AssertionError(f"expected {kind.__name__}")
+
+
+results = {}
+if MODE == "whole":
+    for name in CONFIGS:
+        model, opt = build(name)
+        train(model, opt, 0, STEPS)
+        results[name] = summary(model, opt)
+elif MODE == "first":
+    for name in CONFIGS:
+        model, opt = build(name)
+        train(model, opt, 0, SPLIT)
+        checkpoint.save(DIRECTORY / f"{name}.pt", model, opt, step=SPLIT)
+elif MODE == "resume":
+    for name in CONFIGS:
+        model, opt = build(name)
+        extra = checkpoint.load(DIRECTORY / f"{name}.pt", model, opt)
+        train(model, opt, extra["step"], STEPS)
+        results[name] = summary(model, opt)
+    model, opt = build("dgc_static")
+    results["wrong_compressor"] = expect_error(
+        ValueError, lambda: checkpoint.load(DIRECTORY / "topk_static.pt", model, opt))
+    results["missing"] = expect_error(
+        FileNotFoundError, lambda: checkpoint.load(DIRECTORY / "nothing.pt", model, opt))
+elif MODE == "convert":
+    model, opt = build("topk_gravac")
+    results["wrong_size"] = expect_error(
+        ValueError, lambda: checkpoint.load(DIRECTORY / "topk_gravac.pt", model, opt))
+    extra = checkpoint.load(DIRECTORY / "topk_gravac.pt", model, opt, convert=True)
+    results["converted_step"] = opt.step_count
+    results["residuals_after_convert"] = len(opt.memory.residuals)
+    train(model, opt, extra["step"], STEPS)
+    results["after"] = summary(model, opt)
+else:
+    raise ValueError(f"unknown mode {MODE!r}")
+report(RANK, **results)
