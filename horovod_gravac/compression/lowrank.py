@@ -77,7 +77,7 @@ class PowerSGD(SeededCompressor):
         if ctx.exchange is Exchange.ALLREDUCE:
             return payload[0].to(ctx.dtype).view(ctx.shape)
         q = payload[0]
-        if self.warm_start:
+        if self.warm_start and bool(torch.isfinite(q).all()):  # a NaN step must not stick
             self.qs[ctx.extra["name"]] = q.detach().clone()
         return (ctx.extra["p"] @ q.t()).to(ctx.dtype).view(ctx.shape)
 
@@ -86,6 +86,9 @@ class PowerSGD(SeededCompressor):
         if ctx.exchange is Exchange.ALLREDUCE:
             return torch.zeros_like(compensated)  # not in place: the payload is ``compensated``
         local = ctx.extra["p"] @ ctx.extra["q_local"].t()
+        # P comes from every rank: if a peer's gradient was NaN, nothing of this step is
+        # applied, so keep all of it (a non-finite P must not enter this rank's residual).
+        local.masked_fill_(~torch.isfinite(local).all(), 0.0)
         return compensated.sub_(local.to(compensated.dtype).view(compensated.shape))
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:

@@ -263,7 +263,10 @@ class Signum(SignSGD):
         m = self.momenta.get(name)
         if m is None or m.shape != tensor.shape:
             m = self.momenta[name] = torch.zeros_like(tensor)
-        return m.mul_(self.momentum).add_(tensor, alpha=1 - self.momentum)
+        updated = (m * self.momentum).add_(tensor, alpha=1 - self.momentum)
+        # A NaN/Inf gradient is sent (visibly) but never becomes the momentum; no host sync.
+        m.copy_(torch.where(torch.isfinite(updated).all(), updated, m))
+        return updated
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "momenta": {k: v.clone() for k, v in self.momenta.items()}}
