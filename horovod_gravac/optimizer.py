@@ -404,3 +404,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.optimizer).__name__}, "
                 f"compression={self.compressor!r}, granularity={self.granularity!r})")
+
+
+from . import elastic as _elastic  # noqa: E402,F401  registers the Horovod-elastic state handler

@@ -48,26 +48,57 @@ def launch_command(launcher: str, np: int, argv: Sequence[str]) -> list[str]:
 def run_ranks(script: str, np: int, launcher: str, args: Sequence[str] = (),
               timeout: float = 120.0) -> list[dict[str, Any]]:
     """Run ``tests/ranks/<script>`` on ``np`` ranks and return each rank's report, by rank."""
+    return _run(lambda path: launch_command(launcher, np, [path, *args]), script, range(np),
+                timeout, f"{launcher} -np {np} {script}")
+
+
+def run_elastic(script: str, np: int, min_np: int, max_np: int, hosts: str,
+                args: Sequence[str] = (), timeout: float = 120.0,
+                reporting: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Run ``script`` under ``horovodrun`` elastic mode on local slots.
+
+    The host discovery script prints the file named by ``$HOROVOD_GRAVAC_HOSTS_FILE``
+    (initially ``hosts``), so a rank can add or remove slots while the job runs. Returns the
+    reports of the ``reporting`` ranks (default: all ``np``).
+    """
+    work = Path(tempfile.mkdtemp(prefix="hvdgravac-elastic-"))
+    try:
+        hosts_file, discovery = work / "hosts", work / "discover.sh"
+        hosts_file.write_text(hosts + "\n")
+        discovery.write_text('#!/bin/sh\ncat "$HOROVOD_GRAVAC_HOSTS_FILE"\n')
+        discovery.chmod(0o755)
+        command = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(np),
+                   "--min-np", str(min_np), "--max-np", str(max_np),
+                   "--host-discovery-script", str(discovery),
+                   # one host: say which interface, or elastic waits for a second host
+                   "--network-interface", "lo", "--elastic-timeout", "60", sys.executable]
+        return _run(lambda path: [*command, path, *args], script,
+                    range(np) if reporting is None else reporting, timeout,
+                    f"horovodrun elastic -np {np} {script}",
+                    HOROVOD_GRAVAC_HOSTS_FILE=str(hosts_file))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(command, script: str, ranks: Sequence[int], timeout: float, label: str,
+         **extra_env: str) -> list[dict[str, Any]]:
     path = RANKS_DIR / script
     with tempfile.TemporaryDirectory(prefix="hvdgravac-") as out:
-        env = dict(os.environ, OMP_NUM_THREADS="1", **{RESULT_ENV: out})
+        env = dict(os.environ, OMP_NUM_THREADS="1", **{RESULT_ENV: out}, **extra_env)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(RANKS_DIR.parent.parent), env.get("PYTHONPATH", "")) if p)
-        cmd = launch_command(launcher, np, [str(path), *args])
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(command(str(path)), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
             output, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             output, _ = proc.communicate()
-            raise MultiRankError(f"{launcher} -np {np} {script} hung for {timeout:.0f}s; "
-                                 f"output:\n{output}") from None
+            raise MultiRankError(f"{label} hung for {timeout:.0f}s; output:\n{output}") from None
         if proc.returncode != 0:
-            raise MultiRankError(f"{launcher} -np {np} {script} exited {proc.returncode}; "
-                                 f"output:\n{output}")
+            raise MultiRankError(f"{label} exited {proc.returncode}; output:\n{output}")
         reports = []
-        for rank in range(np):
+        for rank in ranks:
             f = Path(out) / f"rank{rank}.pt"
             if not f.exists():
                 raise MultiRankError(f"rank {rank} wrote no report; output:\n{output}")

@@ -95,6 +95,9 @@ class Compressor:
     adjustable_cf: ClassVar[bool] = False
     #: CF a float32 tensor gets; for adjustable compressors, the current setting.
     nominal_cf: ClassVar[float] = 1.0
+    #: True when ``state_dict()`` is the same on every rank (PowerSGD's allreduced Q), so a
+    #: joining rank may take rank 0's; False when it is per rank (Signum's local momentum).
+    state_is_shared: ClassVar[bool] = False
 
     def __init__(self, cf: float | None = None) -> None:
         self._cf = self.nominal_cf

@@ -32,6 +32,7 @@ class PowerSGD(SeededCompressor):
     name = "powersgd"
     exchange = Exchange.LOWRANK
     default_memory = "residual"
+    state_is_shared = True
 
     def __init__(self, rank: int = 1, seed: int = 0, warm_start: bool = True) -> None:
         super().__init__(None, seed)

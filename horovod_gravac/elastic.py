@@ -1,0 +1,61 @@
+"""Horovod elastic for :class:`~horovod_gravac.DistributedOptimizer`.
+
+Importing this module registers a state handler in Horovod's elastic handler registry, so
+``hvd.elastic.TorchState(model=model, optimizer=opt, ...)`` (re-exported here as
+:class:`TorchState`) handles the optimizer correctly:
+
+* ``commit``/``save`` keeps a copy of the whole optimizer state, error-feedback memories
+  included; ``restore`` (after a failure) rolls every rank back to its own copy.
+* ``sync`` (at start and after every reset of the world) takes from rank 0 what must be the
+  same everywhere — the wrapped optimizer's state, the step, a shared compressor state
+  (PowerSGD's Q) and the agent with its current decision — and **keeps each rank's own
+  residuals** (and per-rank compressor state such as Signum's momentum): they are per rank by construction and never overwritten by rank 0's. A rank
+  that joins starts with empty (zero) residuals; a removed rank's residual is dropped.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from horovod.torch.elastic import TorchState
+from horovod.torch.elastic.state import StateHandler, get_handler_registry, set_handler_registry
+
+from . import communication
+from .optimizer import DistributedOptimizer
+
+__all__ = ["TorchState", "OptimizerStateHandler"]
+
+_OURS = "horovod_gravac"
+_FROM_RANK_0 = ("step", "skipped_steps", "agent", "decision")
+
+
+class OptimizerStateHandler(StateHandler):
+    """Saves, restores and synchronizes a :class:`DistributedOptimizer` for Horovod elastic."""
+
+    def __init__(self, optimizer: DistributedOptimizer) -> None:
+        super().__init__(optimizer)
+        self._saved = copy.deepcopy(optimizer.state_dict())
+
+    def save(self) -> None:
+        self._saved = copy.deepcopy(self.value.state_dict())
+
+    def restore(self) -> None:
+        self.value.load_state_dict(self._saved)
+
+    def sync(self) -> None:
+        state = self.value.state_dict()
+        ours = state.pop(_OURS)
+        shared = _FROM_RANK_0 + (("compressor",) if self.value.compressor.state_is_shared else ())
+        root = communication.broadcast_object(
+            {"optimizer": state, **{k: ours[k] for k in shared}})
+        merged = root.pop("optimizer")
+        merged[_OURS] = {**ours, **root}  # memories and byte counters stay this rank's own
+        self.value.load_state_dict(merged)
+
+
+def _register() -> None:
+    registry = [(t, h) for t, h in get_handler_registry() if h is not OptimizerStateHandler]
+    set_handler_registry([(DistributedOptimizer, OptimizerStateHandler), *registry])
+
+
+_register()

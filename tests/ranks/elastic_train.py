@@ -1,0 +1,76 @@
+"""Horovod elastic (``horovodrun --min-np/--max-np``) with DistributedOptimizer's state.
+
+argv: mode steps
+  fixed  a fixed-size elastic run; right after the commit at SYNC_STEP every rank calls
+         state.sync() (what a reset does): residuals must stay each rank's own, the agent must become rank 0's
+  fail   every rank raises HorovodInternalError once at FAIL_STEP: state rolls back to the
+         last commit, the world is reset, training resumes; must end like an undisturbed run
+  remove at REMOVE_STEP rank 0 rewrites the host list the discovery script prints
+         ($HOROVOD_GRAVAC_HOSTS_FILE) to one slot: one worker is removed, training goes on
+"""
+import os
+import sys
+
+import horovod.torch as hvd
+import torch
+from horovod.common.exceptions import HorovodInternalError
+from sklearn.datasets import load_digits
+
+import horovod_gravac as hg
+from tests.multirank import report
+
+MODE, STEPS = sys.argv[1], int(sys.argv[2])
+SYNC_STEP, FAIL_STEP, REMOVE_STEP, COMMIT_EVERY = 10, 13, 8, 5
+hvd.init()
+torch.set_num_threads(1)
+x_all, y_all = load_digits(return_X_y=True)
+X_ALL, Y_ALL = torch.tensor(x_all, dtype=torch.float32) / 16.0, torch.tensor(y_all)
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+opt = hg.DistributedOptimizer(
+    torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+    named_parameters=model.named_parameters(), compression="topk",
+    agent=hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3, window=5, omega=0.0))
+state = hg.elastic.TorchState(model=model, optimizer=opt, step=0)
+checks = {"resets": 0, "sizes": []}
+
+
+def residuals():
+    return {k: v.clone() for k, v in opt.memory.residuals.items()}
+
+
+@hvd.elastic.run
+def train(state):
+    while state.step < STEPS:
+        rank, size = hvd.rank(), hvd.size()
+        x, y = X_ALL[rank::size], Y_ALL[rank::size]
+        idx = torch.randint(0, len(x), (32,), generator=torch.Generator().manual_seed(state.step * 97 + rank))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        state.step += 1
+        checks["sizes"].append(size)
+        if MODE == "remove" and state.step == REMOVE_STEP and rank == 0:
+            with open(os.environ["HOROVOD_GRAVAC_HOSTS_FILE"], "w") as f:
+                f.write("localhost:1\n")
+        if state.step % COMMIT_EVERY == 0:
+            state.commit()
+        if MODE == "fixed" and state.step == SYNC_STEP and "residuals_kept" not in checks:
+            before = residuals()
+            opt.agent.history.append({"marker": rank})  # a rank-local change sync must undo
+            state.sync()
+            after = residuals()
+            checks["residuals_kept"] = before.keys() == after.keys() and all(
+                torch.equal(before[k], after[k]) for k in before)
+            checks["agent_marker"] = opt.agent.history[-1].get("marker")
+            checks["residual_norm"] = float(sum(v.norm() for v in after.values()))
+        if MODE == "fail" and state.step == FAIL_STEP and checks["resets"] == 0:
+            checks["resets"] += 1
+            raise HorovodInternalError("injected failure on every rank")
+
+
+train(state)
+report(hvd.rank(), params={k: v.detach().clone() for k, v in model.state_dict().items()},
+       decisions=[(d.cf, d.theta_min, d.send) for d in opt.decisions], size=hvd.size(),
+       step_count=opt.step_count, **checks)

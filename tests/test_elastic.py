@@ -1,0 +1,41 @@
+"""Horovod elastic (horovodrun --min-np/--max-np, Gloo) with DistributedOptimizer."""
+import pytest
+import torch
+
+from tests.multirank import assert_identical_across_ranks, run_elastic
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def fixed():
+    return run_elastic("elastic_train.py", 2, 2, 2, "localhost:2", ["fixed", str(STEPS)])
+
+
+def test_fixed_size_elastic_run_keeps_residuals_per_rank_and_takes_the_agent_from_rank_0(fixed):
+    reports = fixed
+    assert_identical_across_ranks(reports)
+    assert reports[0]["decisions"] == reports[1]["decisions"]
+    assert len(set(reports[0]["decisions"])) >= 2
+    for r in reports:
+        assert r["residuals_kept"], "state.sync() overwrote this rank's residuals"
+        assert r["agent_marker"] == 0, "the agent's state did not come from rank 0"
+    assert reports[0]["residual_norm"] != reports[1]["residual_norm"]
+
+
+def test_failure_rolls_back_to_the_commit_and_ends_like_an_undisturbed_run(fixed):
+    whole = fixed
+    failed = run_elastic("elastic_train.py", 2, 2, 2, "localhost:2", ["fail", str(STEPS)])
+    assert all(r["resets"] == 1 for r in failed)
+    assert_identical_across_ranks(failed)
+    for key, value in whole[0]["params"].items():
+        assert torch.equal(value, failed[0]["params"][key]), key
+
+
+def test_removed_worker_training_goes_on_with_the_rest():
+    survivor, = run_elastic("elastic_train.py", 2, 1, 2, "localhost:2", ["remove", "60"],
+                            reporting=[0])
+    sizes = survivor["sizes"]
+    assert sizes[0] == 2 and sizes[-1] == 1 and survivor["size"] == 1
+    assert survivor["step_count"] == 60
+    assert all(bool(torch.isfinite(v).all()) for v in survivor["params"].values())
