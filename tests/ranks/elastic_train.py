@@ -10,6 +10,7 @@ argv: mode steps
 """
 import os
 import sys
+import time
 
 import horovod.torch as hvd
 import torch
@@ -42,7 +43,10 @@ def residuals():
 
 @hvd.elastic.run
 def train(state):
-    while state.step < STEPS:
+    # remove: go on until the smaller world is seen (discovery is polled about once a second)
+    while state.step < STEPS or (MODE == "remove" and hvd.size() > 1 and state.step < 3000):
+        if MODE == "remove" and state.step > REMOVE_STEP:
+            time.sleep(0.01)
         rank, size = hvd.rank(), hvd.size()
         x, y = X_ALL[rank::size], Y_ALL[rank::size]
         idx = torch.randint(0, len(x), (32,), generator=torch.Generator().manual_seed(state.step * 97 + rank))
