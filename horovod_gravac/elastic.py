@@ -15,7 +15,6 @@ Importing this module registers a state handler in Horovod's elastic handler reg
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 from horovod.torch.elastic import TorchState
 from horovod.torch.elastic.state import StateHandler, get_handler_registry, set_handler_registry

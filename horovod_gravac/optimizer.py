@@ -8,7 +8,7 @@ as backprop produces it, overlapping communication with the rest of the backward
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any, Iterable
 
 import horovod.torch as hvd
@@ -169,8 +169,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._nonfinite_local: list[str] = []
         self._skip = False
         self.decision = agent.initial_decision() if agent is not None else None
-        #: the decision applied at every step so far, on this rank
-        self.decisions: list[A.Decision] = []
+        #: the decision applied at each of the last RECENT_STEPS steps, on this rank
+        self.decisions: deque[A.Decision] = deque(maxlen=A.RECENT_STEPS)
         self._dense = C.NoCompression()
         self._gain_terms: list[Tensor] = []
         self._last_sync = time.perf_counter()

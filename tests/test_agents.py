@@ -2,7 +2,7 @@
 import pytest
 
 from horovod_gravac import agents as A
-from horovod_gravac.agents import Decision, StepStats
+from horovod_gravac.agents import RECENT_STEPS, Decision, StepStats
 
 
 def stats(step, d_min=1.0, d_c=0.9, iter_time=1.0, sent="compressed", world=1, **kw):
@@ -137,3 +137,16 @@ def test_static_and_registry():
         A.create("gravac", window_size=3)
     with pytest.raises(ValueError, match="high_cf .* must be >= low_cf"):
         A.Accordion(low_cf=10, high_cf=2)
+
+
+def test_metrics_stream_keeps_only_the_recent_steps():
+    agent = A.GraVAC(theta_min=2, theta_max=100, window=10)
+    for i in range(RECENT_STEPS + 5):
+        agent.decide(StepStats(step=i, iter_time=0.1, world_size=2, norm_sq=1.0,
+                               norm_sq_min=0.9, norm_sq_compressed=0.8, sent=agent.send))
+    assert len(agent.history) == RECENT_STEPS and agent.history[0]["step"] == 5
+    restored = A.GraVAC(theta_min=2, theta_max=100, window=10)
+    restored.load_state_dict(agent.state_dict())
+    restored.decide(StepStats(step=RECENT_STEPS + 5, iter_time=0.1, world_size=2, norm_sq=1.0,
+                              norm_sq_min=0.9, norm_sq_compressed=0.8, sent=restored.send))
+    assert len(restored.history) == RECENT_STEPS

@@ -7,8 +7,13 @@ saw, and their state is in ``state_dict()``, so a resumed job continues the same
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+#: how many recent steps ``Agent.history`` and ``DistributedOptimizer.decisions`` keep: a job
+#: that runs for days must not grow without bound (write the stream out, as gravac-train does)
+RECENT_STEPS = 10_000
 
 SEND_COMPRESSED, SEND_MIN, SEND_DENSE = "compressed", "min", "dense"
 SEND_CHOICES = (SEND_COMPRESSED, SEND_MIN, SEND_DENSE)
@@ -64,7 +69,7 @@ class Agent:
     adaptive: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        self.history: list[dict[str, Any]] = []
+        self.history: deque[dict[str, Any]] = deque(maxlen=RECENT_STEPS)
 
     def initial_decision(self) -> Decision:
         raise NotImplementedError
@@ -73,7 +78,7 @@ class Agent:
         raise NotImplementedError
 
     def record(self, stats: StepStats, decision: Decision, **extra: Any) -> None:
-        """Append a row to the metrics stream (``history``)."""
+        """Append a row to the metrics stream (``history``, the last RECENT_STEPS rows)."""
         row = {"step": stats.step, "cf": decision.cf, "theta_min": decision.theta_min,
                "send": decision.send, "iter_time": stats.iter_time, **extra}
         self.history.append(row)
@@ -85,6 +90,7 @@ class Agent:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+        self.history = deque(self.history, maxlen=RECENT_STEPS)
 
 
 def check_positive(name: str, value: Any, minimum: float = 0.0, inclusive: bool = False) -> float:
