@@ -71,6 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interval-unit", choices=("steps", "epochs"), default="epochs")
     g.add_argument("--eta", type=float, default=0.5)
     g.add_argument("--whole-model-norms", action="store_true", help="Accordion on the model norm")
+    g.add_argument("--on-nonfinite", choices=("skip", "raise"), default="skip",
+                   help="a NaN/Inf gradient: skip the step on every rank, or stop")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint", default=None, help="checkpoint file (written by rank 0)")
+    g.add_argument("--checkpoint-every", type=int, default=None,
+                   help="steps between checkpoints (default: only at the end)")
+    g.add_argument("--resume", action="store_true", help="start from --checkpoint")
+    g.add_argument("--resume-convert", action="store_true",
+                   help="resume a checkpoint of another world size or compressor: keep the "
+                        "model, restart error feedback")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--target-metric", default=None, help="accuracy, top5 or perplexity")
     g.add_argument("--target", type=float, default=None)
@@ -96,7 +106,8 @@ def validate(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} must be > {low}, got {value!r}")
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--bptt", args.bptt), ("--eval-interval", args.eval_interval),
-                        ("--threads", args.threads), ("--eval-batches", args.eval_batches)):
+                        ("--threads", args.threads), ("--eval-batches", args.eval_batches),
+                        ("--checkpoint-every", args.checkpoint_every)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value!r}")
     if not 0 <= args.momentum < 1:
@@ -113,6 +124,13 @@ def validate(args: argparse.Namespace) -> None:
         args.target_metric = METRICS[task][0]
     if args.stop_at_target and args.target is None:
         raise ValueError("--stop-at-target needs --target")
+    if (args.resume or args.resume_convert or args.checkpoint_every) and not args.checkpoint:
+        raise ValueError("--resume, --resume-convert and --checkpoint-every need --checkpoint PATH")
+    if args.resume_convert:
+        args.resume = True
+    if args.resume and not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {args.checkpoint}; run once with "
+                                "--checkpoint to write one, or drop --resume")
     if args.baseline and (args.agent != "none" or args.compression != "none"):
         raise ValueError("--baseline runs hvd.DistributedOptimizer: it takes no --agent or "
                          "--compression")
@@ -275,11 +293,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         opt = hg.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                       compression=args.compression, memory=args.memory,
-                                      granularity=args.granularity, agent=args.agent_obj)
+                                      granularity=args.granularity, agent=args.agent_obj,
+                                      on_nonfinite=args.on_nonfinite)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(base, root_rank=0)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(base, args.decay_steps, args.lr_decay_factor) \
         if args.decay_steps else None
+    first_step, total_bytes, evals, batches = 1, 0, [], work.batches()
+    if args.resume:
+        resumed = hg.checkpoint.load(args.checkpoint, model, opt, convert=args.resume_convert)
+        first_step, total_bytes, evals = resumed["step"] + 1, resumed["total_bytes"], resumed["evals"]
+        if scheduler:
+            scheduler.load_state_dict(resumed["scheduler"])
+        for _ in range(resumed["step"]):  # the data stream continues where it stopped
+            next(batches)
+        work.state = resumed["rank_state"]  # this rank's LSTM state on its shard
     total_steps = args.steps or max(1, int(args.epochs * work.steps_per_epoch))
     samples_per_step = work.batch * (work.bptt if work.task == "lm" else 1) * size
 
@@ -300,18 +328,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     eval_log = csv.writer(evals_file) if evals_file else None
     if step_log:
         step_log.writerow(["step", "epoch", "wall", "loss", "samples_per_s", "cf", "send",
-                           "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes"])
+                           "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
+                           "skipped_steps"])
         eval_log.writerow(["step", "wall", "total_bytes", "loss", "metric", "value"])
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
         progress = tqdm(total=total_steps, desc=f"{args.model}/{args.agent}", dynamic_ncols=True)
 
+    if progress:
+        progress.update(first_step - 1)
     dense_bytes = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
-    total_bytes, time_to_target, evals = 0, None, []
+    time_to_target, step = None, first_step - 1
     start = last = time.perf_counter()
-    batches = work.batches()
-    for step in range(1, total_steps + 1):
+
+    def save_checkpoint() -> None:
+        hg.checkpoint.save(args.checkpoint, model, opt, step=step, total_bytes=total_bytes,
+                           evals=evals, rank_state=work.state,
+                           scheduler=scheduler.state_dict() if scheduler else None)
+
+    for step in range(first_step, total_steps + 1):
         inputs, targets = next(batches)
         opt.zero_grad()
         loss = work.loss(inputs, targets)
@@ -340,7 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row = [step, step / work.steps_per_epoch, now - start, loss.item(),
                    samples_per_step / step_time, cf, decision.send if decision else "",
                    history.get("delta_min", ""), history.get("delta_c", ""), sent, total_bytes,
-                   dense_bytes * step]
+                   dense_bytes * step, getattr(opt, "skipped_steps", 0)]
             step_log.writerow(row)
             if writer:
                 writer.add_scalar("train/loss", loss.item(), step)
@@ -367,6 +403,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time_to_target = wall
                 if args.stop_at_target:
                     break
+        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
+            save_checkpoint()
+    if args.checkpoint:
+        save_checkpoint()
     wall = time.perf_counter() - start
     if progress:
         progress.close()
@@ -377,7 +417,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "wall_s": wall, "time_to_target_s": time_to_target, "target_metric": args.target_metric,
         "target": args.target, "final": final, "total_bytes": total_bytes,
         "dense_bytes": dense_bytes * step, "mean_cf": dense_bytes * step / max(total_bytes, 1),
-        "evals": evals,
+        "skipped_steps": getattr(opt, "skipped_steps", 0), "evals": evals,
     }
     if rank == 0:
         steps_file.close()

@@ -7,7 +7,7 @@ exist on rank 0's machine, and a missing or mismatched checkpoint fails on every
 once instead of leaving the others waiting in a collective.
 
     checkpoint.save("ckpt.pt", model, opt, epoch=3)        # every rank calls it
-    extra = checkpoint.load("ckpt.pt", model, opt)         # -> {"epoch": 3}
+    extra = checkpoint.load("ckpt.pt", model, opt)         # -> {"epoch": 3, "rank_state": None}
 
 What must match to resume: the world size (residuals are per rank), the compressor and
 memory, and the agent. ``convert=True`` loads such a checkpoint on purpose: model, wrapped
@@ -68,15 +68,16 @@ def _identity(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         **extra: Any) -> None:
+         rank_state: Any = None, **extra: Any) -> None:
     """Write a checkpoint of the job to ``path`` (collective: call on every rank).
 
-    ``extra`` (epoch, data position, …) is saved from rank 0 and returned by :func:`load`.
+    ``extra`` (epoch, data position, …) is saved from rank 0; ``rank_state`` is saved from
+    every rank (an LSTM's hidden state on its shard); :func:`load` returns both.
     """
     rank, size = communication.world()
     state = optimizer.state_dict()
     ours = state.pop(_OURS, None)
-    mine = {"optimizer": _to(ours, "cpu"), "rng": rng_state()}
+    mine = {"optimizer": _to(ours, "cpu"), "rng": rng_state(), "rank_state": _to(rank_state, "cpu")}
     everyone = communication.allgather_object(mine)
     if rank != 0:
         return
@@ -106,7 +107,11 @@ def _read(path: Path) -> dict[str, Any] | Exception:
 
 def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
          convert: bool = False) -> dict[str, Any]:
-    """Restore the job from ``path`` (collective: call on every rank); returns ``extra``."""
+    """Restore the job from ``path`` (collective: call on every rank).
+
+    Returns the ``extra`` saved, with ``"rank_state"``: this rank's own ``rank_state`` (None
+    after a conversion to another world size).
+    """
     rank, size = communication.world()
     ckpt = communication.broadcast_object(_read(Path(path)) if rank == 0 else None)
     if isinstance(ckpt, Exception):
@@ -133,9 +138,11 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     optimizer.load_state_dict(state)
     if mismatches and isinstance(optimizer, DistributedOptimizer):
         _restart_error_feedback(optimizer, ckpt, written, here)
+    same_world = ckpt["world_size"] == size
     if not mismatches:
         set_rng_state(ckpt["ranks"][rank]["rng"])
-    return ckpt["extra"]
+    rank_state = ckpt["ranks"][rank].get("rank_state") if same_world else None
+    return {**ckpt["extra"], "rank_state": _to(rank_state, device)}
 
 
 def _restart_error_feedback(optimizer: DistributedOptimizer, ckpt: dict[str, Any],

@@ -39,6 +39,10 @@ def parse(*argv):
     (["--target-metric", "accuracy"], ValueError, "does not apply to --data 'ptb'"),
     (["--stop-at-target"], ValueError, "--stop-at-target needs --target"),
     (["--baseline", "horovod", "--compression", "topk"], ValueError, "takes no --agent"),
+    (["--resume"], ValueError, "--resume, --resume-convert and --checkpoint-every need --checkpoint"),
+    (["--checkpoint-every", "5"], ValueError, "need --checkpoint PATH"),
+    (["--checkpoint", "c.pt", "--checkpoint-every", "0"], ValueError, "--checkpoint-every must be >= 1"),
+    (["--checkpoint", "/nonexistent/c.pt", "--resume"], FileNotFoundError, "no checkpoint at"),
 ])
 def test_bad_flags_fail_before_training(argv, error, message):
     with pytest.raises(error, match=message):
@@ -121,6 +125,21 @@ def test_gravac_on_ptb_sends_10x_less_than_dense_at_the_same_loss(tmp_path):
                        "--window", "20")
     assert gravac["final"]["loss"] <= 1.05 * dense["final"]["loss"], (gravac["final"], dense["final"])
     assert gravac["total_bytes"] * 10 <= dense["total_bytes"], (gravac["total_bytes"], dense["total_bytes"])
+
+
+def test_interrupted_training_resumed_from_its_checkpoint_ends_like_an_uninterrupted_one(tmp_path):
+    flags = [*PTB_FLAGS, "--eval-interval", "10", "--compression", "topk", "--agent", "gravac",
+             "--theta-min", "4", "--window", "3", "--omega", "0", "--epsilon", "0.3",
+             "--lr-decay-steps", "12", "--seed", "3"]
+    whole = train_job("mpirun", tmp_path / "whole", *flags, "--steps", "20")
+    ckpt = str(tmp_path / "ckpt.pt")
+    first = train_job("mpirun", tmp_path / "first", *flags, "--steps", "10", "--checkpoint", ckpt)
+    assert first["steps"] == 10
+    resumed = train_job("gloo", tmp_path / "resumed", *flags, "--steps", "20", "--checkpoint", ckpt,
+                        "--resume")
+    assert resumed["steps"] == 20 and len(resumed["evals"]) == 2
+    assert resumed["final"]["loss"] == whole["final"]["loss"], (resumed["final"], whole["final"])
+    assert resumed["total_bytes"] == whole["total_bytes"]
 
 
 @pytest.mark.parametrize("script,launcher,env", [
