@@ -135,8 +135,11 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--baseline runs hvd.DistributedOptimizer: it takes no --agent or "
                          "--compression")
     from horovod_gravac import agents, compression
-    compression.create(args.compression)  # unknown names and bad values fail here
+    compressor = compression.create(args.compression)  # unknown names and bad values fail here
+    compression.create_memory(args.memory, compressor)
     args.agent_obj = agents.create(args.agent, **agent_params(args))
+    if args.agent_obj is not None:
+        compression.check_adjustable(compressor, args.agent)
 
 
 def parse_steps(text: str) -> list[int]:

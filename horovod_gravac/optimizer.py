@@ -18,6 +18,7 @@ from torch import Tensor
 from . import agents as A
 from . import compression as C
 from .communication import Communicator, Pending
+from .validation import check_number
 
 GRANULARITIES = ("layer", "model")
 NONFINITE_ACTIONS = ("skip", "raise")
@@ -104,18 +105,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.compressor = C.create(compression)
         self.memory = C.create_memory(memory, self.compressor)
-        if isinstance(backward_passes_per_step, bool) or not isinstance(backward_passes_per_step, int) \
-                or backward_passes_per_step < 1:
-            raise ValueError(f"backward_passes_per_step must be an integer >= 1, "
-                             f"got {backward_passes_per_step!r}")
+        backward_passes_per_step = check_number("backward_passes_per_step",
+                                                backward_passes_per_step, 1, integer=True)
         if op not in (hvd.Average, hvd.Sum, hvd.Adasum):
             raise ValueError(f"op must be hvd.Average, hvd.Sum or hvd.Adasum, got {op!r}")
         if op == hvd.Adasum:
             raise ValueError("op=hvd.Adasum is not supported: Adasum combines full gradients "
                              "pairwise and cannot combine compressed payloads; use "
                              "hvd.DistributedOptimizer for Adasum")
-        if not gradient_predivide_factor > 0:
-            raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor!r}")
+        check_number("gradient_predivide_factor", gradient_predivide_factor, 0, low_open=True)
         if gradient_predivide_factor != 1.0 and op != hvd.Average:
             raise ValueError("gradient_predivide_factor not supported with op != Average")
         if on_nonfinite not in NONFINITE_ACTIONS:
@@ -123,11 +121,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         agent = A.create(agent)
-        if agent is not None and not self.compressor.adjustable_cf:
-            adjustable = [n for n in C.names() if C.COMPRESSORS[n].adjustable_cf]
-            raise ValueError(f"agent {agent.name!r} sets the compression factor, which "
-                             f"{self.compressor.name!r} does not have; use one of "
-                             f"{', '.join(adjustable)}")
+        if agent is not None:
+            C.check_adjustable(self.compressor, agent.name)
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if named_parameters is None:

@@ -13,7 +13,8 @@ broadcasts, as for every agent. Give ``interval`` in steps, or in epochs with
 from __future__ import annotations
 
 import math
-from .base import Agent, Decision, StepStats, check_positive
+from ..validation import check_number
+from .base import Agent, Decision, StepStats
 
 
 class Accordion(Agent):
@@ -24,17 +25,15 @@ class Accordion(Agent):
                  steps_per_epoch: int | None = None, eta: float = 0.5,
                  per_layer: bool = True) -> None:
         super().__init__()
-        self.low_cf = check_positive("low_cf", low_cf, 1.0, inclusive=True)
-        self.high_cf = check_positive("high_cf", high_cf, 1.0, inclusive=True)
+        self.low_cf = check_number("low_cf", low_cf, 1)
+        self.high_cf = check_number("high_cf", high_cf, 1)
         if self.high_cf < self.low_cf:
             raise ValueError(f"high_cf ({high_cf!r}) must be >= low_cf ({low_cf!r})")
-        if isinstance(interval, bool) or int(interval) != interval or interval < 1:
-            raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
-        if steps_per_epoch is not None and (int(steps_per_epoch) != steps_per_epoch
-                                            or steps_per_epoch < 1):
-            raise ValueError(f"steps_per_epoch must be None or an integer >= 1, got {steps_per_epoch!r}")
-        self.interval_steps = int(interval) * int(steps_per_epoch or 1)
-        self.eta = check_positive("eta", eta)
+        interval = check_number("interval", interval, 1, integer=True)
+        steps_per_epoch = check_number("steps_per_epoch", steps_per_epoch, 1, integer=True,
+                                       optional=True)
+        self.interval_steps = interval * (steps_per_epoch or 1)
+        self.eta = check_number("eta", eta, 0, low_open=True)
         self.per_layer = bool(per_layer)
         self.accumulated: dict[str, float] = {}  # squared norms summed over the interval
         self.previous: dict[str, float] | None = None

@@ -91,16 +91,3 @@ class Agent:
         for key, value in state.items():
             setattr(self, key, value)
         self.history = deque(self.history, maxlen=RECENT_STEPS)
-
-
-def check_positive(name: str, value: Any, minimum: float = 0.0, inclusive: bool = False) -> float:
-    """``value`` as a float > minimum (≥ with ``inclusive``), or a ValueError naming it."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    ok = v >= minimum if inclusive else v > minimum
-    if not ok or v != v or v == float("inf"):
-        raise ValueError(f"{name} must be a finite number {'>=' if inclusive else '>'} "
-                         f"{minimum:g}, got {value!r}")
-    return v

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .base import (SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision, StepStats,
-                   check_positive)
+from ..validation import check_number
+from .base import SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision, StepStats
 
 SCALING_POLICIES: dict[str, Callable[[float], float]] = {
     "exponential": lambda theta_s: theta_s * theta_s,
@@ -47,18 +47,14 @@ class GraVAC(Agent):
                  policy: str | Callable[[float], float] = "exponential",
                  ewma: float | None = None, batch_size: int = 1) -> None:
         super().__init__()
-        self.theta_min = check_positive("theta_min", theta_min, 1.0, inclusive=True)
-        self.theta_max = check_positive("theta_max", theta_max, 1.0, inclusive=True)
+        self.theta_min = check_number("theta_min", theta_min, 1)
+        self.theta_max = check_number("theta_max", theta_max, 1)
         if self.theta_max < self.theta_min:
             raise ValueError(f"theta_max ({theta_max!r}) must be >= theta_min ({theta_min!r})")
-        self.epsilon = check_positive("epsilon", epsilon)
-        if self.epsilon > 1:
-            raise ValueError(f"epsilon must be in (0, 1], got {epsilon!r}")
-        self.omega = check_positive("omega", omega, 0.0, inclusive=True)
-        if isinstance(window, bool) or int(window) != window or window < 1:
-            raise ValueError(f"window must be an integer >= 1, got {window!r}")
-        self.window = int(window)
-        self.theta_s = check_positive("theta_s", theta_s, 1.0)
+        self.epsilon = check_number("epsilon", epsilon, 0, 1, low_open=True)
+        self.omega = check_number("omega", omega, 0)
+        self.window = check_number("window", window, 1, integer=True)
+        self.theta_s = check_number("theta_s", theta_s, 1, low_open=True)
         if isinstance(policy, str):
             if policy not in SCALING_POLICIES:
                 raise ValueError(f"unknown scaling policy {policy!r}; valid: "
@@ -69,12 +65,8 @@ class GraVAC(Agent):
             self._policy = policy
         else:
             raise ValueError(f"policy must be a name or a callable, got {policy!r}")
-        if ewma is not None and not 0 < ewma <= 1:
-            raise ValueError(f"ewma must be in (0, 1], got {ewma!r}")
-        self.ewma = ewma
-        if isinstance(batch_size, bool) or int(batch_size) != batch_size or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        self.batch_size = int(batch_size)
+        self.ewma = check_number("ewma", ewma, 0, 1, low_open=True, optional=True)
+        self.batch_size = check_number("batch_size", batch_size, 1, integer=True)
         self.warmup = True
         self.searching = True
         self.delta_min: float | None = None

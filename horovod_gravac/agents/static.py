@@ -1,7 +1,8 @@
 """Static compression: the same CF at every step (the baseline GraVAC is compared with)."""
 from __future__ import annotations
 
-from .base import Agent, Decision, StepStats, check_positive
+from ..validation import check_number
+from .base import Agent, Decision, StepStats
 
 
 class Static(Agent):
@@ -10,7 +11,7 @@ class Static(Agent):
 
     def __init__(self, cf: float = 100.0) -> None:
         super().__init__()
-        self.cf = check_positive("cf", cf, 1.0, inclusive=True)
+        self.cf = check_number("cf", cf, 1)
 
     def initial_decision(self) -> Decision:
         return Decision(cf=self.cf)

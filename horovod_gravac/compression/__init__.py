@@ -99,6 +99,14 @@ def create(spec: str | Compressor, **params: Any) -> Compressor:
         raise ValueError(f"bad parameters for compressor {name!r}: {exc}") from None
 
 
+def check_adjustable(compressor: Compressor, agent_name: str) -> None:
+    """An agent sets the CF: refuse a compressor whose CF is fixed, naming those that fit."""
+    if not compressor.adjustable_cf:
+        adjustable = [n for n in names() if COMPRESSORS[n].adjustable_cf]
+        raise ValueError(f"agent {agent_name!r} sets the compression factor, which "
+                         f"{compressor.name!r} does not have; use one of {', '.join(adjustable)}")
+
+
 def create_memory(name: str | Memory | None, compressor: Compressor, **params: Any) -> Memory:
     """The error-feedback memory ``name`` (default: the compressor's own) for ``compressor``."""
     if isinstance(name, Memory):
@@ -114,7 +122,7 @@ def create_memory(name: str | Memory | None, compressor: Compressor, **params: A
 
 __all__ = [
     "COMPRESSORS", "MEMORIES", "Compressor", "Ctx", "Exchange", "Memory", "Payload",
-    "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "create", "create_memory", "names",
+    "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "check_adjustable", "create", "create_memory", "names",
     "parse_spec", "num_selected", "validate_cf", "wire_bytes", "finite_marker",
     *(cls.__name__ for cls in COMPRESSORS.values()),
 ]

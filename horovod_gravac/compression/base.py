@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor
 
+from ..validation import check_number
+
 Payload = tuple[Tensor, ...]
 
 
@@ -55,14 +57,7 @@ def num_selected(numel: int, cf: float) -> int:
 
 def validate_cf(cf: Any) -> float:
     """CF ≥ 1 as a float, or a ValueError that says what is allowed."""
-    try:
-        value = float(cf)
-    except (TypeError, ValueError):
-        raise ValueError(f"compression factor must be a number >= 1, got {cf!r}") from None
-    if not value >= 1.0 or value == float("inf"):
-        raise ValueError(f"compression factor must be a finite number >= 1 (CF 100 keeps 1%), "
-                         f"got {cf!r}")
-    return value
+    return check_number("cf (compression factor; CF 100 keeps 1%)", cf, 1.0)
 
 
 def finite_marker(tensor: Tensor) -> Tensor:
@@ -182,9 +177,7 @@ class SeededCompressor(Compressor):
 
     def __init__(self, cf: float | None = None, seed: int = 0) -> None:
         super().__init__(cf)
-        if not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.seed = check_number("seed", seed, integer=True)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device, *key: Any) -> torch.Generator:

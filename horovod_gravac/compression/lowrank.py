@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..validation import check_number
 from .base import Ctx, Exchange, Payload, SeededCompressor
 
 
@@ -36,9 +37,7 @@ class PowerSGD(SeededCompressor):
 
     def __init__(self, rank: int = 1, seed: int = 0, warm_start: bool = True) -> None:
         super().__init__(None, seed)
-        if int(rank) != rank or rank < 1:
-            raise ValueError(f"rank must be an integer >= 1 (PowerSGD uses 1-4), got {rank!r}")
-        self.rank = int(rank)
+        self.rank = check_number("rank (PowerSGD uses 1-4)", rank, 1, integer=True)
         self.warm_start = bool(warm_start)
         self.qs: dict[str, Tensor] = {}
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..validation import check_number
 from .base import Compressor, Ctx, Payload
 
 
@@ -80,7 +81,7 @@ class EFSignSGDMemory(ResidualMemory):
 
     def __init__(self, lr: float = 1.0) -> None:
         super().__init__()
-        self.lr = lr
+        self.lr = check_number("lr", lr, 0, low_open=True)
         self._stored_lr: dict[str, float] = {}
 
     def compensate(self, tensor: Tensor, name: str) -> Tensor:
@@ -114,12 +115,8 @@ class DGCMemory(Memory):
     name = "dgc"
 
     def __init__(self, momentum: float = 0.9, clip_norm: float | None = None) -> None:
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if clip_norm is not None and not clip_norm > 0:
-            raise ValueError(f"clip_norm must be None or > 0, got {clip_norm!r}")
-        self.momentum = float(momentum)
-        self.clip_norm = clip_norm
+        self.momentum = check_number("momentum", momentum, 0, 1, high_open=True)
+        self.clip_norm = check_number("clip_norm", clip_norm, 0, low_open=True, optional=True)
         self.velocities: dict[str, Tensor] = {}
         self.accumulated: dict[str, Tensor] = {}
 

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..validation import check_number
 from .base import Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker
 
 # (Little-endian byte order, as on x86-64 and ARM64.)
@@ -109,12 +110,8 @@ class QSGD(SeededCompressor):
 
     def __init__(self, levels: int = 127, bucket_size: int | None = None, seed: int = 0) -> None:
         super().__init__(None, seed)
-        if int(levels) != levels or not 1 <= levels <= 32767:
-            raise ValueError(f"levels must be an integer in [1, 32767], got {levels!r}")
-        if bucket_size is not None and (int(bucket_size) != bucket_size or bucket_size < 1):
-            raise ValueError(f"bucket_size must be None or an integer >= 1, got {bucket_size!r}")
-        self.levels = int(levels)
-        self.bucket_size = None if bucket_size is None else int(bucket_size)
+        self.levels = check_number("levels", levels, 1, 32767, integer=True)
+        self.bucket_size = check_number("bucket_size", bucket_size, 1, integer=True, optional=True)
         self.salt = 0
 
     def _buckets(self, x: Tensor) -> Tensor:
@@ -154,8 +151,7 @@ class TernGrad(SeededCompressor):
 
     def __init__(self, clip: float = 2.5, seed: int = 0) -> None:
         super().__init__(None, seed)
-        if not clip > 0:
-            raise ValueError(f"clip must be > 0 (in standard deviations), got {clip!r}")
+        check_number("clip (in standard deviations)", clip, 0, low_open=True)
         self.clip = float(clip)
         self.salt = 0
 
@@ -254,9 +250,7 @@ class Signum(SignSGD):
 
     def __init__(self, momentum: float = 0.9) -> None:
         super().__init__()
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        self.momentum = float(momentum)
+        self.momentum = check_number("momentum", momentum, 0, 1, high_open=True)
         self.momenta: dict[str, Tensor] = {}
 
     def signs_of(self, tensor: Tensor, name: str) -> Tensor:

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..validation import check_number
 from .base import Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker, num_selected
 
 _INT32_MAX = 2**31 - 1
@@ -211,8 +212,7 @@ class Threshold(Sparsifier):
 
     def __init__(self, threshold: float = 1e-3) -> None:
         super().__init__()
-        if not threshold > 0:
-            raise ValueError(f"threshold must be > 0, got {threshold!r}")
+        check_number("threshold", threshold, 0, low_open=True)
         self.threshold = float(threshold)
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
@@ -235,10 +235,8 @@ class DGC(SeededCompressor, Sparsifier):
     def __init__(self, cf: float | None = None, seed: int = 0, sample_ratio: float = 0.01,
                  max_adjust: int = 10) -> None:
         super().__init__(cf, seed)
-        if not 0 < sample_ratio <= 1:
-            raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio!r}")
-        self.sample_ratio = float(sample_ratio)
-        self.max_adjust = int(max_adjust)
+        self.sample_ratio = check_number("sample_ratio", sample_ratio, 0, 1, low_open=True)
+        self.max_adjust = check_number("max_adjust", max_adjust, 1, integer=True)
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
         n = flat.numel()
@@ -281,8 +279,7 @@ class RedSync(Sparsifier):
 
     def __init__(self, cf: float | None = None, min_interval: float = 0.2) -> None:
         super().__init__(cf)
-        if not 0 < min_interval < 1:
-            raise ValueError(f"min_interval must be in (0, 1), got {min_interval!r}")
+        check_number("min_interval", min_interval, 0, 1, low_open=True, high_open=True)
         self.min_interval = float(min_interval)
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
@@ -318,8 +315,7 @@ class SIDCo(Sparsifier):
 
     def __init__(self, cf: float | None = None, stages: int = 2) -> None:
         super().__init__(cf)
-        if int(stages) != stages or stages < 1:
-            raise ValueError(f"stages must be an integer >= 1, got {stages!r}")
+        check_number("stages", stages, 1, integer=True)
         self.stages = int(stages)
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:

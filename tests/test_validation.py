@@ -1,0 +1,81 @@
+"""Input validation audit of the public API: every bad value → ValueError naming the parameter
+and the value (and the valid range), raised at construction, before any training."""
+import pytest
+import torch
+
+from horovod_gravac import agents as A
+from horovod_gravac import compression as C
+from horovod_gravac.compression import memory as M
+
+BAD_TYPE = "x"
+CASES = [  # (factory, parameter, out-of-range value, valid-range text)
+    (C.COMPRESSORS["topk"], "cf", 0.5, ">= 1"),
+    (C.COMPRESSORS["randomk"], "cf", float("inf"), ">= 1"),
+    (C.COMPRESSORS["randomk"], "seed", 1.5, "int"),
+    (C.COMPRESSORS["dgc"], "sample_ratio", 0.0, "(0, 1]"),
+    (C.COMPRESSORS["dgc"], "max_adjust", 0, ">= 1"),
+    (C.COMPRESSORS["redsync"], "min_interval", 1.0, "(0, 1)"),
+    (C.COMPRESSORS["sidco"], "stages", 0, ">= 1"),
+    (C.COMPRESSORS["threshold"], "threshold", -1.0, "> 0"),
+    (C.COMPRESSORS["qsgd"], "levels", 0, "[1, 32767]"),
+    (C.COMPRESSORS["qsgd"], "bucket_size", 0, ">= 1"),
+    (C.COMPRESSORS["terngrad"], "clip", 0.0, "> 0"),
+    (C.COMPRESSORS["signum"], "momentum", 1.0, "[0, 1)"),
+    (C.COMPRESSORS["powersgd"], "rank", 0, ">= 1"),
+    (M.DGCMemory, "momentum", -0.1, "[0, 1)"),
+    (M.DGCMemory, "clip_norm", 0.0, "> 0"),
+    (M.EFSignSGDMemory, "lr", 0.0, "> 0"),
+    (A.GraVAC, "theta_min", 0.5, ">= 1"),
+    (A.GraVAC, "epsilon", 1.5, "(0, 1]"),
+    (A.GraVAC, "omega", -0.1, ">= 0"),
+    (A.GraVAC, "window", 0, ">= 1"),
+    (A.GraVAC, "theta_s", 1.0, "> 1"),
+    (A.GraVAC, "ewma", 0.0, "(0, 1]"),
+    (A.GraVAC, "batch_size", 0, ">= 1"),
+    (A.Accordion, "low_cf", 0.5, ">= 1"),
+    (A.Accordion, "interval", 0, ">= 1"),
+    (A.Accordion, "steps_per_epoch", 0, ">= 1"),
+    (A.Accordion, "eta", 0.0, "> 0"),
+    (A.Static, "cf", 0.9, ">= 1"),
+]
+
+
+@pytest.mark.parametrize("factory,param,bad,valid", CASES,
+                         ids=[f"{f.__name__}-{p}" for f, p, _, _ in CASES])
+@pytest.mark.parametrize("kind", ["out_of_range", "wrong_type"])
+def test_each_bad_value_is_named_with_its_valid_range(factory, param, bad, valid, kind):
+    value = bad if kind == "out_of_range" else BAD_TYPE
+    with pytest.raises(ValueError) as err:
+        factory(**{param: value})
+    message = str(err.value)
+    assert param in message and repr(value) in message and valid in message, message
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"theta_min": 100, "theta_max": 10}, "theta_max (10) must be >= theta_min (100)"),
+    ({"policy": "linear"}, "unknown scaling policy 'linear'"),
+])
+def test_gravac_relations(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        A.GraVAC(**kwargs)
+
+
+def test_registry_errors_list_what_is_valid():
+    with pytest.raises(ValueError, match="unknown compressor 'topq'; valid names: .*topk"):
+        C.create("topq:10")
+    with pytest.raises(ValueError, match="compressor 'topk' has no parameter 'levels'"):
+        C.create("topk", levels=3)
+    with pytest.raises(ValueError, match="unknown memory 'ef'"):
+        C.create_memory("ef", C.create("topk"))
+    with pytest.raises(ValueError, match="unknown agent 'x'"):
+        A.create("x")
+    with pytest.raises(ValueError, match="compression factor.* must be"):
+        C.create("topk:abc")
+
+
+def test_cf_setter_rejects_bad_values_naming_them():
+    c = C.create("topk:10")
+    for bad in (0, -3, float("nan"), "many"):
+        with pytest.raises(ValueError, match="compression factor"):
+            c.cf = bad
+    assert c.cf == 10 and torch.is_tensor(c.compress(torch.ones(100))[0][0])
