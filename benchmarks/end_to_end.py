@@ -4,9 +4,13 @@ Every configuration trains the same workload for the same number of steps, one j
 time, through ``launch/netem.py`` (each rank behind its own shaped link; needs root) or, with
 ``--no-emulation``, on the unshaped local machine. Baselines run in the same benchmark: dense
 Horovod and Horovod fp16 (``hvd.DistributedOptimizer``), static TopK and DGC at a low and a
-high CF, Accordion, and GraVAC with the exponential and the geometric policy.
+high CF, Accordion, GraVAC with the exponential and the geometric policy, and PyTorch DDP with
+its PowerSGD hook as the outside baseline. Workloads: the PTB LSTM (``--workload ptb``, target
+validation perplexity) and a CNN on scikit-learn's digits (``--workload digits``, target
+accuracy; CIFAR needs a download this machine cannot do).
 
     sudo .venv/bin/python -m benchmarks.end_to_end --rate 1gbit --steps 200 --target 1000
+    sudo .venv/bin/python -m benchmarks.end_to_end --workload digits --rate 100mbit --target 0.9
 """
 from __future__ import annotations
 
@@ -38,14 +42,22 @@ def configurations(low: float, high: float, window: int) -> dict[str, list[str]]
                                        str(window), "--interval-unit", "steps"],
         "GraVAC exponential": gravac + ["--policy", "exponential"],
         "GraVAC geometric": gravac + ["--policy", "geometric"],
+        "DDP + PowerSGD (rank 1)": ["--baseline", "ddp-powersgd", "--powersgd-rank", "1"],
     }
 
 
+WORKLOADS = {  # --workload → (gravac-train flags, target metric)
+    "ptb": (["--data", "ptb", "--lr", "1", "--momentum", "0", "--clip", "0.25"], "perplexity"),
+    "digits": (["--data", "digits", "--lr", "0.05", "--batch-size", "16"],
+               "accuracy"),
+}
+
+
 def run_one(name: str, flags: list[str], args: argparse.Namespace, out: Path) -> dict:
-    workload = ["--model", args.model, "--data", "ptb", "--steps", str(args.steps),
+    flags_of_workload, metric = WORKLOADS[args.workload]
+    workload = ["--model", args.model, *flags_of_workload, "--steps", str(args.steps),
                 "--eval-interval", str(args.eval_interval), "--eval-batches", str(args.eval_batches),
-                "--lr", "1", "--momentum", "0", "--clip", "0.25",
-                "--target-metric", "perplexity", "--target", str(args.target),
+                "--target-metric", metric, "--target", str(args.target),
                 "--no-progress", "--out", str(out)]
     train = [sys.executable, "-m", "benchmarks.train", *workload, *flags]
     if args.no_emulation:
@@ -60,7 +72,7 @@ def run_one(name: str, flags: list[str], args: argparse.Namespace, out: Path) ->
         raise RuntimeError(f"{name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     s = json.loads((out / "summary.json").read_text())
     return {"config": name, "time_to_target_s": s["time_to_target_s"], "wall_s": s["wall_s"],
-            "final_perplexity": s["final"]["perplexity"], "MB_sent": s["total_bytes"] / 1e6,
+            "final_quality": s["final"][metric], "MB_sent": s["total_bytes"] / 1e6,
             "mean_cf": s["mean_cf"], "steps": s["steps"]}
 
 
@@ -68,9 +80,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--np", type=int, default=2)
-    p.add_argument("--model", default="lstm200", choices=("lstm200", "lstm650", "lstm1500"))
+    p.add_argument("--workload", default="ptb", choices=sorted(WORKLOADS))
+    p.add_argument("--model", default=None, help="PTB: lstm200 (default), lstm650, lstm1500")
     p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--target", type=float, default=1000.0, help="validation perplexity")
+    p.add_argument("--target", type=float, default=None,
+                   help="validation perplexity (ptb, default 1000) or accuracy (digits, 0.9)")
     p.add_argument("--eval-interval", type=int, default=20)
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--rate", default="1gbit")
@@ -82,6 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-emulation", action="store_true")
     p.add_argument("--out", type=Path, default=Path("results/end_to_end"))
     args = p.parse_args(argv)
+    if args.workload == "digits":
+        args.model = args.model or "cnn_digits"
+        args.target = 0.9 if args.target is None else args.target
+    else:
+        args.model = args.model or "lstm200"
+        args.target = 1000.0 if args.target is None else args.target
     if not args.no_emulation and os.geteuid() != 0:
         raise SystemExit("network emulation needs root: run as root, or pass --no-emulation")
     configs = configurations(args.low_cf, args.high_cf, args.window)
@@ -98,16 +118,17 @@ def main(argv: list[str] | None = None) -> None:
         slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
         rows.append(run_one(name, flags, args, runs / slug))
     dense = rows[0]
-    lines = [f"{args.np} ranks, {args.model} on PTB, {args.steps} steps, link "
+    metric = WORKLOADS[args.workload][1]
+    lines = [f"{args.np} ranks, {args.model} on {args.workload}, {args.steps} steps, link "
              f"{'unshaped' if args.no_emulation else f'{args.rate} {args.delay}'}, "
-             f"target perplexity {args.target:g}", "",
-             "| configuration | time to target (s) | speed-up vs dense | final perplexity | "
+             f"target {metric} {args.target:g}", "",
+             f"| configuration | time to target (s) | speed-up vs dense | final {metric} | "
              "MB sent/rank | × fewer bytes | mean CF | wall (s) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ttt = r["time_to_target_s"]
         speed = (dense["time_to_target_s"] / ttt) if ttt and dense["time_to_target_s"] else None
         lines.append(f"| {r['config']} | {ttt:.1f} | {speed:.2f} | " if ttt else f"| {r['config']} | not reached | — | ")
-        lines[-1] += (f"{r['final_perplexity']:.1f} | {r['MB_sent']:.1f} | "
+        lines[-1] += (f"{r['final_quality']:.4g} | {r['MB_sent']:.1f} | "
                       f"{dense['MB_sent'] / max(r['MB_sent'], 1e-9):.1f} | {r['mean_cf']:.1f} | "
                       f"{r['wall_s']:.1f} |")
     table = "\n".join(lines)
@@ -118,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     from benchmarks.plot import plot_runs, read_run
-    plot_runs([read_run(d) for d in sorted(runs.iterdir())], args.out / "plots", "perplexity")
+    plot_runs([read_run(d) for d in sorted(runs.iterdir())], args.out / "plots", metric)
     print(table)
 
 

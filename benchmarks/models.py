@@ -132,8 +132,23 @@ class MLP(nn.Module):
         return self.net(x)
 
 
+class DigitsCNN(nn.Module):
+    """A small CNN on 1×8×8 images (scikit-learn's digits): the CNN workload that runs offline."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 4 * 4, 256), nn.ReLU(),
+                                        nn.Linear(256, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": lambda num_classes=10: MLP(num_classes=num_classes),
+    "cnn_digits": lambda num_classes=10: DigitsCNN(num_classes),
     "resnet101": lambda num_classes=10: ResNet(Bottleneck, [3, 4, 23, 3], [64, 128, 256, 512],
                                                num_classes),
     "resnet20": lambda num_classes=10: ResNet(BasicBlock, [3, 3, 3], [16, 32, 64], num_classes),

@@ -24,10 +24,10 @@ WORKLOADS = {  # data → (task, models that fit, classes or None)
     "ptb": ("lm", ("lstm200", "lstm650", "lstm1500"), None),
     "cifar10": ("image", ("resnet20", "resnet101", "vgg_small", "vgg16"), 10),
     "cifar100": ("image", ("resnet20", "resnet101", "vgg_small", "vgg16"), 100),
-    "digits": ("image", ("mlp",), 10),
+    "digits": ("image", ("mlp", "cnn_digits"), 10),
 }
 METRICS = {"lm": ("perplexity",), "image": ("accuracy", "top5")}
-BASELINES = ("horovod", "horovod-fp16")
+BASELINES = ("horovod", "horovod-fp16", "ddp-powersgd")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip", type=float, default=None, help="gradient norm clipping (LSTM: 0.25)")
     g = p.add_argument_group("communication")
     g.add_argument("--baseline", choices=BASELINES, default=None,
-                   help="use hvd.DistributedOptimizer (dense or fp16) instead of this library")
+                   help="use hvd.DistributedOptimizer (dense or fp16), or PyTorch DDP with its "
+                        "PowerSGD communication hook (Gloo), instead of this library")
+    g.add_argument("--powersgd-rank", type=int, default=1, help="ddp-powersgd's matrix rank")
+    g.add_argument("--powersgd-start", type=int, default=2,
+                   help="ddp-powersgd: dense allreduce before this step (>= 2)")
     g.add_argument("--compression", default="none", help="name[:value], e.g. topk:100")
     g.add_argument("--memory", default=None, help="error-feedback memory (default: the compressor's)")
     g.add_argument("--granularity", default="layer", choices=("layer", "model"))
@@ -107,7 +111,8 @@ def validate(args: argparse.Namespace) -> None:
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size),
                         ("--bptt", args.bptt), ("--eval-interval", args.eval_interval),
                         ("--threads", args.threads), ("--eval-batches", args.eval_batches),
-                        ("--checkpoint-every", args.checkpoint_every)):
+                        ("--checkpoint-every", args.checkpoint_every),
+                        ("--powersgd-rank", args.powersgd_rank)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value!r}")
     if not 0 <= args.momentum < 1:
@@ -128,6 +133,9 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--resume, --resume-convert and --checkpoint-every need --checkpoint PATH")
     if args.resume_convert:
         args.resume = True
+    if args.powersgd_start < 2:
+        raise ValueError(f"--powersgd-start must be >= 2 (PyTorch's PowerSGD with error feedback), "
+                         f"got {args.powersgd_start}")
     if args.resume and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {args.checkpoint}; run once with "
                                 "--checkpoint to write one, or drop --resume")
@@ -273,6 +281,58 @@ def reached(metric: str, value: float, target: float) -> bool:
     return value <= target if metric == "perplexity" else value >= target
 
 
+def ddp_powersgd(model, args: argparse.Namespace, hvd):
+    """PyTorch DDP with its PowerSGD hook on Gloo: the outside baseline.
+
+    torch.distributed is bootstrapped from Horovod's world: rank 0 picks the address
+    (``MASTER_ADDR``, the emulator's rank-0 address, or its own host's) and a free port and
+    broadcasts them. One bucket larger than the model: PyTorch's PowerSGD hook on Gloo fails
+    with a size mismatch when DDP uses several buckets.
+    """
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+    from torch.nn.parallel import DistributedDataParallel
+
+    endpoint = None
+    if hvd.rank() == 0:
+        netem = os.environ.get("GRAVAC_NETEM_ADDRESSES")
+        addr = os.environ.get("MASTER_ADDR") or (netem.split(",")[0] if netem else
+                                                 socket.gethostbyname(socket.gethostname()))
+        port = os.environ.get("MASTER_PORT")
+        if port is None:
+            with socket.socket() as s:
+                s.bind((addr, 0))
+                port = s.getsockname()[1]
+        endpoint = f"tcp://{addr}:{port}"
+    endpoint = hvd.broadcast_object(endpoint, root_rank=0, name="ddp.endpoint")
+    dist.init_process_group("gloo", init_method=endpoint, rank=hvd.rank(), world_size=hvd.size())
+    size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    ddp = DistributedDataParallel(model, bucket_cap_mb=size_mb + 1)
+    state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank,
+                                   start_powerSGD_iter=args.powersgd_start,
+                                   use_error_feedback=True, warm_start=True)
+    ddp.register_comm_hook(state, powersgd.powerSGD_hook)
+    return ddp
+
+
+def ddp_step_bytes(model, args: argparse.Namespace, step: int) -> int:
+    """Bytes PyTorch's PowerSGD hook sends at ``step`` (1-based): dense before the start step,
+    then P and Q for each matrix it compresses and the rest uncompressed (its own rule:
+    compress when (n + m)·r·2 < n·m)."""
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        n = p.shape[0] if p.dim() > 1 else 0
+        m = p.numel() // max(n, 1)
+        r = args.powersgd_rank
+        compressed = step > args.powersgd_start and n and (n + m) * r * 2 < n * m
+        total += 4 * ((n + m) * r if compressed else p.numel())
+    return total
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import horovod.torch as hvd
     import torch
@@ -289,7 +349,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.agent_obj = hg.agents.Accordion(**{**agent_params(args), "steps_per_epoch": work.steps_per_epoch})
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)
-    if args.baseline:
+    ddp = None
+    if args.baseline == "ddp-powersgd":
+        ddp = ddp_powersgd(model, args, hvd)
+        work.model = ddp  # forward and backward through DDP; checkpoints keep the plain model
+        opt = base
+    elif args.baseline:
         compression = hvd.Compression.fp16 if args.baseline == "horovod-fp16" else hvd.Compression.none
         opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                        compression=compression)
@@ -355,7 +420,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         opt.zero_grad()
         loss = work.loss(inputs, targets)
         loss.backward()
-        if args.clip:
+        if args.clip and ddp is not None:  # DDP averaged the gradients during backward
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            opt.step()
+        elif args.clip:
             opt.synchronize()
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             with opt.skip_synchronize():
@@ -370,7 +438,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             sent = opt.communication.last_bytes
             decision = opt.decisions[-1] if opt.decisions else None
         else:
-            sent = dense_bytes // (2 if args.baseline == "horovod-fp16" else 1)
+            sent = ddp_step_bytes(model, args, step) if ddp is not None else \
+                dense_bytes // (2 if args.baseline == "horovod-fp16" else 1)
             decision = None
         total_bytes += sent
         if rank == 0:
@@ -411,6 +480,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.checkpoint:
         save_checkpoint()
     wall = time.perf_counter() - start
+    if ddp is not None:
+        torch.distributed.destroy_process_group()
     if progress:
         progress.close()
     final = evals[-1] if evals else {}

@@ -57,6 +57,9 @@ def parse(*argv):
     (["--agent", "gravac", "--ewma", "2"], ValueError, r"ewma must be None or a number in \(0, 1\]"),
     (["--agent", "accordion", "--interval", "0"], ValueError, "interval must be an integer >= 1"),
     (["--agent", "accordion", "--eta", "0"], ValueError, "eta must be a number > 0"),
+    (["--baseline", "ddp-powersgd", "--powersgd-start", "1"], ValueError,
+     "--powersgd-start must be >= 2"),
+    (["--baseline", "ddp-powersgd", "--powersgd-rank", "0"], ValueError, "--powersgd-rank must be >= 1"),
     (["--resume"], ValueError, "--resume, --resume-convert and --checkpoint-every need --checkpoint"),
     (["--checkpoint-every", "5"], ValueError, "need --checkpoint PATH"),
     (["--checkpoint", "c.pt", "--checkpoint-every", "0"], ValueError, "--checkpoint-every must be >= 1"),
@@ -132,6 +135,11 @@ def test_short_runs_under_both_launchers(tmp_path, launcher):
     s = train_job(launcher, tmp_path / "lm", *PTB_FLAGS, "--steps", "8", "--eval-interval", "4",
                   "--baseline", "horovod-fp16")
     assert s["compression"] == "horovod-fp16" and s["final"]["perplexity"] < 10000
+    s = train_job(launcher, tmp_path / "ddp", "--model", "cnn_digits", "--data", "digits",
+                  "--steps", "30", "--eval-interval", "30", "--lr", "0.05",
+                  "--baseline", "ddp-powersgd")
+    assert s["compression"] == "ddp-powersgd" and s["final"]["accuracy"] > 0.3
+    assert s["total_bytes"] * 5 < s["dense_bytes"]  # PowerSGD rank 1 after 2 dense steps
 
 
 def test_gravac_on_ptb_sends_10x_less_than_dense_at_the_same_loss(tmp_path):
@@ -186,3 +194,19 @@ def test_launch_script_rejects_unknown_launcher(tmp_path):
                          text=True, env=dict(os.environ, LAUNCHER="srun",
                                              VENV=str(Path(sys.executable).parent.parent)))
     assert res.returncode == 2 and "LAUNCHER must be" in res.stderr
+
+
+def test_end_to_end_benchmark_writes_its_table_and_plots(tmp_path):
+    """A short unshaped run of the benchmark's machinery (the real one runs via netem as root)."""
+    only = "dense (Horovod),GraVAC geometric,DDP + PowerSGD (rank 1)"
+    res = subprocess.run([sys.executable, "-m", "benchmarks.end_to_end", "--workload", "digits",
+                          "--steps", "20", "--eval-interval", "10", "--target", "0.3",
+                          "--no-emulation", "--only", only, "--out", str(tmp_path)],
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    table = (tmp_path / "end_to_end.md").read_text()
+    for name in only.split(","):
+        assert f"| {name} |" in table
+    assert (tmp_path / "end_to_end.csv").read_text().count("\n") == 4
+    assert list((tmp_path / "plots").glob("*.png"))
