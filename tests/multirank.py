@@ -131,3 +131,17 @@ def assert_identical_across_ranks(reports: list[dict[str, Any]], key: str = "par
         if not torch.equal(ref, other):
             diff = (ref - other).abs().max().item()
             raise AssertionError(f"rank {rank}'s {key} differ from rank 0's (max |diff| {diff:g})")
+
+
+def init_with_digits_shard() -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """Inside a rank script: ``hvd.init()``, one thread, and this rank's shard of the digits
+    (every SIZE-th sample from RANK, scaled to [0, 1]). Returns (rank, size, X, Y)."""
+    import horovod.torch as hvd
+    from sklearn.datasets import load_digits
+
+    hvd.init()
+    torch.set_num_threads(1)
+    rank, size = hvd.rank(), hvd.size()
+    x_all, y_all = load_digits(return_X_y=True)
+    return (rank, size, torch.tensor(x_all, dtype=torch.float32)[rank::size] / 16.0,
+            torch.tensor(y_all)[rank::size])

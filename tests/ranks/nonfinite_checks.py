@@ -6,19 +6,13 @@ every rank must end with the same (finite) parameters.
 """
 import horovod.torch as hvd
 import torch
-from sklearn.datasets import load_digits
 
 import horovod_gravac as hg
 from horovod_gravac import compression as C
-from tests.multirank import report
+from tests.multirank import init_with_digits_shard, report
 
 STEPS, NAN_STEP, INF_STEP = 14, 5, 9
-hvd.init()
-torch.set_num_threads(1)
-RANK, SIZE = hvd.rank(), hvd.size()
-x_all, y_all = load_digits(return_X_y=True)
-X = torch.tensor(x_all, dtype=torch.float32)[RANK::SIZE] / 16.0
-Y = torch.tensor(y_all)[RANK::SIZE]
+RANK, SIZE, X, Y = init_with_digits_shard()
 SPECS = {n: f"{n}:10" if C.create(n).adjustable_cf else n for n in C.names()}
 MEMORY = {"dgc": "dgc"}
 

@@ -1,18 +1,12 @@
 """Many DistributedOptimizer checks in one launch (a launch costs ~5 s)."""
 import horovod.torch as hvd
 import torch
-from sklearn.datasets import load_digits
 
 import horovod_gravac as hg
 from horovod_gravac import compression as C
-from tests.multirank import report
+from tests.multirank import init_with_digits_shard, report
 
-hvd.init()
-torch.set_num_threads(1)
-RANK, SIZE = hvd.rank(), hvd.size()
-x_all, y_all = load_digits(return_X_y=True)
-X = torch.tensor(x_all, dtype=torch.float32)[RANK::SIZE] / 16.0
-Y = torch.tensor(y_all)[RANK::SIZE]
+RANK, SIZE, X, Y = init_with_digits_shard()
 
 # Settings for the small MLP (64-32-10): sparsifiers at CF 10 (RandomK, which ignores
 # magnitudes, at CF 4); sign methods need a small step size.

@@ -12,20 +12,14 @@ from pathlib import Path
 
 import horovod.torch as hvd
 import torch
-from sklearn.datasets import load_digits
 
 import horovod_gravac as hg
 from horovod_gravac import checkpoint
-from tests.multirank import report
+from tests.multirank import init_with_digits_shard, report
 
 STEPS, SPLIT = 40, 17
-hvd.init()
-torch.set_num_threads(1)
-RANK, SIZE = hvd.rank(), hvd.size()
+RANK, SIZE, X, Y = init_with_digits_shard()
 MODE, DIRECTORY = sys.argv[1], Path(sys.argv[2])
-x_all, y_all = load_digits(return_X_y=True)
-X = torch.tensor(x_all, dtype=torch.float32)[RANK::SIZE] / 16.0
-Y = torch.tensor(y_all)[RANK::SIZE]
 
 
 def gravac(policy):

@@ -9,18 +9,12 @@ import sys
 import horovod.torch as hvd
 import torch
 from horovod.torch import mpi_ops
-from sklearn.datasets import load_digits
 
 import horovod_gravac as hg
-from tests.multirank import report
+from tests.multirank import init_with_digits_shard, report
 
 STEPS, SAMPLE = int(sys.argv[1]), 50
-hvd.init()
-torch.set_num_threads(1)
-RANK, SIZE = hvd.rank(), hvd.size()
-x_all, y_all = load_digits(return_X_y=True)
-X = torch.tensor(x_all, dtype=torch.float32)[RANK::SIZE] / 16.0
-Y = torch.tensor(y_all)[RANK::SIZE]
+RANK, SIZE, X, Y = init_with_digits_shard()
 PAGE = resource.getpagesize()
 
 
