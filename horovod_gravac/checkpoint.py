@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from . import communication
+from .optimizer import STATE_KEY as _OURS
 from .optimizer import DistributedOptimizer
 
 FORMAT = "horovod_gravac.checkpoint/1"
-_OURS = "horovod_gravac"
 _SHARED = ("agent", "decision")  # rank 0 decides: its agent state is everyone's
 
 
@@ -119,7 +119,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     written, here = ckpt["identity"], _identity(optimizer)
     mismatches = [f"{key} {written.get(key)!r} (this job: {here.get(key)!r})"
                   for key in sorted(set(written) | set(here)) if written.get(key) != here.get(key)]
-    if ckpt["world_size"] != size:
+    same_world = ckpt["world_size"] == size
+    if not same_world:
         mismatches.insert(0, f"world size {ckpt['world_size']} (this job: {size})")
     if mismatches and not convert:
         raise ValueError(f"checkpoint {path} was written with {'; '.join(mismatches)}. "
@@ -138,7 +139,6 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     optimizer.load_state_dict(state)
     if mismatches and isinstance(optimizer, DistributedOptimizer):
         _restart_error_feedback(optimizer, ckpt, written, here)
-    same_world = ckpt["world_size"] == size
     if not mismatches:
         set_rng_state(ckpt["ranks"][rank]["rng"])
     rank_state = ckpt["ranks"][rank].get("rank_state") if same_world else None

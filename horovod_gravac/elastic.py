@@ -20,11 +20,11 @@ from horovod.torch.elastic import TorchState
 from horovod.torch.elastic.state import StateHandler, get_handler_registry, set_handler_registry
 
 from . import communication
+from .optimizer import STATE_KEY as _OURS
 from .optimizer import DistributedOptimizer
 
 __all__ = ["TorchState", "OptimizerStateHandler"]
 
-_OURS = "horovod_gravac"
 _FROM_RANK_0 = ("step", "skipped_steps", "agent", "decision")
 
 

@@ -23,6 +23,8 @@ from .validation import check_number
 GRANULARITIES = ("layer", "model")
 NONFINITE_ACTIONS = ("skip", "raise")
 MODEL_TENSOR = "__model__"
+#: the key of this library's part of ``state_dict()`` (memories, compressor, agent, step)
+STATE_KEY = "horovod_gravac"
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -362,7 +364,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
-        state["horovod_gravac"] = {
+        state[STATE_KEY] = {
             "step": self.step_count,
             "skipped_steps": self.skipped_steps,
             "memory": self.memory.state_dict(),
@@ -375,7 +377,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        ours = state_dict.pop("horovod_gravac", None)
+        ours = state_dict.pop(STATE_KEY, None)
         self.optimizer.load_state_dict(state_dict)
         self._forget_step_in_flight()
         if ours is not None:

@@ -151,8 +151,7 @@ class TernGrad(SeededCompressor):
 
     def __init__(self, clip: float = 2.5, seed: int = 0) -> None:
         super().__init__(None, seed)
-        check_number("clip (in standard deviations)", clip, 0, low_open=True)
-        self.clip = float(clip)
+        self.clip = check_number("clip (in standard deviations)", clip, 0, low_open=True)
         self.salt = 0
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:

@@ -212,8 +212,7 @@ class Threshold(Sparsifier):
 
     def __init__(self, threshold: float = 1e-3) -> None:
         super().__init__()
-        check_number("threshold", threshold, 0, low_open=True)
-        self.threshold = float(threshold)
+        self.threshold = check_number("threshold", threshold, 0, low_open=True)
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         flat = tensor.reshape(-1)
@@ -279,8 +278,8 @@ class RedSync(Sparsifier):
 
     def __init__(self, cf: float | None = None, min_interval: float = 0.2) -> None:
         super().__init__(cf)
-        check_number("min_interval", min_interval, 0, 1, low_open=True, high_open=True)
-        self.min_interval = float(min_interval)
+        self.min_interval = check_number("min_interval", min_interval, 0, 1, low_open=True,
+                                         high_open=True)
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
         magnitude = flat.abs()
@@ -315,8 +314,7 @@ class SIDCo(Sparsifier):
 
     def __init__(self, cf: float | None = None, stages: int = 2) -> None:
         super().__init__(cf)
-        check_number("stages", stages, 1, integer=True)
-        self.stages = int(stages)
+        self.stages = check_number("stages", stages, 1, integer=True)
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
         magnitude = flat.abs()
