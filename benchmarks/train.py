@@ -12,6 +12,7 @@ TensorBoard events; ``gravac-plot`` turns run directories into PNGs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -64,11 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--theta-min", type=float, default=10.0)
     g.add_argument("--theta-max", type=float, default=1000.0)
     g.add_argument("--epsilon", type=float, default=0.7)
-    g.add_argument("--omega", type=float, default=0.01)
-    g.add_argument("--window", type=int, default=500)
+    g.add_argument("--omega", type=float, default=0.05, help="GraVAC's gain-gap tolerance")
+    g.add_argument("--omega-throughput", type=float, default=0.05,
+                   help="GraVAC's throughput-saturation tolerance")
+    g.add_argument("--window", type=int, default=None,
+                   help="GraVAC's window (default: a tenth of the run, at least 10 steps)")
+    g.add_argument("--gain", default="fresh", choices=("fresh", "error_fed", "authors"),
+                   help="GraVAC's compression-gain definition")
+    g.add_argument("--gain-interval", type=int, default=1, help="measure the gain every k steps")
+    g.add_argument("--settle-steps", type=int, default=3,
+                   help="GraVAC: steps after a CF change that are neither measured nor timed")
     g.add_argument("--theta-s", type=float, default=2.0)
     g.add_argument("--policy", default="exponential", choices=("exponential", "geometric"))
-    g.add_argument("--ewma", type=float, default=None, help="default: number of ranks / 100")
+    g.add_argument("--ewma", type=float, default=None,
+                   help="default: max(number of ranks / 100, 5 / window)")
     g.add_argument("--low-cf", type=float, default=1.0)
     g.add_argument("--high-cf", type=float, default=10.0)
     g.add_argument("--interval", type=int, default=10, help="Accordion's interval")
@@ -165,13 +175,22 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
         return {"cf": args.cf if args.cf is not None else 100.0}
     if args.agent == "gravac":
         return {"theta_min": args.theta_min, "theta_max": args.theta_max, "epsilon": args.epsilon,
-                "omega": args.omega, "window": args.window, "theta_s": args.theta_s,
-                "policy": args.policy, "ewma": args.ewma,
+                "omega": args.omega, "omega_throughput": args.omega_throughput,
+                "window": args.window or auto_window(args.steps), "theta_s": args.theta_s,
+                "policy": args.policy, "ewma": args.ewma, "gain": args.gain,
+                "gain_interval": args.gain_interval, "settle_steps": args.settle_steps,
                 "batch_size": args.batch_size or default_batch(args)}
     if args.agent == "accordion":
         return {"low_cf": args.low_cf, "high_cf": args.high_cf, "interval": args.interval,
                 "eta": args.eta, "per_layer": not args.whole_model_norms}
     return {}
+
+
+def auto_window(total_steps: int | None) -> int:
+    """GraVAC's default window: a tenth of the run, at least 10 steps (500 when the length is
+    not known yet). The exponential policy's search (warm-up, 20, 40, 160, θmax from θmin 10)
+    then ends by half of the run, and the rest trains at the CF it chose."""
+    return 500 if total_steps is None else max(10, total_steps // 10)
 
 
 def default_batch(args: argparse.Namespace) -> int:
@@ -345,8 +364,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rank, size = hvd.rank(), hvd.size()
     work = Workload(args, rank, size)
     model = work.model
+    total_steps = args.steps or max(1, int(args.epochs * work.steps_per_epoch))
     if args.interval_unit == "epochs" and args.agent == "accordion":
         args.agent_obj = hg.agents.Accordion(**{**agent_params(args), "steps_per_epoch": work.steps_per_epoch})
+    if args.agent == "gravac" and args.window is None:  # the run's length is known now
+        args.agent_obj = hg.agents.GraVAC(**{**agent_params(args), "window": auto_window(total_steps)})
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)
     ddp = None
@@ -367,7 +389,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hvd.broadcast_optimizer_state(base, root_rank=0)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(base, args.decay_steps, args.lr_decay_factor) \
         if args.decay_steps else None
-    first_step, total_bytes, evals, batches = 1, 0, [], work.batches()
+    first_step, total_bytes, evals, batches, resumed = 1, 0, [], work.batches(), None
     if args.resume:
         resumed = hg.checkpoint.load(args.checkpoint, model, opt, convert=args.resume_convert)
         first_step, total_bytes, evals = resumed["step"] + 1, resumed["total_bytes"], resumed["evals"]
@@ -376,7 +398,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for _ in range(resumed["step"]):  # the data stream continues where it stopped
             next(batches)
         work.state = resumed["rank_state"]  # this rank's LSTM state on its shard
-    total_steps = args.steps or max(1, int(args.epochs * work.steps_per_epoch))
     samples_per_step = work.batch * (work.bptt if work.task == "lm" else 1) * size
 
     out = Path(args.out)
@@ -395,10 +416,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_log = csv.writer(steps_file) if steps_file else None
     eval_log = csv.writer(evals_file) if evals_file else None
     if step_log:
-        step_log.writerow(["step", "epoch", "wall", "loss", "samples_per_s", "cf", "send",
+        step_log.writerow(["step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf", "send",
                            "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
                            "skipped_steps"])
-        eval_log.writerow(["step", "wall", "total_bytes", "loss", "metric", "value"])
+        eval_log.writerow(["step", "wall", "train_s", "total_bytes", "loss", "metric", "value"])
     progress = None
     if rank == 0 and not args.no_progress:
         from tqdm import tqdm
@@ -407,15 +428,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if progress:
         progress.update(first_step - 1)
     dense_bytes = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
-    time_to_target, step = None, first_step - 1
-    start = last = time.perf_counter()
+    time_to_target = steps_to_target = None
+    step, train_s = first_step - 1, resumed["train_s"] if args.resume else 0.0
+    # evaluation, checkpoints and logging are not part of a step's time (GraVAC's throughput)
+    untimed = opt.untimed if isinstance(opt, hg.DistributedOptimizer) else contextlib.nullcontext
+    start = time.perf_counter()
 
     def save_checkpoint() -> None:
         hg.checkpoint.save(args.checkpoint, model, opt, step=step, total_bytes=total_bytes,
-                           evals=evals, rank_state=work.state,
+                           train_s=train_s, evals=evals, rank_state=work.state,
                            scheduler=scheduler.state_dict() if scheduler else None)
 
     for step in range(first_step, total_steps + 1):
+        step_start = time.perf_counter()
         inputs, targets = next(batches)
         opt.zero_grad()
         loss = work.loss(inputs, targets)
@@ -433,7 +458,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if scheduler:
             scheduler.step()
         now = time.perf_counter()
-        step_time, last = now - last, now
+        step_time = now - step_start
+        train_s += step_time
         if isinstance(opt, hg.DistributedOptimizer):
             sent = opt.communication.last_bytes
             decision = opt.decisions[-1] if opt.decisions else None
@@ -442,41 +468,43 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 dense_bytes // (2 if args.baseline == "horovod-fp16" else 1)
             decision = None
         total_bytes += sent
-        if rank == 0:
-            history = opt.agent.history[-1] if getattr(opt, "agent", None) and opt.agent.history else {}
-            cf = sent and dense_bytes / sent
-            row = [step, step / work.steps_per_epoch, now - start, loss.item(),
-                   samples_per_step / step_time, cf, decision.send if decision else "",
-                   history.get("delta_min", ""), history.get("delta_c", ""), sent, total_bytes,
-                   dense_bytes * step, getattr(opt, "skipped_steps", 0)]
-            step_log.writerow(row)
-            if writer:
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/samples_per_s", samples_per_step / step_time, step)
-                writer.add_scalar("comm/cf", cf, step)
-                writer.add_scalar("comm/bytes", total_bytes, step)
-                if history.get("delta_c") is not None:
-                    writer.add_scalar("gravac/delta_c", history["delta_c"], step)
-                    writer.add_scalar("gravac/delta_min", history["delta_min"], step)
-            if progress:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss.item():.3f}", cf=f"{cf:.0f}")
-        if step % args.eval_interval == 0 or step == total_steps:
-            metrics = work.evaluate(hvd)
-            wall = time.perf_counter() - start
-            evals.append({"step": step, "wall": wall, "total_bytes": total_bytes, **metrics})
+        with untimed():
             if rank == 0:
-                for k, v in metrics.items():
-                    eval_log.writerow([step, wall, total_bytes, metrics["loss"], k, v])
-                    if writer:
-                        writer.add_scalar(f"eval/{k}", v, step)
-            if args.target is not None and time_to_target is None and \
-                    reached(args.target_metric, metrics[args.target_metric], args.target):
-                time_to_target = wall
-                if args.stop_at_target:
-                    break
-        if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
-            save_checkpoint()
+                history = opt.agent.history[-1] if getattr(opt, "agent", None) and opt.agent.history else {}
+                cf = sent and dense_bytes / sent
+                row = [step, step / work.steps_per_epoch, now - start, step_time, loss.item(),
+                       samples_per_step / step_time, cf, decision.send if decision else "",
+                       history.get("delta_min", ""), history.get("delta_c", ""), sent, total_bytes,
+                       dense_bytes * step, getattr(opt, "skipped_steps", 0)]
+                step_log.writerow(row)
+                if writer:
+                    writer.add_scalar("train/loss", loss.item(), step)
+                    writer.add_scalar("train/samples_per_s", samples_per_step / step_time, step)
+                    writer.add_scalar("comm/cf", cf, step)
+                    writer.add_scalar("comm/bytes", total_bytes, step)
+                    if history.get("delta_c") is not None:
+                        writer.add_scalar("gravac/delta_c", history["delta_c"], step)
+                        writer.add_scalar("gravac/delta_min", history["delta_min"], step)
+                if progress:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss.item():.3f}", cf=f"{cf:.0f}")
+            if step % args.eval_interval == 0 or step == total_steps:
+                metrics = work.evaluate(hvd)
+                wall = time.perf_counter() - start
+                evals.append({"step": step, "wall": wall, "train_s": train_s,
+                              "total_bytes": total_bytes, **metrics})
+                if rank == 0:
+                    for k, v in metrics.items():
+                        eval_log.writerow([step, wall, train_s, total_bytes, metrics["loss"], k, v])
+                        if writer:
+                            writer.add_scalar(f"eval/{k}", v, step)
+                if args.target is not None and time_to_target is None and \
+                        reached(args.target_metric, metrics[args.target_metric], args.target):
+                    time_to_target, steps_to_target = train_s, step
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
+                save_checkpoint()
+        if args.stop_at_target and time_to_target is not None:
+            break
     if args.checkpoint:
         save_checkpoint()
     wall = time.perf_counter() - start
@@ -488,7 +516,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "model": args.model, "data": args.data, "ranks": size, "steps": step,
         "agent": args.agent, "compression": args.baseline or args.compression,
-        "wall_s": wall, "time_to_target_s": time_to_target, "target_metric": args.target_metric,
+        "wall_s": wall, "train_s": train_s, "time_to_target_s": time_to_target,
+        "steps_to_target": steps_to_target, "target_metric": args.target_metric,
         "target": args.target, "final": final, "total_bytes": total_bytes,
         "dense_bytes": dense_bytes * step, "mean_cf": dense_bytes * step / max(total_bytes, 1),
         "skipped_steps": getattr(opt, "skipped_steps", 0), "evals": evals,
@@ -508,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = run(args)
     if int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == 0:
         final = summary["final"]
-        quality = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k not in ("step", "wall", "total_bytes"))
+        quality = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k not in ("step", "wall", "train_s", "total_bytes"))
         print(f"{summary['compression']}/{summary['agent']} on {summary['ranks']} ranks: "
               f"{summary['steps']} steps in {summary['wall_s']:.1f} s; {quality}; "
               f"{summary['total_bytes'] / 1e6:.1f} MB sent vs {summary['dense_bytes'] / 1e6:.1f} MB "

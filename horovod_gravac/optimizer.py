@@ -7,9 +7,10 @@ as backprop produces it, overlapping communication with the rest of the backward
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict, deque
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import horovod.torch as hvd
 import torch
@@ -171,6 +172,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._dense = C.NoCompression()
         self._gain_terms: list[Tensor] = []
         self._last_sync = time.perf_counter()
+        self._untimed = 0.0  # seconds inside untimed() since the last synchronize()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                        for p in self._requires_update] if granularity == "layer" else []
 
@@ -205,7 +207,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if decision is None:
             payload, ctx = compressor.compress(compensated, name, self.step_count)
         elif self.agent.needs_gain_stats:
-            payload, ctx, compressor = self._multilevel(compensated, name, decision)
+            payload, ctx, compressor = self._multilevel(grad, compensated, name, decision, finite)
         else:
             compressor.cf = decision.cf_for(name)
             payload, ctx = compressor.compress(compensated, name, self.step_count)
@@ -222,19 +224,35 @@ class DistributedOptimizer(torch.optim.Optimizer):
         pending = self.communicator.start(name, compressor, payload, ctx)
         self._pending[key] = (pending, compensated, grad)
 
-    def _multilevel(self, g_o: Tensor, name: str, decision: A.Decision):
-        """GraVAC's step: g_min = C(g_o, θmin), g_c = C(g_min, θs); gains' norms; pick one."""
+    def _levels(self, tensor: Tensor, name: str, decision: A.Decision):
+        """Multi-level compression: C(x, θmin), then C(C(x, θmin), θs) within that selection."""
         c = self.compressor
         c.cf = decision.theta_min
-        p_min, ctx_min = c.compress(g_o, name, self.step_count)
-        p_c, ctx_c = c.recompress(p_min, ctx_min, decision.cf)
-        self._gain_terms.append(torch.stack([
-            torch.linalg.vector_norm(g_o).double().square(),  # fp32 pass; fp64 would copy
-            c.sent_norm_sq(p_min, ctx_min).double(), c.sent_norm_sq(p_c, ctx_c).double()]))
+        p_min, ctx_min = c.compress(tensor, name, self.step_count)
+        return (p_min, ctx_min), c.recompress(p_min, ctx_min, decision.cf)
+
+    def _multilevel(self, grad: Tensor, g_o: Tensor, name: str, decision: A.Decision,
+                    finite: bool):
+        """GraVAC's step: send the decided level of g_o; measure the gain terms if asked.
+
+        What is sent is always C(g_o) with error feedback; the gain may be measured on the
+        fresh gradient instead (``GainMeasure``), which costs a second compression of it.
+        """
+        sent_levels = self._levels(g_o, name, decision) if decision.send != A.SEND_DENSE else None
+        if decision.measure_gain and finite:
+            measure = self.agent.gain_measure
+            on_compensated = measure.compressed == A.COMPENSATED
+            levels = sent_levels if on_compensated and sent_levels else \
+                self._levels(g_o if on_compensated else grad, name, decision)
+            reference = g_o if measure.reference == A.COMPENSATED else grad
+            c = self.compressor
+            terms = torch.stack([torch.linalg.vector_norm(reference).float().square(),
+                                 c.sent_norm_sq(*levels[0]), c.sent_norm_sq(*levels[1])])
+            self._gain_terms.append((terms.sqrt() if measure.power == 1 else terms).double())
         if decision.send == A.SEND_COMPRESSED:
-            return p_c, ctx_c, c
+            return (*sent_levels[1], self.compressor)
         if decision.send == A.SEND_MIN:
-            return p_min, ctx_min, c
+            return (*sent_levels[0], self.compressor)
         payload, ctx = self._dense.compress(g_o, name)
         return payload, ctx, self._dense
 
@@ -298,7 +316,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _consult_agent(self, layer_norms: dict[str, float] | None) -> None:
         """Combine statistics, let rank 0 decide, broadcast: every rank applies the same."""
         now = time.perf_counter()
-        iter_time, self._last_sync = now - self._last_sync, now
+        iter_time, self._last_sync = now - self._last_sync - self._untimed, now
+        self._untimed = 0.0
         gains = [0.0, 0.0, 0.0]
         if self.agent.needs_gain_stats:
             local = torch.stack(self._gain_terms).sum(0).tolist() if self._gain_terms else gains
@@ -306,8 +325,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
             iter_time = gains.pop() / self.communicator.size
         self._gain_terms.clear()
         stats = A.StepStats(step=self.step_count, iter_time=iter_time,
-                            world_size=self.communicator.size, norm_sq=gains[0],
-                            norm_sq_min=gains[1], norm_sq_compressed=gains[2],
+                            world_size=self.communicator.size, gain_reference=gains[0],
+                            gain_min=gains[1], gain_compressed=gains[2],
+                            gain_measured=self.decision.measure_gain,
                             lr=self.param_groups[0].get("lr"), sent=self.decision.send,
                             layer_norms=layer_norms or {})
         if not self.agent.adaptive:
@@ -327,6 +347,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
             n = p.numel()
             p.grad.copy_(flat[offset:offset + n].view_as(p))
             offset += n
+
+    @contextlib.contextmanager
+    def untimed(self) -> Iterator[None]:
+        """Context manager: time spent inside is not part of the step time agents see.
+
+        Wrap evaluation, checkpointing and logging between steps in it, so GraVAC's
+        throughput per CF measures training steps only.
+        """
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._untimed += time.perf_counter() - start
 
     def skip_synchronize(self):
         """Context manager: ``step()`` inside it does not synchronize (call it yourself)."""

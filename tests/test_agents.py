@@ -5,9 +5,10 @@ from horovod_gravac import agents as A
 from horovod_gravac.agents import RECENT_STEPS, Decision, StepStats
 
 
-def stats(step, d_min=1.0, d_c=0.9, iter_time=1.0, sent="compressed", world=1, **kw):
-    return StepStats(step=step, iter_time=iter_time, world_size=world, norm_sq=1.0,
-                     norm_sq_min=d_min, norm_sq_compressed=d_c, sent=sent, **kw)
+def stats(step, d_min=1.0, d_c=0.9, iter_time=1.0, sent="compressed", world=1, reference=1.0,
+          **kw):
+    return StepStats(step=step, iter_time=iter_time, world_size=world, gain_reference=reference,
+                     gain_min=d_min, gain_compressed=d_c, gain_measured=True, sent=sent, **kw)
 
 
 def run(agent, n, throughput=lambda cf: cf, d_min=1.0, d_c=0.9):
@@ -32,13 +33,14 @@ def distinct(seq):
 
 def test_exponential_policy_visits_10_20_40_160_then_theta_max():
     agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, omega=0.01, window=5,
-                     policy="exponential", ewma=1.0)
+                     policy="exponential", ewma=1.0, settle_steps=0)
     cfs, _ = run(agent, 40)
     assert distinct(cfs) == [10, 20, 40, 160, 1000]
 
 
 def test_geometric_policy_doubles():
-    agent = A.GraVAC(theta_min=10, theta_max=2000, window=3, policy="geometric", ewma=1.0)
+    agent = A.GraVAC(theta_min=10, theta_max=2000, window=3, policy="geometric", ewma=1.0,
+                     settle_steps=0)
     cfs, _ = run(agent, 30)
     assert distinct(cfs)[:6] == [10, 20, 40, 80, 160, 320]
 
@@ -47,7 +49,7 @@ def test_saturation_example_from_the_paper_stays_at_1280x():
     """Throughput 1029.9 at 1280x vs 1035.4 at 2000x, ω = 1% → the lower CF, 1280x."""
     table = {1280: 1029.9, 2000: 1035.4}
     agent = A.GraVAC(theta_min=10, theta_max=2000, epsilon=0.7, omega=0.01, window=4,
-                     policy="geometric", ewma=1.0)
+                     policy="geometric", ewma=1.0, omega_throughput=0.01, settle_steps=0)
     cfs, decision = run(agent, 80, throughput=lambda cf: table.get(cf, 2 * cf / 10 + 100))
     assert distinct(cfs)[-3:] == [1280, 2000, 1280]
     assert cfs[-1] == 1280 and not agent.searching
@@ -55,20 +57,22 @@ def test_saturation_example_from_the_paper_stays_at_1280x():
 
 
 def test_sends_theta_min_when_only_the_floor_keeps_enough_gain():
-    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, window=2, ewma=1.0)
+    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, window=2, ewma=1.0,
+                     settle_steps=0)
     _, decision = run(agent, 10, d_min=0.8, d_c=0.5)  # δc < ε ≤ δmin
     assert decision.send == "min" and decision.theta_min == 10
 
 
 def test_sends_dense_when_both_gains_are_below_epsilon():
-    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, window=2, ewma=1.0)
+    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, window=2, ewma=1.0,
+                     settle_steps=0)
     _, decision = run(agent, 10, d_min=0.5, d_c=0.3)
     assert decision.send == "dense"
 
 
 def test_theta_min_scales_up_when_gains_are_within_omega():
     agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, omega=0.05, window=3,
-                     policy="geometric", ewma=1.0)
+                     policy="geometric", ewma=1.0, settle_steps=0)
     run(agent, 3, d_min=1.0, d_c=0.98)  # warm-up ends: explore 20
     assert agent.theta_min == 10
     run(agent, 3, d_min=1.0, d_c=0.98)  # |δmin − δc|/δmin = 2% ≤ 5% → θmin ← 20
@@ -76,18 +80,122 @@ def test_theta_min_scales_up_when_gains_are_within_omega():
     assert agent.candidate_cf == 80  # θs doubled to 4
 
 
-def test_ewma_uses_world_size_over_100():
-    agent = A.GraVAC(window=1000)
+def test_ewma_is_bias_corrected_with_world_size_over_100():
+    """α = N/100 = 0.04 (window 1000: 5/window = 0.005 is smaller). Bias-corrected, the first
+    value counts once, not as if it had been seen forever: (1 − α)·1 + α·0 over 1 − (1 − α)²."""
+    agent = A.GraVAC(window=1000, settle_steps=0)
     agent.decide(stats(0, d_min=1.0, d_c=1.0, world=4))
+    assert agent.delta_min == pytest.approx(1.0)  # one value: exactly it, not α·it
     agent.decide(stats(1, d_min=0.0, d_c=0.0, world=4))
-    assert agent.delta_min == pytest.approx(0.96)
+    assert agent.delta_min == pytest.approx(0.96 * 0.04 / (1 - 0.96 ** 2))  # 0.4898
+    for step in range(2, 400):
+        agent.decide(stats(step, d_min=0.5, d_c=0.5, world=4))
+    assert agent.delta_min == pytest.approx(0.5, abs=1e-6)  # converges to the measured value
+
+
+def test_default_smoothing_fits_five_time_constants_into_a_window():
+    assert A.GraVAC(window=50).alpha(world_size=2) == pytest.approx(0.1)  # 5/50 > 2/100
+    assert A.GraVAC(window=500).alpha(world_size=32) == pytest.approx(0.32)  # the paper's N/100
+    assert A.GraVAC(window=50, ewma=0.3).alpha(world_size=2) == 0.3
+
+
+@pytest.mark.parametrize("gain,expected", [
+    # terms: reference (denominator) and the numerators of the two levels, as measured
+    ("fresh", (0.8, 0.5)), ("error_fed", (0.8, 0.5)), ("authors", (0.8, 0.5))])
+def test_each_gain_definition_divides_its_terms(gain, expected):
+    agent = A.GraVAC(window=100, gain=gain, ewma=1.0, settle_steps=0)
+    agent.decide(stats(0, d_min=4.0, d_c=2.5, reference=5.0))
+    assert (agent.delta_min, agent.delta_c) == pytest.approx(expected)
+
+
+def test_authors_gain_averages_numerator_and_denominator_over_25_steps_and_may_exceed_1():
+    agent = A.GraVAC(window=1000, gain="authors", settle_steps=0)
+    for step in range(30):  # 5 old steps drop out of the 25-step window
+        num, ref = (100.0, 1.0) if step < 5 else (3.0, 2.0 + step % 2)
+        agent.decide(stats(step, d_min=num, d_c=num / 2, reference=ref))
+    refs = [2.0 + s % 2 for s in range(5, 30)]
+    assert agent.delta_min == pytest.approx(3.0 * 25 / sum(refs))  # mean(num) / mean(ref)
+    assert agent.delta_min > 1  # Σ‖C(g + e)‖ may exceed Σ‖g‖
+    assert agent.delta_c == pytest.approx(agent.delta_min / 2)
+
+
+def test_gain_measures_name_what_the_optimizer_measures():
+    assert A.GAINS["fresh"] == A.GainMeasure(compressed="gradient", reference="gradient", power=2)
+    assert A.GAINS["error_fed"] == A.GainMeasure("compensated", "compensated", 2)
+    assert A.GAINS["authors"] == A.GainMeasure("compensated", "gradient", 1)
+    assert A.GraVAC(gain="authors").gain_measure.power == 1
+
+
+def test_unmeasured_steps_leave_the_gain_alone_and_gain_interval_marks_decisions():
+    agent = A.GraVAC(window=100, gain_interval=4, ewma=1.0, settle_steps=0)
+    assert agent.initial_decision().measure_gain
+    marks = []
+    for step in range(8):
+        measured = step % 4 == 0
+        d = agent.decide(StepStats(step=step, iter_time=1.0, world_size=1, gain_reference=1.0,
+                                   gain_min=0.9 if measured else 0.0, gain_compressed=0.8 if
+                                   measured else 0.0, gain_measured=measured, sent=agent.send))
+        marks.append(d.measure_gain)
+        assert agent.delta_min == pytest.approx(0.9)
+    assert marks == [False, False, False, True, False, False, False, True]  # for steps 1..8
+
+
+def test_candidate_gain_restarts_and_settles_when_the_candidate_changes():
+    agent = A.GraVAC(theta_min=10, theta_max=1000, window=4, ewma=0.5, settle_steps=2,
+                     policy="geometric")
+    seen = []
+    for step in range(12):
+        agent.decide(stats(step, d_min=1.0, d_c=0.2 if step < 8 else 0.9, sent=agent.send))
+        seen.append((agent.candidate_cf, agent.delta_c))
+    # the first 2 steps of the run are not measured; the warm-up measures candidate 20
+    assert seen[1][1] is None and seen[2][1] == pytest.approx(0.2)
+    assert seen[3] == (20, pytest.approx(0.2))  # warm-up over: 20 is now sent, same mean
+    assert seen[7] == (40, None)  # second window over: new candidate, its mean restarts
+    assert seen[8][1] is None and seen[9][1] is None  # settling after the change
+    assert seen[10][1] == pytest.approx(0.9)  # a fresh mean: the old 0.2 is forgotten
+
+
+def test_two_tolerances_scale_up_by_gain_gap_and_saturate_by_throughput():
+    # gap 3%: within omega=5% → θmin scales up; the paper's 1% would not
+    for omega, theta_min in ((0.05, 20), (0.01, 10)):
+        agent = A.GraVAC(theta_min=10, theta_max=1000, omega=omega, window=3, ewma=1.0,
+                         policy="geometric", settle_steps=0, omega_throughput=0.0)
+        run(agent, 6, d_min=1.0, d_c=0.97)
+        assert agent.theta_min == theta_min
+    # throughput 4% apart: saturated under omega_throughput=5% (stops at the lower CF),
+    # still searching under 1%
+    table = {10: 100.0, 20: 104.0}
+    for omega_t, searching in ((0.05, False), (0.01, True)):
+        agent = A.GraVAC(theta_min=10, theta_max=1000, omega=0.0, window=3, ewma=1.0,
+                         policy="geometric", settle_steps=0, omega_throughput=omega_t)
+        cfs, decision = run(agent, 6, throughput=lambda cf: table.get(cf, 1.0), d_c=1.0)
+        assert agent.searching is searching
+        if not searching:
+            assert decision.cf == 10
+
+
+def test_search_that_reaches_theta_max_settles_at_the_best_throughput():
+    """Candidates above 40x lose too much gain to be sent; at θmax the search is over and
+    GraVAC stays at the CF with the best compression throughput instead of θmin."""
+    table = {10: 50.0, 20: 90.0, 40: 100.0, 160: 60.0}
+    agent = A.GraVAC(theta_min=10, theta_max=1000, window=5, ewma=1.0, settle_steps=0,
+                     omega=0.0, omega_throughput=0.01)
+    decision, sent = agent.initial_decision(), []
+    for step in range(60):
+        cf = {"compressed": decision.cf, "min": decision.theta_min}[decision.send]
+        sent.append(cf)
+        d_c = 0.9 if agent.candidate_cf <= 160 else 0.3
+        decision = agent.decide(stats(step, 1.0, d_c, iter_time=1.0 / table.get(cf, 1.0),
+                                      sent=decision.send))
+    assert distinct(sent) == [10, 20, 40, 160, 1000, 10, 40]  # 1000 once, until measured
+    assert not agent.searching and decision.cf == 40 and decision.send == "compressed"
 
 
 def test_cf_never_exceeds_theta_max_and_state_round_trips():
-    agent = A.GraVAC(theta_min=10, theta_max=50, window=2, ewma=1.0)
+    agent = A.GraVAC(theta_min=10, theta_max=50, window=2, ewma=1.0, settle_steps=0)
     cfs, _ = run(agent, 30)
     assert max(cfs) == 50
-    clone = A.GraVAC(theta_min=10, theta_max=50, window=2, ewma=1.0)
+    clone = A.GraVAC(theta_min=10, theta_max=50, window=2, ewma=1.0, settle_steps=0)
     clone.load_state_dict(agent.state_dict())
     a, _ = run(agent, 10)
     b, _ = run(clone, 10)
@@ -99,7 +207,11 @@ def test_cf_never_exceeds_theta_max_and_state_round_trips():
     ({"theta_min": 100, "theta_max": 10}, "theta_max .* must be >= theta_min"),
     ({"epsilon": 0}, r"epsilon must be a number in \(0, 1\]"),
     ({"epsilon": 1.5}, r"epsilon must be a number in \(0, 1\]"),
-    ({"omega": -0.1}, "omega must be a number >= 0"),
+    ({"omega": -0.1}, r"omega must be a number in \[0, 1\]"),
+    ({"omega_throughput": 2}, r"omega_throughput must be a number in \[0, 1\], got 2"),
+    ({"gain": "energy"}, "gain must be one of fresh, error_fed, authors, got 'energy'"),
+    ({"gain_interval": 0}, "gain_interval must be an integer >= 1, got 0"),
+    ({"settle_steps": 10, "window": 5}, r"settle_steps must be an integer in \[0, 4\], got 10"),
     ({"window": 0}, "window must be an integer >= 1"),
     ({"policy": "linear"}, "unknown scaling policy 'linear'"),
     ({"theta_s": 1}, "theta_s must be a number > 1"),
@@ -142,11 +254,11 @@ def test_static_and_registry():
 def test_metrics_stream_keeps_only_the_recent_steps():
     agent = A.GraVAC(theta_min=2, theta_max=100, window=10)
     for i in range(RECENT_STEPS + 5):
-        agent.decide(StepStats(step=i, iter_time=0.1, world_size=2, norm_sq=1.0,
-                               norm_sq_min=0.9, norm_sq_compressed=0.8, sent=agent.send))
+        agent.decide(stats(i, d_min=0.9, d_c=0.8, iter_time=0.1, world=2,
+                               sent=agent.send))
     assert len(agent.history) == RECENT_STEPS and agent.history[0]["step"] == 5
     restored = A.GraVAC(theta_min=2, theta_max=100, window=10)
     restored.load_state_dict(agent.state_dict())
-    restored.decide(StepStats(step=RECENT_STEPS + 5, iter_time=0.1, world_size=2, norm_sq=1.0,
-                              norm_sq_min=0.9, norm_sq_compressed=0.8, sent=restored.send))
+    restored.decide(stats(RECENT_STEPS + 5, d_min=0.9, d_c=0.8, iter_time=0.1, world=2,
+                              sent=restored.send))
     assert len(restored.history) == RECENT_STEPS

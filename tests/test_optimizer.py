@@ -132,3 +132,66 @@ def test_embedding_gradients_sparse_or_dense(single_rank, sparse):
     changed = (emb.weight.detach() != before).any(dim=1).nonzero().view(-1).tolist()
     assert changed and set(changed) <= {1, 2, 3}
     assert opt.communication.steps == 3
+
+
+GRAD_W = [10.0, -9.0, 8.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+RESIDUAL_W = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 5.0, -6.0, 7.0]
+GRAD_B = [3.0, 4.0]  # no residual
+# g_o = g + e = [10, -9, 8, 1, 1, 1, 1, 6, -5, 8]. θmin = 2 keeps 5 of w's 10 (1 of b's 2),
+# the candidate 5 keeps 2 of w's (1 of b's). Terms: (reference, θmin level, candidate level).
+EXPECTED_GAIN_TERMS = {
+    "fresh": (252 + 25, 247 + 16, 181 + 16),          # ‖g‖², ‖C(g)‖², ‖C(C(g))‖²
+    "error_fed": (374 + 25, 345 + 16, 181 + 16),      # the same on g_o
+    "authors": (252 ** 0.5 + 5, 345 ** 0.5 + 4, 181 ** 0.5 + 4),  # Σ‖·‖: C(g_o) over g
+}
+
+
+@pytest.mark.parametrize("gain", sorted(EXPECTED_GAIN_TERMS))
+def test_gain_terms_on_constructed_gradients_and_what_is_sent_does_not_depend_on_them(
+        single_rank, gain):
+    import horovod_gravac as hg
+
+    class Recording(hg.agents.GraVAC):
+        def decide(self, stats):
+            self.seen = stats
+            return super().decide(stats)
+
+    w = torch.zeros(10, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    agent = Recording(theta_min=2, theta_max=10, theta_s=2.5, window=100, gain=gain)
+    opt = hg.DistributedOptimizer(torch.optim.SGD([w, b], lr=1.0), named_parameters=[
+        ("w", w), ("b", b)], compression="topk", agent=agent)
+    opt.memory.residuals["w"] = torch.tensor(RESIDUAL_W)
+    ((w * torch.tensor(GRAD_W)).sum() + (b * torch.tensor(GRAD_B)).sum()).backward()
+    opt.step()
+    s = agent.seen
+    assert s.gain_measured
+    assert (s.gain_reference, s.gain_min, s.gain_compressed) == pytest.approx(
+        EXPECTED_GAIN_TERMS[gain], rel=1e-6)
+    # the warm-up sends C(g_o, θmin) with error feedback, whatever the gain measures
+    assert w.detach().tolist() == [-10.0, 9.0, -8.0, 0.0, 0.0, 0.0, 0.0, -6.0, 0.0, -8.0]
+    assert opt.memory.residuals["w"].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, -5.0, 0.0]
+
+
+def test_untimed_work_is_not_part_of_the_step_time(single_rank):
+    import time
+
+    import horovod_gravac as hg
+
+    class Recording(hg.agents.GraVAC):
+        def decide(self, stats):
+            self.times.append(stats.iter_time)
+            return super().decide(stats)
+
+    agent = Recording(window=100)
+    agent.times = []
+    w = torch.zeros(1000, requires_grad=True)
+    opt = hg.DistributedOptimizer(torch.optim.SGD([w], lr=0.1), named_parameters=[("w", w)],
+                                  compression="topk", agent=agent)
+    for _ in range(3):
+        opt.zero_grad()
+        w.sum().backward()
+        opt.step()
+        with opt.untimed():
+            time.sleep(0.3)  # an evaluation
+    assert max(agent.times[1:]) < 0.2, agent.times

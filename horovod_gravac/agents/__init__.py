@@ -7,9 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from .accordion import Accordion
-from .base import (RECENT_STEPS, SEND_CHOICES, SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent,
-                   Decision, StepStats)
-from .gravac import SCALING_POLICIES, GraVAC
+from .base import (COMPENSATED, GRADIENT, RECENT_STEPS, SEND_CHOICES, SEND_COMPRESSED, SEND_DENSE,
+                   SEND_MIN, Agent, Decision, GainMeasure, StepStats)
+from .gravac import GAINS, SCALING_POLICIES, GraVAC
 from .static import Static
 
 AGENTS: dict[str, type[Agent]] = {cls.name: cls for cls in (Static, GraVAC, Accordion)}
@@ -30,6 +30,7 @@ def create(spec: str | Agent | None, **params: Any) -> Agent | None:
         raise ValueError(f"bad parameters for agent {spec!r}: {exc}") from None
 
 
-__all__ = ["AGENTS", "Agent", "Accordion", "Decision", "GraVAC", "RECENT_STEPS", "SCALING_POLICIES",
+__all__ = ["AGENTS", "Agent", "Accordion", "COMPENSATED", "Decision", "GAINS", "GRADIENT",
+           "GainMeasure", "GraVAC", "RECENT_STEPS", "SCALING_POLICIES",
            "SEND_CHOICES", "SEND_COMPRESSED", "SEND_DENSE", "SEND_MIN", "Static", "StepStats",
            "create"]

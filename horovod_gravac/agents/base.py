@@ -7,6 +7,7 @@ saw, and their state is in ``state_dict()``, so a resumed job continues the same
 """
 from __future__ import annotations
 
+import copy
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -25,33 +26,58 @@ class Decision:
 
     ``cf`` is the CF of the compressed level (GraVAC: θmin·θs); ``theta_min`` the first level
     of multi-level compression; ``send`` which of the two levels (or dense) goes on the wire;
-    ``layer_cf`` per-layer overrides (Accordion's per-layer mode).
+    ``layer_cf`` per-layer overrides (Accordion's per-layer mode); ``measure_gain`` whether
+    the optimizer measures the compression gain at that step (GraVAC's ``gain_interval``).
     """
 
     cf: float
     theta_min: float | None = None
     send: str = SEND_COMPRESSED
     layer_cf: dict[str, float] | None = None
+    measure_gain: bool = True
 
     def cf_for(self, name: str) -> float:
         return self.layer_cf.get(name, self.cf) if self.layer_cf else self.cf
+
+
+GRADIENT, COMPENSATED = "gradient", "compensated"
+
+
+@dataclass(frozen=True)
+class GainMeasure:
+    """What the optimizer measures for a compression gain; the agent smooths and divides.
+
+    Per layer, x is the fresh gradient g (``GRADIENT``) or the error-fed g_o = g + residual
+    (``COMPENSATED``). ``compressed`` names the x whose compressions C(x, θmin) and
+    C(C(x, θmin), θs) are measured, ``reference`` the x of the denominator, ``power`` 2 sums
+    squared L2 norms (energies) and 1 sums L2 norms over layers. Measuring never changes what
+    is sent: that stays C(g_o) with error feedback.
+    """
+
+    compressed: str
+    reference: str
+    power: int
 
 
 @dataclass
 class StepStats:
     """Statistics of one step, already combined across ranks.
 
-    Squared norms are sums over layers and ranks: ``norm_sq`` of the error-fed gradient
-    g_o, ``norm_sq_min`` of C(g_o, θmin) and ``norm_sq_compressed`` of C(C(g_o, θmin), θs).
+    Gain terms are sums over layers and ranks of ‖·‖^power (see :class:`GainMeasure`):
+    ``gain_reference`` of the reference tensor, ``gain_min`` of C(x, θmin) and
+    ``gain_compressed`` of C(C(x, θmin), θs); ``gain_measured`` is False at steps whose
+    decision skipped the measurement. ``iter_time`` excludes time spent in
+    ``DistributedOptimizer.untimed()`` (evaluation, checkpoints, logging).
     ``layer_norms`` holds per-layer norms of the averaged gradient (same on every rank).
     """
 
     step: int
     iter_time: float
     world_size: int
-    norm_sq: float = 0.0
-    norm_sq_min: float = 0.0
-    norm_sq_compressed: float = 0.0
+    gain_reference: float = 0.0
+    gain_min: float = 0.0
+    gain_compressed: float = 0.0
+    gain_measured: bool = False
     lr: float | None = None
     sent: str = SEND_COMPRESSED
     layer_norms: dict[str, float] = field(default_factory=dict)
@@ -84,10 +110,11 @@ class Agent:
         self.history.append(row)
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if k != "history"} | {
+        """A copy: later steps never change a state that was saved (elastic commits)."""
+        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "history"}) | {
             "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
+        for key, value in copy.deepcopy(state).items():
             setattr(self, key, value)
         self.history = deque(self.history, maxlen=RECENT_STEPS)

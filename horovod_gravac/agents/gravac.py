@@ -1,58 +1,120 @@
 """GraVAC (Tyagi & Swany, IEEE CLOUD 2023, Algorithm 1): adapt the CF from the compression gain.
 
-The gain of a compression is δ = ‖C(g)‖² / ‖g‖² ∈ (0, 1], how much of the error-fed
-gradient's energy survives. Every step the optimizer measures (summed over layers and ranks)
-δmin for C(g, θmin) and δc for the multi-level C(C(g, θmin), θs), smoothed by an EWMA with
-factor N/100. The decision for the next step:
+The compression gain δ of a CF says how much of the gradient survives compression. Every
+step (every ``gain_interval`` steps) the optimizer measures it for the floor θmin (δmin) and,
+by multi-level compression within the θmin selection, for the candidate θmin·θs (δc). The
+decision for the next step:
 
 * δc ≥ ε → send the compressed level (CF θmin·θs, capped at θmax);
 * δmin ≥ ε > δc → send the θmin level;
 * otherwise → send dense (the residual is reset to 0).
 
-Each step records the *compression throughput* T_sys·δ (T_sys = N·b / t_iter) for the CF that
-was sent, as a running mean per CF. Every ``window`` steps (CheckGraVAC):
+Each step records the *compression throughput* T_sys·δ (T_sys = N·b / t_iter, δ the smoothed
+gain of the level sent) for the CF that was sent, as a running mean per CF. Every ``window``
+steps (CheckGraVAC):
 
-* if |δmin − δc| / δmin ≤ ω, the CF just explored loses nothing against the floor: θmin is
-  raised to it (θmin ← θmin·θs);
-* θs ← policy(θs) (exponential: θs²; geometric: 2·θs);
-* if the two best compression throughputs are within ω of each other the search stops at the
-  lower CF of the two (the paper's saturation rule: 1029.9 at 1280x vs 1035.4 at 2000x with
-  ω = 1% → 1280x).
+* if |δmin − δc| / δmin ≤ ω (``omega``), the CF just explored loses nothing against the
+  floor: θmin is raised to it;
+* if the two best compression throughputs are within ``omega_throughput`` of each other the
+  search stops at the lower CF of the two (the paper's saturation rule: 1029.9 at 1280x vs
+  1035.4 at 2000x with a 1% tolerance → 1280x);
+* if the window just ended explored θmax, the search is over: it stops at the CF with the
+  best compression throughput (the paper leaves this case open; staying at θmax with a gain
+  below ε would send θmin for the rest of training). Dense steps are no candidates;
+* otherwise θs ← policy(θs) (exponential: θs²; geometric: 2·θs).
 
-The first window is a warm-up at θmin (θs is first applied after it), so the exponential
-policy from θmin = 10, θs = 2 explores 10, 20, 40, 160, then θmax. Multi-level compression,
-which the paper's public code never implemented, is what makes measuring δc cheap.
+The first window is a warm-up at θmin, so the exponential policy from θmin = 10, θs = 2
+explores 10, 20, 40, 160, then θmax.
+
+**Which gain** (``gain``; measured, PTB LSTM 2×200, TopK + residual memory, 500 steps):
+
+* ``"fresh"`` (default) — δ = ‖C(g)‖² / ‖g‖² on the fresh gradient g, before error feedback.
+  It tracks training quality: sending CF 100 trained like dense (validation perplexity 713 vs
+  717) and its fresh gain stayed ≈ 0.85; at CF 1000 it fell to ≈ 0.5 and perplexity rose 8%.
+* ``"error_fed"`` — δ = ‖C(g_o)‖² / ‖g_o‖² on g_o = g + residual, the paper's text. Once a
+  higher CF is actually sent, the residual that compression creates dominates ‖g_o‖²: at
+  CF 100 (trains like dense) this gain was 0.11, so GraVAC falls back to θmin and stays.
+* ``"authors"`` — the GraVAC authors' public code: Σ_layers‖C(g_o)‖ / Σ_layers‖g‖ (norms,
+  not squared; the raw gradient in the denominator), numerator and denominator each the mean
+  of the last 25 measurements. It can exceed 1.
+
+The fresh gain costs one more compression of g at θmin per layer on the steps it is measured
+(the candidate level is selected within it); ``gain_interval`` measures every k-th step.
+
+**Smoothing.** ``"fresh"`` and ``"error_fed"`` gains are smoothed by an exponentially weighted
+mean with factor α, bias-corrected (m ← (1−α)m + αx, δ = m / (1 − (1−α)^n)), so the first
+measurements are not over-weighted. The default α = max(N/100, 5/window) keeps the paper's
+N/100 where it is fast enough and otherwise fits five time constants (1/α steps each) into a
+window, so δ at a window's end describes the CF explored in that window. Whenever a level's CF
+changes its mean restarts, and the first ``settle_steps`` steps after a change of θmin or of the
+candidate CF are neither measured nor timed (the residual and the step time adjust to it).
+
+The paper's behaviour is reachable with ``gain="error_fed"``, ``omega=omega_throughput=0.01``,
+``ewma=N/100``, ``settle_steps=0``.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable
 
 from ..validation import check_number
-from .base import SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision, StepStats
+from .base import (COMPENSATED, GRADIENT, SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision,
+                   GainMeasure, StepStats)
 
 SCALING_POLICIES: dict[str, Callable[[float], float]] = {
     "exponential": lambda theta_s: theta_s * theta_s,
     "geometric": lambda theta_s: theta_s * 2.0,
 }
 
+#: gain name → what the optimizer measures. "authors" averages its terms over the last
+#: AUTHORS_WINDOW measurements; the others use the bias-corrected EWMA.
+GAINS: dict[str, GainMeasure] = {
+    "fresh": GainMeasure(compressed=GRADIENT, reference=GRADIENT, power=2),
+    "error_fed": GainMeasure(compressed=COMPENSATED, reference=COMPENSATED, power=2),
+    "authors": GainMeasure(compressed=COMPENSATED, reference=GRADIENT, power=1),
+}
+AUTHORS_WINDOW = 25
+LEVELS = ("min", "c")
+
 
 class GraVAC(Agent):
-    """Rank 0's GraVAC state machine. Parameters as in the paper (SPEC §3)."""
+    """Rank 0's GraVAC state machine.
+
+    Arguments:
+        theta_min: the floor CF θmin (first level of multi-level compression).
+        theta_max: the largest CF ever used.
+        epsilon: gain threshold ε in (0, 1]: a level is sent only while its gain is ≥ ε.
+        omega: gain-gap tolerance of the θmin scale-up test (|δmin − δc| / δmin ≤ omega).
+        omega_throughput: tolerance of the saturation test between the two best compression
+            throughputs (relative); above the step-time noise of the machine.
+        window: steps between CheckGraVAC calls (the first window is a warm-up at θmin).
+        theta_s: the initial scaling step θs > 1 (candidate CF = θmin·θs).
+        policy: "exponential" (θs²), "geometric" (2·θs) or a callable θs → new θs.
+        ewma: smoothing factor α of the gains; None → max(N/100, 5/window).
+        batch_size: samples per rank and step (T_sys = N·b / t_iter).
+        gain: "fresh", "error_fed" or "authors" (see the module docstring).
+        gain_interval: measure the gain every this many steps.
+        settle_steps: steps after a change of θmin or of the candidate CF that are neither
+            measured nor timed (also the first steps of a run).
+    """
 
     name = "gravac"
     needs_gain_stats = True
 
     def __init__(self, theta_min: float = 10.0, theta_max: float = 1000.0, epsilon: float = 0.7,
-                 omega: float = 0.01, window: int = 500, theta_s: float = 2.0,
+                 omega: float = 0.05, window: int = 500, theta_s: float = 2.0,
                  policy: str | Callable[[float], float] = "exponential",
-                 ewma: float | None = None, batch_size: int = 1) -> None:
+                 ewma: float | None = None, batch_size: int = 1, gain: str = "fresh",
+                 omega_throughput: float = 0.05, gain_interval: int = 1,
+                 settle_steps: int = 3) -> None:
         super().__init__()
         self.theta_min = check_number("theta_min", theta_min, 1)
         self.theta_max = check_number("theta_max", theta_max, 1)
         if self.theta_max < self.theta_min:
             raise ValueError(f"theta_max ({theta_max!r}) must be >= theta_min ({theta_min!r})")
         self.epsilon = check_number("epsilon", epsilon, 0, 1, low_open=True)
-        self.omega = check_number("omega", omega, 0)
+        self.omega = check_number("omega", omega, 0, 1)
+        self.omega_throughput = check_number("omega_throughput", omega_throughput, 0, 1)
         self.window = check_number("window", window, 1, integer=True)
         self.theta_s = check_number("theta_s", theta_s, 1, low_open=True)
         if isinstance(policy, str):
@@ -67,15 +129,30 @@ class GraVAC(Agent):
             raise ValueError(f"policy must be a name or a callable, got {policy!r}")
         self.ewma = check_number("ewma", ewma, 0, 1, low_open=True, optional=True)
         self.batch_size = check_number("batch_size", batch_size, 1, integer=True)
+        if gain not in GAINS:
+            raise ValueError(f"gain must be one of {', '.join(GAINS)}, got {gain!r}")
+        self.gain = gain
+        self.gain_interval = check_number("gain_interval", gain_interval, 1, integer=True)
+        self.settle_steps = check_number("settle_steps", settle_steps, 0, window - 1, integer=True)
         self.warmup = True
         self.searching = True
         self.delta_min: float | None = None
         self.delta_c: float | None = None
+        #: per level: bias-corrected EWMA [m, 1 − (1−α)^n] or the authors' recent terms
+        self._means: dict[str, list[float]] = {}
+        self._recent: dict[str, deque] = {}
         self.throughput: dict[float, list[float]] = {}  # CF → [sum, count]
         self.steps_in_window = 0
+        self.settling = self.settle_steps  # the first steps of a run are not timed either
         self.send = SEND_MIN
+        self._restart(*LEVELS)
 
     # -- helpers -------------------------------------------------------------------------
+    @property
+    def gain_measure(self) -> GainMeasure:
+        """What the optimizer measures for this agent's gain definition."""
+        return GAINS[self.gain]
+
     def policy(self, theta_s: float) -> float:
         if self.policy_name is None:
             return float(self._policy(theta_s))
@@ -89,37 +166,80 @@ class GraVAC(Agent):
     def mean_throughput(self) -> dict[float, float]:
         return {cf: s / n for cf, (s, n) in self.throughput.items()}
 
-    def decision(self) -> Decision:
-        return Decision(cf=self.candidate_cf, theta_min=self.theta_min, send=self.send)
+    def decision(self, next_step: int = 0) -> Decision:
+        return Decision(cf=self.candidate_cf, theta_min=self.theta_min, send=self.send,
+                        measure_gain=next_step % self.gain_interval == 0)
 
     def initial_decision(self) -> Decision:
         return self.decision()
 
+    def alpha(self, world_size: int) -> float:
+        return self.ewma if self.ewma is not None else max(world_size / 100, 5 / self.window)
+
+    # -- gains -----------------------------------------------------------------------------
+    def _restart(self, *levels: str) -> None:
+        """Forget a level's gain: its CF changed."""
+        for level in levels:
+            self._means[level] = [0.0, 0.0]
+            self._recent[level] = deque(maxlen=AUTHORS_WINDOW)
+            setattr(self, f"delta_{level}", None)
+
+    def _update_gains(self, stats: StepStats) -> None:
+        for level, numerator in zip(LEVELS, (stats.gain_min, stats.gain_compressed)):
+            if self.gain == "authors":
+                recent = self._recent[level]
+                recent.append((numerator, stats.gain_reference))
+                num, den = (sum(t) for t in zip(*recent))
+                value = num / den if den > 0 else 1.0
+            else:
+                # all-zero gradient: nothing is lost by compressing it
+                x = min(1.0, numerator / stats.gain_reference) if stats.gain_reference > 0 else 1.0
+                a = self.alpha(stats.world_size)
+                mean = self._means[level]
+                mean[0] = (1 - a) * mean[0] + a * x
+                mean[1] = (1 - a) * mean[1] + a  # = 1 − (1−α)^n: the bias correction
+                value = mean[0] / mean[1]
+            setattr(self, f"delta_{level}", value)
+
     # -- the algorithm ---------------------------------------------------------------------
     def decide(self, stats: StepStats) -> Decision:
-        alpha = self.ewma if self.ewma is not None else min(1.0, stats.world_size / 100)
-        if stats.norm_sq > 0:
-            d_min = min(1.0, stats.norm_sq_min / stats.norm_sq)
-            d_c = min(1.0, stats.norm_sq_compressed / stats.norm_sq)
-        else:  # all-zero gradient: nothing is lost by compressing it
-            d_min = d_c = 1.0
-        self.delta_min = d_min if self.delta_min is None else alpha * d_min + (1 - alpha) * self.delta_min
-        self.delta_c = d_c if self.delta_c is None else alpha * d_c + (1 - alpha) * self.delta_c
-
-        # Record what was actually sent this step.
-        sent_cf, sent_gain = {SEND_COMPRESSED: (self.candidate_cf, d_c), SEND_MIN: (self.theta_min, d_min),
-                              SEND_DENSE: (1.0, 1.0)}[stats.sent]
-        t_sys = stats.world_size * self.batch_size / max(stats.iter_time, 1e-12)
-        acc = self.throughput.setdefault(sent_cf, [0.0, 0])
-        acc[0] += t_sys * sent_gain
-        acc[1] += 1
+        before = (self.candidate_cf, self.theta_min)
+        if self.settling > 0:
+            self.settling -= 1
+        else:
+            if stats.gain_measured:
+                self._update_gains(stats)
+            self._record_throughput(stats)
 
         self.steps_in_window += 1
         if self.steps_in_window >= self.window:
             self.steps_in_window = 0
             self._check()
 
-        # Branch for the next step.
+        self._choose_send()
+        if (self.candidate_cf, self.theta_min) != before:
+            self.settling = self.settle_steps
+        decision = self.decision(stats.step + 1)
+        self.record(stats, decision, delta_min=self.delta_min, delta_c=self.delta_c,
+                    sent=stats.sent, throughput=self.mean_throughput())
+        return decision
+
+    def _record_throughput(self, stats: StepStats) -> None:
+        """T_sys·δ of what was sent at this step, into the running mean of its CF."""
+        sent_cf, gain = {SEND_COMPRESSED: (self.candidate_cf, self.delta_c),
+                         SEND_MIN: (self.theta_min, self.delta_min),
+                         SEND_DENSE: (1.0, 1.0)}[stats.sent]
+        if gain is None or not stats.iter_time > 0:
+            return
+        t_sys = stats.world_size * self.batch_size / stats.iter_time
+        acc = self.throughput.setdefault(sent_cf, [0.0, 0])
+        acc[0] += t_sys * gain
+        acc[1] += 1
+
+    def _choose_send(self) -> None:
+        """The three branches of Algorithm 1 (only the θmin level during the warm-up)."""
+        if self.delta_min is None or (self.delta_c is None and not self.warmup):
+            return  # a level not measured yet (new CF, settling): keep the current branch
         if self.warmup:
             self.send = SEND_MIN if self.delta_min >= self.epsilon else SEND_DENSE
         elif self.delta_c >= self.epsilon:
@@ -128,32 +248,38 @@ class GraVAC(Agent):
             self.send = SEND_MIN
         else:
             self.send = SEND_DENSE
-        decision = self.decision()
-        self.record(stats, decision, delta_min=self.delta_min, delta_c=self.delta_c,
-                    sent=stats.sent, throughput=self.mean_throughput())
-        return decision
 
     def _check(self) -> None:
         """CheckGraVAC, every ``window`` steps."""
-        if self.warmup:
-            self.warmup = False  # θs takes effect: explore θmin·θs
+        if self.warmup:  # θs takes effect: explore θmin·θs, measured since the start
+            self.warmup = False
             return
         if not self.searching:
             return
-        if self.delta_min and abs(self.delta_min - self.delta_c) / self.delta_min <= self.omega:
-            self.theta_min = min(self.theta_min * self.theta_s, self.theta_max)
-        ranked = sorted(self.mean_throughput().items(), key=lambda kv: kv[1], reverse=True)
+        explored, theta_min = self.candidate_cf, self.theta_min
+        if self.delta_min and self.delta_c is not None and \
+                abs(self.delta_min - self.delta_c) / self.delta_min <= self.omega:
+            self.theta_min = explored
+        ranked = sorted(((cf, t) for cf, t in self.mean_throughput().items() if cf > 1),
+                        key=lambda kv: kv[1], reverse=True)
         if len(ranked) >= 2 and ranked[1][1] > 0 and \
-                abs(ranked[0][1] - ranked[1][1]) / ranked[1][1] <= self.omega:
-            ideal = min(ranked[0][0], ranked[1][0])
-            self.searching = False
-            if ideal <= self.theta_min:
-                self.theta_min, self.theta_s = ideal, 1.0
-            else:
-                self.theta_s = ideal / self.theta_min
-            return
-        if self.theta_min * self.theta_s < self.theta_max:
+                abs(ranked[0][1] - ranked[1][1]) / ranked[1][1] <= self.omega_throughput:
+            self._settle_at(min(ranked[0][0], ranked[1][0]))
+        elif explored >= self.theta_max and ranked:
+            self._settle_at(ranked[0][0])
+        elif self.theta_min * self.theta_s < self.theta_max:
             self.theta_s = self.policy(self.theta_s)
+        self._restart("c")
+        if self.theta_min != theta_min:
+            self._restart("min")
+
+    def _settle_at(self, ideal: float) -> None:
+        """Stop searching: the compressed level is θ_ideal from now on."""
+        self.searching = False
+        if ideal <= self.theta_min:
+            self.theta_min, self.theta_s = ideal, 1.0
+        else:
+            self.theta_s = ideal / self.theta_min
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
