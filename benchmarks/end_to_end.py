@@ -1,16 +1,33 @@
 """End-to-end comparison on an emulated network: time-to-target, quality, bytes, mean CF.
 
-Every configuration trains the same workload for the same number of steps, one job at a
-time, through ``launch/netem.py`` (each rank behind its own shaped link; needs root) or, with
-``--no-emulation``, on the unshaped local machine. Baselines run in the same benchmark: dense
-Horovod and Horovod fp16 (``hvd.DistributedOptimizer``), static TopK and DGC at a low and a
-high CF, Accordion, GraVAC with the exponential and the geometric policy, and PyTorch DDP with
-its PowerSGD hook as the outside baseline. Workloads: the PTB LSTM (``--workload ptb``, target
-validation perplexity) and a CNN on scikit-learn's digits (``--workload digits``, target
-accuracy; CIFAR needs a download this machine cannot do).
+The regime the paper targets: several workers behind links where dense communication costs
+several times the compute of a step. Each configuration runs as its own job, one at a time,
+and its result is kept on disk; every finished job re-merges all finished results into one
+table, so the benchmark can be built over several (background) runs and a stopped run loses
+at most the job in flight. Configurations: dense Horovod and Horovod fp16
+(``hvd.DistributedOptimizer``), static TopK at CF 10/100/1000 and DGC at 10/100, this
+library's PowerSGD at rank 1 and 4, Accordion (TopK, the paper's 1.01x/10x pair), GraVAC
+with the exponential and the geometric policy at default parameters, GraVAC with the other two
+gain definitions (error-fed, the authors' code), GraVAC with the paper's parameters (error-fed
+gain, one 1% tolerance, EWMA N/100, no settling), and PyTorch DDP with its PowerSGD hook.
 
-    sudo .venv/bin/python -m benchmarks.end_to_end --rate 1gbit --steps 200 --target 1000
-    sudo .venv/bin/python -m benchmarks.end_to_end --workload digits --rate 100mbit --target 0.9
+How time to target is measured (the table says which, per configuration):
+
+* **on the link** — adaptive configurations (GraVAC, Accordion), whose decisions depend on
+  measured time: trained through ``launch/netem.py`` (every rank behind its own shaped link),
+  time to target = training time (evaluation excluded) at the first evaluation that reaches
+  the target.
+* **steps × step time** — configurations whose numerics do not depend on time: trained
+  unshaped for the quality curve; time to target = the steps to reach the target × the
+  median step time of a short run (``--timing-steps``) on the shaped link.
+
+The target, unless given, follows one rule for every workload: dense's validation metric at
+75% of the run (mean over its seeds), so dense reaches it inside the run. The GraVAC window
+is a tenth of the run (gravac-train's default), Accordion's interval the same.
+
+    sudo .venv/bin/python -m benchmarks.end_to_end --workload ptb --np 4 --rate 100mbit
+    sudo .venv/bin/python -m benchmarks.end_to_end --workload digits --np 4 --rate 100mbit
+    .venv/bin/python -m benchmarks.end_to_end --workload ptb --merge-only   # table only
 """
 from __future__ import annotations
 
@@ -18,129 +35,272 @@ import argparse
 import csv
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def configurations(low: float, high: float, window: int) -> dict[str, list[str]]:
-    gravac = ["--compression", "topk", "--agent", "gravac", "--theta-min", str(low),
-              "--theta-max", str(high), "--epsilon", "0.5", "--window", str(window)]
+@dataclass(frozen=True)
+class Config:
+    flags: tuple[str, ...]
+    adaptive: bool = False  # decisions depend on measured time: train on the shaped link
+
+
+def configurations(steps: int, ranks: int) -> dict[str, Config]:
+    window = str(max(10, steps // 10))  # the same rule as gravac-train's default window
+    topk = ("--compression", "topk", "--agent", "static", "--cf")
+    dgc = ("--compression", "dgc", "--memory", "residual", "--agent", "static", "--cf")
+    gravac = ("--compression", "topk", "--agent", "gravac", "--theta-min", "10",
+              "--theta-max", "1000")
     return {
-        "dense (Horovod)": ["--baseline", "horovod"],
-        "fp16 (Horovod)": ["--baseline", "horovod-fp16"],
-        f"TopK {low:g}x": ["--compression", "topk", "--agent", "static", "--cf", str(low)],
-        f"TopK {high:g}x": ["--compression", "topk", "--agent", "static", "--cf", str(high)],
-        f"DGC {low:g}x": ["--compression", "dgc", "--memory", "residual", "--agent", "static",
-                          "--cf", str(low)],
-        f"DGC {high:g}x": ["--compression", "dgc", "--memory", "residual", "--agent", "static",
-                           "--cf", str(high)],
-        "Accordion (TopK 1.01x/10x)": ["--compression", "topk", "--agent", "accordion",
-                                       "--low-cf", "1.01", "--high-cf", "10", "--interval",
-                                       str(window), "--interval-unit", "steps"],
-        "GraVAC exponential": gravac + ["--policy", "exponential"],
-        "GraVAC geometric": gravac + ["--policy", "geometric"],
-        "DDP + PowerSGD (rank 1)": ["--baseline", "ddp-powersgd", "--powersgd-rank", "1"],
+        "dense (Horovod)": Config(("--baseline", "horovod")),
+        "fp16 (Horovod)": Config(("--baseline", "horovod-fp16")),
+        "TopK 10x": Config((*topk, "10")),
+        "TopK 100x": Config((*topk, "100")),
+        "TopK 1000x": Config((*topk, "1000")),
+        "DGC 10x": Config((*dgc, "10")),
+        "DGC 100x": Config((*dgc, "100")),
+        "PowerSGD rank 1": Config(("--compression", "powersgd:1")),
+        "PowerSGD rank 4": Config(("--compression", "powersgd:4")),
+        "Accordion (TopK 1.01x/10x)": Config(
+            ("--compression", "topk", "--agent", "accordion", "--low-cf", "1.01", "--high-cf",
+             "10", "--interval", window, "--interval-unit", "steps"), adaptive=True),
+        "GraVAC exponential": Config((*gravac, "--policy", "exponential"), adaptive=True),
+        "GraVAC geometric": Config((*gravac, "--policy", "geometric"), adaptive=True),
+        # the gain definitions side by side, everything else at defaults
+        "GraVAC exponential, error-fed gain": Config(
+            (*gravac, "--policy", "exponential", "--gain", "error_fed"), adaptive=True),
+        "GraVAC exponential, authors' gain": Config(
+            (*gravac, "--policy", "exponential", "--gain", "authors"), adaptive=True),
+        "GraVAC (paper's parameters)": Config(
+            (*gravac, "--policy", "exponential", "--gain", "error_fed", "--omega", "0.01",
+             "--omega-throughput", "0.01", "--settle-steps", "0", "--epsilon", "0.7",
+             "--ewma", str(ranks / 100)),
+            adaptive=True),
+        "DDP + PowerSGD (rank 1)": Config(("--baseline", "ddp-powersgd", "--powersgd-rank", "1")),
     }
 
 
-WORKLOADS = {  # --workload → (gravac-train flags, target metric)
-    "ptb": (["--data", "ptb", "--lr", "1", "--momentum", "0", "--clip", "0.25"], "perplexity"),
-    "digits": (["--data", "digits", "--lr", "0.05", "--batch-size", "16"],
-               "accuracy"),
+WORKLOADS = {  # --workload → (gravac-train flags, target metric, default steps)
+    "ptb": (("--model", "lstm200", "--data", "ptb", "--lr", "1", "--momentum", "0",
+             "--clip", "0.25"), "perplexity", 200),
+    "digits": (("--model", "cnn_digits", "--data", "digits", "--lr", "0.05",
+                "--batch-size", "16"), "accuracy", 150),
 }
+TIMING_WARMUP = 3  # first steps of a timing run left out of its median
 
 
-def run_one(name: str, flags: list[str], args: argparse.Namespace, out: Path) -> dict:
-    flags_of_workload, metric = WORKLOADS[args.workload]
-    workload = ["--model", args.model, *flags_of_workload, "--steps", str(args.steps),
-                "--eval-interval", str(args.eval_interval), "--eval-batches", str(args.eval_batches),
-                "--target-metric", metric, "--target", str(args.target),
-                "--no-progress", "--out", str(out)]
-    train = [sys.executable, "-m", "benchmarks.train", *workload, *flags]
-    if args.no_emulation:
-        cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.np), "-H",
-               f"localhost:{args.np}", "--gloo", *train]
-    else:
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def launch(train_flags: list[str], args: argparse.Namespace, shaped: bool) -> None:
+    train = [sys.executable, "-m", "benchmarks.train", *train_flags]
+    if shaped:
         cmd = [sys.executable, str(ROOT / "launch" / "netem.py"), "--np", str(args.np),
                "--rate", args.rate, "--delay", args.delay, "--", *train]
+    else:
+        cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.np), "-H",
+               f"localhost:{args.np}", "--gloo", *train]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     if res.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
-    s = json.loads((out / "summary.json").read_text())
-    return {"config": name, "time_to_target_s": s["time_to_target_s"], "wall_s": s["wall_s"],
-            "final_quality": s["final"][metric], "MB_sent": s["total_bytes"] / 1e6,
-            "mean_cf": s["mean_cf"], "steps": s["steps"]}
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+
+
+def run_config(name: str, config: Config, seed: int, args: argparse.Namespace,
+               timed: bool) -> None:
+    """The jobs of one configuration and seed whose results are not on disk yet: the
+    untimed ones (unshaped quality runs) or the timed ones (everything on the link)."""
+    base, metric, _ = WORKLOADS[args.workload]
+    common = [*base, *config.flags, "--no-progress", "--eval-batches", str(args.eval_batches)]
+    emulate = not args.no_emulation
+    run_dir = args.out / "runs" / slug(name) / f"seed{seed}"
+    on_link = emulate and config.adaptive
+    if timed == (on_link or not emulate) and not (run_dir / "summary.json").is_file():
+        launch([*common, "--steps", str(args.steps), "--eval-interval", str(args.eval_interval),
+                "--seed", str(seed), "--out", str(run_dir)], args, shaped=on_link)
+    timing_dir = args.out / "runs" / slug(name) / "timing"
+    if timed and emulate and not config.adaptive and not (timing_dir / "summary.json").is_file():
+        launch([*common, "--steps", str(args.timing_steps), "--eval-interval",
+                str(10 * args.timing_steps), "--out", str(timing_dir)], args, shaped=True)
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def median_step_s(run_dir: Path) -> float:
+    times = [float(r["step_s"]) for r in _rows(run_dir / "steps.csv")]
+    return statistics.median(times[TIMING_WARMUP:] or times)
+
+
+def metric_curve(run_dir: Path, metric: str) -> list[tuple[int, float, float]]:
+    """(step, training seconds, value) of each evaluation."""
+    return [(int(r["step"]), float(r["train_s"]), float(r["value"]))
+            for r in _rows(run_dir / "evals.csv") if r["metric"] == metric]
+
+
+def better(metric: str, value: float, target: float) -> bool:
+    return value <= target if metric == "perplexity" else value >= target
+
+
+def merge(args: argparse.Namespace) -> list[dict]:
+    """One row per configuration with finished runs; writes CSV, Markdown and plots."""
+    _, metric, _ = WORKLOADS[args.workload]
+    configs = configurations(args.steps, args.np)
+    runs = args.out / "runs"
+    finished = {name: sorted((runs / slug(name)).glob("seed*/summary.json"))
+                for name in configs}
+    dense_runs = [p.parent for p in finished["dense (Horovod)"]]
+    target = args.target
+    if target is None and dense_runs:  # dense's metric at 75% of the run
+        at = 0.75 * args.steps
+        target = statistics.mean(min(metric_curve(d, metric), key=lambda e: abs(e[0] - at))[2]
+                                 for d in dense_runs)
+    rows = []
+    for name, summaries in finished.items():
+        config = configs[name]
+        # static configurations on the link: their step time comes from a separate timing run
+        timing = runs / slug(name) / "timing" \
+            if not config.adaptive and not args.no_emulation else None
+        if not summaries or (timing and not (timing / "steps.csv").is_file()):
+            continue
+        times, steps_to, finals, sent, cfs = [], [], [], [], []
+        for path in summaries:
+            s = json.loads(path.read_text())
+            curve = metric_curve(path.parent, metric)
+            hit = next((e for e in curve if target is not None and better(metric, e[2], target)),
+                       None)
+            if timing is None:
+                times.append(hit[1] if hit else None)
+            else:
+                times.append(hit[0] * median_step_s(timing) if hit else None)
+            steps_to.append(hit[0] if hit else None)
+            finals.append(curve[-1][2])
+            sent.append(s["total_bytes"] / 1e6)
+            cfs.append(s["mean_cf"])
+        reached = [t for t in times if t is not None]
+        rows.append({
+            "config": name,
+            "timed": "on the link" if config.adaptive and not args.no_emulation else
+                     ("unshaped" if args.no_emulation else "steps x step time"),
+            "seeds": len(summaries), "reached": len(reached),
+            "time_to_target_s": statistics.mean(reached) if len(reached) == len(times) else None,
+            "steps_to_target": statistics.mean(s for s in steps_to if s) if reached else None,
+            "step_s": median_step_s(timing or summaries[0].parent),
+            "final": statistics.mean(finals), "MB_sent": statistics.mean(sent),
+            "mean_cf": statistics.mean(cfs)})
+    write_tables(rows, target, metric, args)
+    return rows
+
+
+def write_tables(rows: list[dict], target: float | None, metric: str,
+                 args: argparse.Namespace) -> None:
+    by = {r["config"]: r for r in rows}
+    dense, topk10 = by.get("dense (Horovod)"), by.get("TopK 10x")
+    statics = [r for r in rows if r["timed"] != "on the link" and r["time_to_target_s"]
+               and not r["config"].startswith(("dense", "fp16", "DDP"))]
+    best = min(statics, key=lambda r: r["time_to_target_s"]) if statics else None
+
+    def ratio(ref: dict | None, r: dict) -> str:
+        if not ref or not ref["time_to_target_s"] or not r["time_to_target_s"]:
+            return "—"
+        return f"{ref['time_to_target_s'] / r['time_to_target_s']:.2f}"
+
+    link = "unshaped" if args.no_emulation else f"{args.rate} links (tbf)"
+    lines = [f"{args.np} ranks, {args.workload} ({WORKLOADS[args.workload][0][1]}), "
+             f"{args.steps} steps, {link}, target {metric} "
+             f"{'—' if target is None else f'{target:.4g}'}"]
+    if dense and not args.no_emulation:
+        unshaped = median_step_s(args.out / "runs" / slug("dense (Horovod)") / "seed0")
+        lines.append(f"dense step: {dense['step_s']:.3f} s on the link vs {unshaped:.3f} s "
+                     f"unshaped: communication ≈ {dense['step_s'] / unshaped - 1:.1f}× compute")
+    if best:
+        lines.append(f"best static CF in hindsight: {best['config']}")
+    lines += ["", f"| configuration | timed | seeds reached | time to target (s) | vs dense | "
+              f"vs TopK 10x | vs best static | final {metric} | median step (s) | MB sent/rank "
+              "| × fewer bytes | mean CF |", "|---" * 12 + "|"]
+    for r in rows:
+        ttt = r["time_to_target_s"]
+        fewer = dense["MB_sent"] / max(r["MB_sent"], 1e-9) if dense else float("nan")
+        lines.append(f"| {r['config']} | {r['timed']} | {r['reached']}/{r['seeds']} | "
+                     f"{'not reached' if ttt is None else f'{ttt:.1f}'} | {ratio(dense, r)} | "
+                     f"{ratio(topk10, r)} | {ratio(best, r)} | {r['final']:.4g} | "
+                     f"{r['step_s']:.3f} | {r['MB_sent']:.1f} | {fewer:.1f} | {r['mean_cf']:.1f} |")
+    table = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "end_to_end.md").write_text(table + "\n")
+    with open(args.out / "end_to_end.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["config", "timed", "seeds", "reached",
+                                               "time_to_target_s", "steps_to_target", "step_s",
+                                               "final", "MB_sent", "mean_cf"])
+        writer.writeheader()
+        writer.writerows(rows)
+    from benchmarks.plot import plot_runs, read_run
+    seed0 = [args.out / "runs" / slug(r["config"]) / "seed0" for r in rows]
+    seed0 = [d for d in seed0 if (d / "steps.csv").is_file()]
+    if seed0:
+        plot_runs([dict(read_run(d), name=d.parent.name) for d in seed0], args.out / "plots",
+                  metric)
+    print(table, flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--np", type=int, default=2)
     p.add_argument("--workload", default="ptb", choices=sorted(WORKLOADS))
-    p.add_argument("--model", default=None, help="PTB: lstm200 (default), lstm650, lstm1500")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--np", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="ptb: 200, digits: 150")
+    p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     p.add_argument("--target", type=float, default=None,
-                   help="validation perplexity (ptb, default 1000) or accuracy (digits, 0.9)")
-    p.add_argument("--eval-interval", type=int, default=20)
+                   help="default: dense's metric at 75%% of the run")
+    p.add_argument("--eval-interval", type=int, default=10)
     p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--rate", default="1gbit")
+    p.add_argument("--timing-steps", type=int, default=30)
+    p.add_argument("--rate", default="100mbit")
     p.add_argument("--delay", default="1ms")
-    p.add_argument("--low-cf", type=float, default=10.0)
-    p.add_argument("--high-cf", type=float, default=1000.0)
-    p.add_argument("--window", type=int, default=20)
     p.add_argument("--only", default=None, help="comma-separated configuration names")
-    p.add_argument("--no-emulation", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("results/end_to_end"))
+    p.add_argument("--no-emulation", action="store_true",
+                   help="everything unshaped and timed as it runs (tests, quick looks)")
+    p.add_argument("--merge-only", action="store_true", help="only merge finished results")
+    p.add_argument("--out", type=Path, default=None, help="default: results/end_to_end/<workload>")
     args = p.parse_args(argv)
-    if args.workload == "digits":
-        args.model = args.model or "cnn_digits"
-        args.target = 0.9 if args.target is None else args.target
-    else:
-        args.model = args.model or "lstm200"
-        args.target = 1000.0 if args.target is None else args.target
-    if not args.no_emulation and os.geteuid() != 0:
-        raise SystemExit("network emulation needs root: run as root, or pass --no-emulation")
-    configs = configurations(args.low_cf, args.high_cf, args.window)
-    if args.only:
-        wanted = args.only.split(",")
-        unknown = [w for w in wanted if w not in configs]
-        if unknown:
-            raise ValueError(f"unknown configurations {unknown}; valid: {list(configs)}")
-        configs = {k: v for k, v in configs.items() if k in wanted}
-    from tqdm import tqdm
-
-    rows, runs = [], args.out / "runs"
-    for name, flags in tqdm(configs.items(), desc="end-to-end"):
-        slug = name.lower().replace(" ", "_").replace("(", "").replace(")", "").replace("/", "-")
-        rows.append(run_one(name, flags, args, runs / slug))
-    dense = rows[0]
-    metric = WORKLOADS[args.workload][1]
-    lines = [f"{args.np} ranks, {args.model} on {args.workload}, {args.steps} steps, link "
-             f"{'unshaped' if args.no_emulation else f'{args.rate} {args.delay}'}, "
-             f"target {metric} {args.target:g}", "",
-             f"| configuration | time to target (s) | speed-up vs dense | final {metric} | "
-             "MB sent/rank | × fewer bytes | mean CF | wall (s) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ttt = r["time_to_target_s"]
-        speed = (dense["time_to_target_s"] / ttt) if ttt and dense["time_to_target_s"] else None
-        lines.append(f"| {r['config']} | {ttt:.1f} | {speed:.2f} | " if ttt else f"| {r['config']} | not reached | — | ")
-        lines[-1] += (f"{r['final_quality']:.4g} | {r['MB_sent']:.1f} | "
-                      f"{dense['MB_sent'] / max(r['MB_sent'], 1e-9):.1f} | {r['mean_cf']:.1f} | "
-                      f"{r['wall_s']:.1f} |")
-    table = "\n".join(lines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "end_to_end.md").write_text(table + "\n")
-    with open(args.out / "end_to_end.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    from benchmarks.plot import plot_runs, read_run
-    plot_runs([read_run(d) for d in sorted(runs.iterdir())], args.out / "plots", metric)
-    print(table)
+    args.steps = args.steps or WORKLOADS[args.workload][2]
+    args.out = args.out or Path("results/end_to_end") / args.workload
+    for flag, value in (("--np", args.np), ("--steps", args.steps),
+                        ("--eval-interval", args.eval_interval),
+                        ("--timing-steps", args.timing_steps)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    configs = configurations(args.steps, args.np)
+    wanted = args.only.split(",") if args.only else list(configs)
+    unknown = [w for w in wanted if w not in configs]
+    if unknown:
+        raise ValueError(f"unknown configurations {unknown}; valid: {list(configs)}")
+    if not args.merge_only:
+        if not args.no_emulation and os.geteuid() != 0:
+            raise SystemExit("network emulation needs root: run as root, or pass --no-emulation")
+        # untimed jobs first, then every timed job back to back (nothing else should share
+        # the machine then); dense first in each phase: it defines the target
+        for timed in (False, True):
+            for seed in seeds:
+                for name in wanted:
+                    print(f"[end_to_end] {args.workload} seed {seed}: {name}"
+                          f"{' (timed)' if timed else ''}", flush=True)
+                    run_config(name, configs[name], seed, args, timed)
+                    merge(args)
+    merge(args)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,9 @@ def plot_runs(runs: list[dict], out: Path, metric: str | None = None) -> list[Pa
     fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.6 * len(runs)), squeeze=False)
     for ax, run in zip(axes[:, 0], runs):
         steps = _floats(run["steps"], "step")
-        ax.semilogy(steps, _floats(run["steps"], "cf"), label="CF on the wire", color="C0")
+        ax.semilogy(steps, _floats(run["steps"], "cf"), label="dense bytes / bytes", color="C0")
+        if run["steps"] and run["steps"][0].get("cf_sent") not in (None, ""):
+            ax.semilogy(steps, _floats(run["steps"], "cf_sent"), label="CF sent", color="C3")
         ax.set_ylabel("CF (dense bytes / bytes)")
         ax.set_title(run["name"])
         twin = ax.twinx()

@@ -296,6 +296,13 @@ class Workload:
                 "top5": (totals[3] / totals[1]).item()}
 
 
+def cf_sent(decision) -> float | str:
+    """The CF of what a decision sends (the bytes ratio, column ``cf``, also counts indices)."""
+    if decision is None:
+        return ""
+    return {"compressed": decision.cf, "min": decision.theta_min, "dense": 1.0}[decision.send]
+
+
 def reached(metric: str, value: float, target: float) -> bool:
     return value <= target if metric == "perplexity" else value >= target
 
@@ -416,7 +423,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_log = csv.writer(steps_file) if steps_file else None
     eval_log = csv.writer(evals_file) if evals_file else None
     if step_log:
-        step_log.writerow(["step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf", "send",
+        step_log.writerow(["step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf",
+                           "cf_sent", "send",
                            "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
                            "skipped_steps"])
         eval_log.writerow(["step", "wall", "train_s", "total_bytes", "loss", "metric", "value"])
@@ -473,7 +481,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 history = opt.agent.history[-1] if getattr(opt, "agent", None) and opt.agent.history else {}
                 cf = sent and dense_bytes / sent
                 row = [step, step / work.steps_per_epoch, now - start, step_time, loss.item(),
-                       samples_per_step / step_time, cf, decision.send if decision else "",
+                       samples_per_step / step_time, cf, cf_sent(decision),
+                       decision.send if decision else "",
                        history.get("delta_min", ""), history.get("delta_c", ""), sent, total_bytes,
                        dense_bytes * step, getattr(opt, "skipped_steps", 0)]
                 step_log.writerow(row)

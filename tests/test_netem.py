@@ -49,7 +49,8 @@ def test_rate_units():
 def test_training_through_shaped_links_and_cleanup(tmp_path):
     res = emulate(sys.executable, "-m", "benchmarks.train", "--model", "mlp", "--data", "digits",
                   "--steps", "10", "--eval-interval", "10", "--compression", "topk:10",
-                  "--agent", "gravac", "--window", "3", "--no-progress", "--out", str(tmp_path))
+                  "--agent", "gravac", "--window", "3", "--settle-steps", "1", "--no-progress",
+                  "--out", str(tmp_path))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "10 steps" in res.stdout
     assert not leftovers()

@@ -67,6 +67,7 @@ def run(spec, agent=None, on_nonfinite="skip"):
 
 
 runs = {spec: run(spec) for spec in SPECS.values()}
-runs["gravac"] = run("topk", agent=hg.agents.GraVAC(theta_min=2, theta_max=50, window=3))
+runs["gravac"] = run("topk", agent=hg.agents.GraVAC(theta_min=2, theta_max=50, window=3,
+                                                               settle_steps=1))
 runs["raise"] = run("topk:10", on_nonfinite="raise")
 report(RANK, runs=runs)

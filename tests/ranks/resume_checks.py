@@ -23,9 +23,10 @@ MODE, DIRECTORY = sys.argv[1], Path(sys.argv[2])
 
 
 def gravac(policy):
-    # omega=0: no decision depends on measured throughput, so two runs decide alike
-    return hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3, window=5, omega=0.0,
-                            policy=policy)
+    # omega_throughput=0 and a search that does not reach theta_max within the run: no
+    # decision depends on measured throughput, so two runs decide alike
+    return hg.agents.GraVAC(theta_min=2, theta_max=1e6, epsilon=0.3, window=8, omega=0.0,
+                            omega_throughput=0.0, policy=policy)
 
 
 CONFIGS = {  # name → (compression, memory, agent factory, momentum of the wrapped SGD)
