@@ -176,7 +176,8 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.agent == "gravac":
         return {"theta_min": args.theta_min, "theta_max": args.theta_max, "epsilon": args.epsilon,
                 "omega": args.omega, "omega_throughput": args.omega_throughput,
-                "window": args.window or auto_window(args.steps), "theta_s": args.theta_s,
+                "window": auto_window(args.steps) if args.window is None else args.window,
+                "theta_s": args.theta_s,
                 "policy": args.policy, "ewma": args.ewma, "gain": args.gain,
                 "gain_interval": args.gain_interval, "settle_steps": args.settle_steps,
                 "batch_size": args.batch_size or default_batch(args)}
