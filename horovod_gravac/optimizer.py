@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections import defaultdict, deque
 from typing import Any, Iterable, Iterator
 
@@ -376,10 +377,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def step(self, closure=None):
         if self._should_synchronize:
-            if self._synchronized:
-                raise RuntimeError("optimizer.step() called after synchronize() without "
-                                   "skip_synchronize(): gradients would be reduced twice")
-            self.synchronize()
+            if self._synchronized:  # as Horovod: warn and step (the exchange is not repeated)
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
+                              "context after optimizer.synchronize(); the gradients were "
+                              "already exchanged and are used as they are. Use "
+                              "optimizer.skip_synchronize() around step() after synchronize().")
+            else:
+                self.synchronize()
         self._synchronized = False
         self.step_count += 1
         if self._skip:

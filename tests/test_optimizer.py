@@ -195,3 +195,16 @@ def test_untimed_work_is_not_part_of_the_step_time(single_rank):
         with opt.untimed():
             time.sleep(0.3)  # an evaluation
     assert max(agent.times[1:]) < 0.2, agent.times
+
+
+def test_step_after_synchronize_warns_and_steps_once_like_horovod(single_rank):
+    import horovod_gravac as hg
+    w = torch.zeros(4, requires_grad=True)
+    opt = hg.DistributedOptimizer(torch.optim.SGD([w], lr=1.0), named_parameters=[("w", w)],
+                                  compression="topk:2")
+    (w * torch.tensor([4.0, -3.0, 2.0, 1.0])).sum().backward()
+    opt.synchronize()
+    with pytest.warns(UserWarning, match="skip_synchronize"):
+        opt.step()
+    assert w.detach().tolist() == [-4.0, 3.0, 0.0, 0.0]  # one exchange, one update
+    assert opt.communication.steps == 1

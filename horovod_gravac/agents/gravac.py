@@ -133,7 +133,8 @@ class GraVAC(Agent):
             raise ValueError(f"gain must be one of {', '.join(GAINS)}, got {gain!r}")
         self.gain = gain
         self.gain_interval = check_number("gain_interval", gain_interval, 1, integer=True)
-        self.settle_steps = check_number("settle_steps", settle_steps, 0, window - 1, integer=True)
+        self.settle_steps = check_number("settle_steps", settle_steps, 0, self.window - 1,
+                                         integer=True)
         self.warmup = True
         self.searching = True
         self.delta_min: float | None = None
