@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--theta-s", type=float, default=2.0)
     g.add_argument("--policy", default="exponential", choices=("exponential", "geometric"))
     g.add_argument("--ewma", type=float, default=None,
-                   help="default: max(number of ranks / 100, 5 / window)")
+                   help="default: min(1, max(number of ranks / 100, 5 * gain interval / window))")
     g.add_argument("--low-cf", type=float, default=1.0)
     g.add_argument("--high-cf", type=float, default=10.0)
     g.add_argument("--interval", type=int, default=10, help="Accordion's interval")

@@ -97,6 +97,8 @@ def test_default_smoothing_fits_five_time_constants_into_a_window():
     assert A.GraVAC(window=50).alpha(world_size=2) == pytest.approx(0.1)  # 5/50 > 2/100
     assert A.GraVAC(window=500).alpha(world_size=32) == pytest.approx(0.32)  # the paper's N/100
     assert A.GraVAC(window=50, ewma=0.3).alpha(world_size=2) == 0.3
+    assert A.GraVAC(window=100, gain_interval=4).alpha(world_size=2) == pytest.approx(0.2)
+    assert A.GraVAC(window=10, gain_interval=4).alpha(world_size=2) == 1.0
 
 
 @pytest.mark.parametrize("gain,expected", [

@@ -43,9 +43,10 @@ The fresh gain costs one more compression of g at θmin per layer on the steps i
 
 **Smoothing.** ``"fresh"`` and ``"error_fed"`` gains are smoothed by an exponentially weighted
 mean with factor α, bias-corrected (m ← (1−α)m + αx, δ = m / (1 − (1−α)^n)), so the first
-measurements are not over-weighted. The default α = max(N/100, 5/window) keeps the paper's
-N/100 where it is fast enough and otherwise fits five time constants (1/α steps each) into a
-window, so δ at a window's end describes the CF explored in that window. Whenever a level's CF
+measurements are not over-weighted. The default α = min(1, max(N/100, 5·k/window)), k the
+``gain_interval``, keeps the paper's N/100 where it is fast enough and otherwise fits five time
+constants (1/α measurements, k steps apart) into a window, so δ at a window's end describes the
+CF explored in that window. Whenever a level's CF
 changes its mean restarts, and the first ``settle_steps`` steps after a change of θmin or of the
 candidate CF are neither measured nor timed (the residual and the step time adjust to it).
 
@@ -90,7 +91,7 @@ class GraVAC(Agent):
         window: steps between CheckGraVAC calls (the first window is a warm-up at θmin).
         theta_s: the initial scaling step θs > 1 (candidate CF = θmin·θs).
         policy: "exponential" (θs²), "geometric" (2·θs) or a callable θs → new θs.
-        ewma: smoothing factor α of the gains; None → max(N/100, 5/window).
+        ewma: smoothing factor α of the gains; None → min(1, max(N/100, 5·gain_interval/window)).
         batch_size: samples per rank and step (T_sys = N·b / t_iter).
         gain: "fresh", "error_fed" or "authors" (see the module docstring).
         gain_interval: measure the gain every this many steps.
@@ -175,7 +176,9 @@ class GraVAC(Agent):
         return self.decision()
 
     def alpha(self, world_size: int) -> float:
-        return self.ewma if self.ewma is not None else max(world_size / 100, 5 / self.window)
+        if self.ewma is not None:
+            return self.ewma
+        return min(1.0, max(world_size / 100, 5 * self.gain_interval / self.window))
 
     # -- gains -----------------------------------------------------------------------------
     def _restart(self, *levels: str) -> None:
