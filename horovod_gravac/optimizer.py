@@ -225,12 +225,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         pending = self.communicator.start(name, compressor, payload, ctx)
         self._pending[key] = (pending, compensated, grad)
 
-    def _levels(self, tensor: Tensor, name: str, decision: A.Decision):
-        """Multi-level compression: C(x, θmin), then C(C(x, θmin), θs) within that selection."""
+    def _levels(self, tensor: Tensor, name: str, decision: A.Decision, second: bool = True):
+        """Multi-level compression: C(x, θmin), then (if ``second``) C(C(x, θmin), θs)
+        within that selection."""
         c = self.compressor
         c.cf = decision.theta_min
         p_min, ctx_min = c.compress(tensor, name, self.step_count)
-        return (p_min, ctx_min), c.recompress(p_min, ctx_min, decision.cf)
+        return (p_min, ctx_min), c.recompress(p_min, ctx_min, decision.cf) if second else None
 
     def _multilevel(self, grad: Tensor, g_o: Tensor, name: str, decision: A.Decision,
                     finite: bool):
@@ -239,10 +240,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         What is sent is always C(g_o) with error feedback; the gain may be measured on the
         fresh gradient instead (``GainMeasure``), which costs a second compression of it.
         """
-        sent_levels = self._levels(g_o, name, decision) if decision.send != A.SEND_DENSE else None
-        if decision.measure_gain and finite:
-            measure = self.agent.gain_measure
-            on_compensated = measure.compressed == A.COMPENSATED
+        measure = self.agent.gain_measure if decision.measure_gain and finite else None
+        on_compensated = measure is not None and measure.compressed == A.COMPENSATED
+        sent_levels = None
+        if decision.send != A.SEND_DENSE:
+            sent_levels = self._levels(g_o, name, decision,
+                                       second=on_compensated or decision.send == A.SEND_COMPRESSED)
+        if measure is not None:
             levels = sent_levels if on_compensated and sent_levels else \
                 self._levels(g_o if on_compensated else grad, name, decision)
             reference = g_o if measure.reference == A.COMPENSATED else grad
