@@ -297,13 +297,6 @@ class Workload:
                 "top5": (totals[3] / totals[1]).item()}
 
 
-def cf_sent(decision) -> float | str:
-    """The CF of what a decision sends (the bytes ratio, column ``cf``, also counts indices)."""
-    if decision is None:
-        return ""
-    return {"compressed": decision.cf, "min": decision.theta_min, "dense": 1.0}[decision.send]
-
-
 def reached(metric: str, value: float, target: float) -> bool:
     return value <= target if metric == "perplexity" else value >= target
 
@@ -482,7 +475,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 history = opt.agent.history[-1] if getattr(opt, "agent", None) and opt.agent.history else {}
                 cf = sent and dense_bytes / sent
                 row = [step, step / work.steps_per_epoch, now - start, step_time, loss.item(),
-                       samples_per_step / step_time, cf, cf_sent(decision),
+                       samples_per_step / step_time, cf, decision.sent_cf if decision else "",
                        decision.send if decision else "",
                        history.get("delta_min", ""), history.get("delta_c", ""), sent, total_bytes,
                        dense_bytes * step, getattr(opt, "skipped_steps", 0)]

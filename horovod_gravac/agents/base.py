@@ -36,6 +36,11 @@ class Decision:
     layer_cf: dict[str, float] | None = None
     measure_gain: bool = True
 
+    @property
+    def sent_cf(self) -> float:
+        """The CF of what goes on the wire: the compressed level, θmin, or 1 (dense)."""
+        return {SEND_COMPRESSED: self.cf, SEND_MIN: self.theta_min, SEND_DENSE: 1.0}[self.send]
+
     def cf_for(self, name: str) -> float:
         return self.layer_cf.get(name, self.cf) if self.layer_cf else self.cf
 
