@@ -42,6 +42,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.train import auto_window
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -52,7 +54,7 @@ class Config:
 
 
 def configurations(steps: int, ranks: int) -> dict[str, Config]:
-    window = str(max(10, steps // 10))  # the same rule as gravac-train's default window
+    window = str(auto_window(steps))  # Accordion's interval: gravac-train's GraVAC window
     topk = ("--compression", "topk", "--agent", "static", "--cf")
     dgc = ("--compression", "dgc", "--memory", "residual", "--agent", "static", "--cf")
     gravac = ("--compression", "topk", "--agent", "gravac", "--theta-min", "10",
