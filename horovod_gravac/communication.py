@@ -3,16 +3,22 @@
 Payloads are exchanged according to ``ctx.exchange``:
 
 * ALLREDUCE — one asynchronous ``hvd.allreduce`` (Sum) of the single payload tensor.
-* ALLGATHER — the payload tensors are packed into one uint8 buffer (a small int64 header
-  with each tensor's length, then each tensor's bytes padded to 8), so a layer costs one
-  ``hvd.allgather`` whatever its payload; per-rank sizes may differ (DGC, thresholds).
-  After the gather, every rank's payload is unpacked and ``compressor.aggregate`` sums them.
-* LOWRANK — PowerSGD: allreduce P; at ``finish`` orthogonalize and allreduce Q.
+* ALLGATHER — the payload tensors are packed into one uint8 buffer (each tensor's bytes
+  padded to 8), so a layer costs one ``hvd.allgather`` whatever its payload. When the
+  payload's size is the same on every rank (``ctx.varying_size`` false: TopK, quantizers),
+  every rank's part is cut from the gathered buffer by the local sizes — no header, nothing
+  read back to the host. Otherwise a small int64 header with each tensor's length leads the
+  buffer and is read when the result is unpacked. ``compressor.aggregate`` sums the parts.
+* LOWRANK — PowerSGD: allreduce P; at ``start_second_phase`` orthogonalize and allreduce Q.
+
+A torch sparse gradient (``nn.Embedding(sparse=True)``) goes through Horovod's own
+``sparse_allreduce_async`` (allgather of indices and values), as ``hvd.DistributedOptimizer``.
 
 All collectives are started asynchronously as gradients become ready, and Horovod's tensor
-fusion batches the small ones. Compressors aggregate to *sums* over ranks; the Average /
-predivide scaling is split as ``hvd.DistributedOptimizer`` does (prescale 1/f, postscale
-f/size inside the allreduce; 1/size after an allgather).
+fusion batches the small ones; :meth:`Communicator.start_group` issues Horovod's grouped
+collectives instead (the ``groups`` argument). Compressors aggregate to *sums* over ranks;
+the Average / predivide scaling is split as ``hvd.DistributedOptimizer`` does (prescale 1/f,
+postscale f/size inside the allreduce; 1/size after an allgather).
 """
 from __future__ import annotations
 
@@ -28,10 +34,13 @@ from .compression import Compressor, Ctx, Exchange, Payload
 _ALIGN = 8
 
 
-def pack(payload: Payload) -> Tensor:
-    """Payload tensors → one flat uint8 tensor: [n0 n1 … as int64][bytes of t0][bytes of t1]…"""
+def pack(payload: Payload, header: bool = True) -> Tensor:
+    """Payload tensors → one flat uint8 tensor: [n0 n1 … as int64][bytes of t0][bytes of t1]…
+
+    Without ``header`` only the padded bytes: the receiver must know every rank's sizes.
+    """
     parts = [torch.tensor([t.numel() for t in payload], dtype=torch.int64,
-                          device=payload[0].device).view(torch.uint8)]
+                          device=payload[0].device).view(torch.uint8)] if header else []
     for t in payload:
         raw = t.reshape(-1).contiguous().view(torch.uint8)
         pad = (-raw.numel()) % _ALIGN
@@ -41,18 +50,31 @@ def pack(payload: Payload) -> Tensor:
     return torch.cat(parts)
 
 
-def unpack(buffer: Tensor, dtypes: list[torch.dtype], ranks: int) -> list[Payload]:
-    """Split an allgathered buffer into each rank's payload (flat tensors, given dtypes)."""
+def _split(buffer: Tensor, offset: int, counts: list[int],
+           dtypes: list[torch.dtype]) -> tuple[Payload, int]:
+    tensors = []
+    for count, dtype in zip(counts, dtypes):
+        size = count * torch.empty((), dtype=dtype).element_size()
+        tensors.append(buffer[offset:offset + size].view(dtype))
+        offset += size + (-size) % _ALIGN
+    return tuple(tensors), offset
+
+
+def unpack(buffer: Tensor, dtypes: list[torch.dtype], ranks: int,
+           counts: list[int] | None = None) -> list[Payload]:
+    """Split an allgathered buffer into each rank's payload (flat tensors, given dtypes).
+
+    ``counts`` (elements per payload tensor, the same on every rank) for buffers packed
+    without a header; otherwise each rank's header is read (one host read per rank).
+    """
     payloads, offset, header = [], 0, 8 * len(dtypes)
     for _ in range(ranks):
-        counts = buffer[offset:offset + header].view(torch.int64).tolist()
-        offset += header
-        tensors = []
-        for count, dtype in zip(counts, dtypes):
-            size = count * torch.empty((), dtype=dtype).element_size()
-            tensors.append(buffer[offset:offset + size].view(dtype))
-            offset += size + (-size) % _ALIGN
-        payloads.append(tuple(tensors))
+        rank_counts = counts
+        if rank_counts is None:
+            rank_counts = buffer[offset:offset + header].view(torch.int64).tolist()
+            offset += header
+        payload, offset = _split(buffer, offset, rank_counts, dtypes)
+        payloads.append(payload)
     return payloads
 
 
@@ -72,16 +94,40 @@ def world() -> tuple[int, int]:
     return hvd.rank(), hvd.size()
 
 
+class _GroupResult:
+    """One grouped Horovod collective shared by several tensors: synchronized once."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self._outputs: list[Tensor] | None = None
+
+    def output(self, index: int) -> Tensor:
+        if self._outputs is None:
+            self._outputs = hvd.synchronize(self.handle)
+        return self._outputs[index]
+
+
 @dataclass
 class Pending:
     """An exchange in flight for one named tensor."""
 
     name: str
-    compressor: Compressor
-    ctx: Ctx
-    handle: Any
+    compressor: Compressor | None  # None: a torch sparse gradient (Horovod's sparse path)
+    ctx: Ctx | None
+    handle: Any  # a Horovod handle, (_GroupResult, index), or a callable (sparse)
     dtypes: list[torch.dtype] = field(default_factory=list)
     wire_bytes: int = 0
+    #: elements per payload tensor when every rank's are the same (no header on the wire)
+    counts: list[int] | None = None
+
+    def wait(self) -> Any:
+        """Block until the collective is done and return its output."""
+        if isinstance(self.handle, tuple):
+            group, index = self.handle
+            return group.output(index)
+        if callable(self.handle):
+            return self.handle()
+        return hvd.synchronize(self.handle)
 
 
 class Communicator:
@@ -131,47 +177,92 @@ class Communicator:
 
     def start(self, name: str, compressor: Compressor, payload: Payload, ctx: Ctx) -> Pending:
         """Launch the collective(s) for ``payload``; returns at once."""
+        tensor, pending = self._prepare(name, compressor, payload, ctx)
         if ctx.exchange is Exchange.ALLGATHER:
-            buffer = pack(payload)
-            handle = hvd.allgather_async(buffer, name=f"gravac.gather.{name}",
-                                         process_set=self.process_set)
-            return Pending(name, compressor, ctx, handle, [t.dtype for t in payload],
-                           buffer.numel())
+            pending.handle = hvd.allgather_async(tensor, name=f"gravac.gather.{name}",
+                                                 process_set=self.process_set)
+        else:
+            tag = "P" if ctx.exchange is Exchange.LOWRANK else "sum"
+            # In place: payloads are fresh tensors or the gradient itself (as Horovod does),
+            # and the Average/predivide scaling happens inside the collective.
+            pending.handle = hvd.allreduce_async_(tensor, name=f"gravac.{tag}.{name}",
+                                                  op=hvd.Sum, process_set=self.process_set,
+                                                  **self._scaling(ctx.exchange))
+        return pending
+
+    def start_group(self, group: str,
+                    items: list[tuple[str, Compressor, Payload, Ctx]]) -> list[Pending]:
+        """Launch the tensors of one of the optimizer's ``groups`` as Horovod grouped
+        collectives: one per kind of exchange (allreduce, PowerSGD's P, allgather), each
+        performed as one fused operation, as ``hvd.DistributedOptimizer(groups=...)`` does."""
+        prepared = [self._prepare(*item) for item in items]
+        for kind in Exchange:
+            members = [(t, p) for t, p in prepared if p.ctx.exchange is kind]
+            if not members:
+                continue
+            tensors = [t for t, _ in members]
+            label = f"gravac.group.{kind.value}.{group}"
+            if kind is Exchange.ALLGATHER:
+                handle = hvd.grouped_allgather_async(tensors, name=label,
+                                                     process_set=self.process_set)
+            else:
+                handle = hvd.grouped_allreduce_async_(tensors, name=label, op=hvd.Sum,
+                                                      process_set=self.process_set,
+                                                      **self._scaling(kind))
+            result = _GroupResult(handle)
+            for index, (_, pending) in enumerate(members):
+                pending.handle = (result, index)
+        return [p for _, p in prepared]
+
+    def _prepare(self, name: str, compressor: Compressor, payload: Payload,
+                 ctx: Ctx) -> tuple[Tensor, Pending]:
+        """The tensor to put on the wire and its (not yet started) Pending."""
+        dtypes = [t.dtype for t in payload]
+        if ctx.exchange is Exchange.ALLGATHER:
+            counts = None if ctx.varying_size else [t.numel() for t in payload]
+            buffer = pack(payload, header=counts is None)
+            return buffer, Pending(name, compressor, ctx, None, dtypes, buffer.numel(), counts)
         if len(payload) != 1:
             raise ValueError(f"{compressor.name}: an allreduced payload must be one tensor")
         tensor = payload[0]
-        tag = "P" if ctx.exchange is Exchange.LOWRANK else "sum"
-        # In place: payloads are fresh tensors or the gradient itself (as Horovod does), and
-        # the Average/predivide scaling happens inside the collective, not in an extra pass.
-        handle = hvd.allreduce_async_(tensor, name=f"gravac.{tag}.{name}", op=hvd.Sum,
-                                      prescale_factor=1.0 / self.predivide,
-                                      postscale_factor=self._postscale(ctx),
-                                      process_set=self.process_set)
-        return Pending(name, compressor, ctx, handle, [tensor.dtype],
-                       tensor.numel() * tensor.element_size())
+        return tensor, Pending(name, compressor, ctx, None, dtypes,
+                               tensor.numel() * tensor.element_size())
 
-    def _postscale(self, ctx: Ctx) -> float:
+    def _scaling(self, exchange: Exchange) -> dict[str, float]:
         """Horovod's split of Average: prescale 1/f, postscale f/size (P needs none)."""
-        if ctx.exchange is Exchange.LOWRANK or self.op != hvd.Average:
-            return 1.0
-        return self.predivide / self.size
+        postscale = 1.0 if exchange is Exchange.LOWRANK or self.op != hvd.Average \
+            else self.predivide / self.size
+        return {"prescale_factor": 1.0 / self.predivide, "postscale_factor": postscale}
+
+    def start_sparse(self, name: str, grad: Tensor) -> Pending:
+        """A torch sparse gradient, uncompressed, through Horovod's sparse allreduce
+        (allgather of indices and values); the result is a sparse tensor."""
+        grad = grad.coalesce()
+        op = hvd.Average if self.op == hvd.Average else hvd.Sum
+        handle = hvd.sparse_allreduce_async(grad, name=f"gravac.sparse.{name}", op=op,
+                                            process_set=self.process_set)
+        indices, values = grad._indices(), grad._values()
+        return Pending(name, None, None, handle, [values.dtype],
+                       indices.numel() * indices.element_size()
+                       + values.numel() * values.element_size())
 
     def start_second_phase(self, pending: Pending) -> Payload:
         """PowerSGD: wait for P, send Q. Returns the local Q payload (for error feedback)."""
-        p_sum = hvd.synchronize(pending.handle)
+        p_sum = pending.wait()
         q = pending.compressor.compress_second(p_sum, pending.ctx)
-        postscale = self.predivide / self.size if self.op == hvd.Average else 1.0
         pending.handle = hvd.allreduce_async(q[0], name=f"gravac.Q.{pending.name}", op=hvd.Sum,
-                                             prescale_factor=1.0 / self.predivide,
-                                             postscale_factor=postscale,
-                                             process_set=self.process_set)
+                                             process_set=self.process_set,
+                                             **self._scaling(Exchange.ALLREDUCE))
         pending.wire_bytes += q[0].numel() * q[0].element_size()
         return q
 
     def finish(self, pending: Pending) -> Tensor:
         """Wait for the exchange and return the reduced gradient (average or sum over ranks)."""
-        result = hvd.synchronize(pending.handle)
+        result = pending.wait()
+        if pending.compressor is None:  # sparse: Horovod already averaged
+            return result
         if pending.ctx.exchange is not Exchange.ALLGATHER:  # already scaled by the allreduce
             return pending.compressor.aggregate([(result,)], pending.ctx)
-        total = pending.compressor.aggregate(unpack(result, pending.dtypes, self.size), pending.ctx)
+        payloads = unpack(result, pending.dtypes, self.size, pending.counts)
+        total = pending.compressor.aggregate(payloads, pending.ctx)
         return total.mul_(1.0 / self.size) if self.op == hvd.Average else total

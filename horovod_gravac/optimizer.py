@@ -82,16 +82,21 @@ class CommunicationStats:
 class DistributedOptimizer(torch.optim.Optimizer):
     """Wraps ``optimizer`` so gradients are compressed, exchanged and averaged across ranks.
 
-    Arguments mean what they mean for ``hvd.DistributedOptimizer``; in addition
-    ``compression`` is a :class:`~horovod_gravac.compression.Compressor`, a registry name or a
-    ``"name:value"`` string (``"topk:100"``), ``memory`` the error-feedback memory (default:
-    the compressor's own), and ``granularity="model"`` compresses all gradients flattened into
-    one vector once per step instead of layer by layer.
+    Arguments mean what they mean for ``hvd.DistributedOptimizer`` (same order; ``groups``
+    makes the tensors of a group start together as Horovod grouped collectives, sparse
+    gradients are exchanged sparse unless ``sparse_as_dense``, ranks outside ``process_set``
+    step on their local gradients); in addition ``compression`` is a
+    :class:`~horovod_gravac.compression.Compressor`, a registry name or a ``"name:value"``
+    string (``"topk:100"``), ``memory`` the error-feedback memory (default: the compressor's
+    own), ``granularity="model"`` compresses all gradients flattened into one vector once per
+    step instead of layer by layer, ``agent`` chooses the compression factor while training.
 
-    A NaN/Inf gradient never enters a residual: the rank that has it sends it without error
-    feedback, the averaged gradient then is non-finite on every rank, and every rank skips
-    the step (``on_nonfinite="skip"``, counted in ``skipped_steps``) or raises
-    :class:`NonFiniteGradientError` (``"raise"``). Finite ranks keep their residuals.
+    A NaN/Inf gradient never stays in a residual: the averaged gradient then is non-finite
+    on every rank (compressors keep NaN/Inf visible), every rank skips the step
+    (``on_nonfinite="skip"``, counted in ``skipped_steps``) or raises
+    :class:`NonFiniteGradientError` (``"raise"``), and the rank whose gradient it was
+    restarts that tensor's residual at zero. Finite ranks keep their residuals. The check
+    reads one flag vector back to the host per step, never one per layer.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer,
@@ -100,6 +105,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  backward_passes_per_step: int = 1,
                  op=hvd.Average,
                  gradient_predivide_factor: float = 1.0,
+                 num_groups: int = 0,
+                 groups: int | list[list[Tensor]] | None = None,
+                 sparse_as_dense: bool = False,
                  process_set=hvd.global_process_set,
                  granularity: str = "layer",
                  memory: str | C.Memory | None = None,
@@ -127,6 +135,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
         agent = A.create(agent)
         if agent is not None:
             C.check_adjustable(self.compressor, agent.name)
+        num_groups = check_number("num_groups", num_groups, 0, integer=True)
+        if num_groups:
+            warnings.warn("num_groups is deprecated, as in Horovod: use groups=<int>",
+                          DeprecationWarning, stacklevel=2)
+            groups = num_groups if groups is None else groups
+        if groups is not None and granularity == "model":
+            raise ValueError("groups is meaningless with granularity='model' (one tensor per "
+                             "step); drop groups or use granularity='layer'")
+        if not isinstance(sparse_as_dense, bool):
+            raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
         if named_parameters is None:
@@ -151,6 +169,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.state = optimizer.state
         self.backward_passes_per_step = backward_passes_per_step
         self.granularity = granularity
+        self.sparse_as_dense = sparse_as_dense
+        self.process_set = process_set
         self.on_nonfinite = on_nonfinite
         self.agent = agent
         self.communicator = Communicator(op, gradient_predivide_factor, process_set)
@@ -158,14 +178,18 @@ class DistributedOptimizer(torch.optim.Optimizer):
         ids = {id(p) for p in params}
         self._names = {p: n for n, p in named if id(p) in ids}
         self._requires_update = [p for p in params if p.requires_grad]
+        self._group_of = _form_groups(groups, params, self._requires_update)
         self._passes: dict[Tensor, int] = defaultdict(int)
         self._pending: dict[Tensor, tuple[Pending, Tensor, Any]] = {}
+        self._ready: set[Tensor] = set()  # gradients waiting for the rest of their group
+        self._sparse: set[Tensor] = set()  # parameters seen with a torch sparse gradient
+        self._densified: dict[Tensor, int] = {}  # sparse_as_dense: param -> its sparse_dim
         self._synchronized = False
         self._should_synchronize = True
         self.step_count = 0
         #: steps whose averaged gradient was not finite (not applied), and this rank's culprits
         self.skipped_steps = 0
-        self._nonfinite_local: list[str] = []
+        self._local_finite: list[tuple[str, Tensor]] = []  # (name, 0-dim bool) this step
         self._skip = False
         self.decision = agent.initial_decision() if agent is not None else None
         #: the decision applied at each of the last RECENT_STEPS steps, on this rank
@@ -174,56 +198,97 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._gain_terms: list[Tensor] = []
         self._last_sync = time.perf_counter()
         self._untimed = 0.0  # seconds inside untimed() since the last synchronize()
+        #: False on ranks outside ``process_set``: they step on their own gradients, as
+        #: with ``hvd.DistributedOptimizer``
+        self.included = bool(process_set.included())
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
-                       for p in self._requires_update] if granularity == "layer" else []
+                       for p in self._requires_update] \
+            if granularity == "layer" and self.included else []
 
     # -- backprop hooks ------------------------------------------------------------------
     def _on_grad_ready(self, p: Tensor) -> None:
         self._passes[p] += 1
         if self._passes[p] < self.backward_passes_per_step:
             return
-        if p in self._pending:
+        if p in self._pending or p in self._ready:
             raise RuntimeError(
                 f"gradient of {self._names[p]} was computed more than backward_passes_per_step="
                 f"{self.backward_passes_per_step} time(s) before step(); call step() or "
                 "synchronize() after every backward_passes_per_step backward passes")
-        self._start(p, self._names[p], self._gradient(p))
+        group = self._group_of.get(p)
+        if group is None:
+            self._start(p, self._names[p], self._gradient(p))
+            return
+        self._ready.add(p)
+        if self._ready.issuperset(group):
+            self._start_group(group)
 
-    @staticmethod
-    def _gradient(p: Tensor) -> Tensor:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        elif p.grad.is_sparse:  # embedding(sparse=True): exchanged dense, as sparse_as_dense
-            p.grad = p.grad.to_dense()
-        return p.grad
+    def _gradient(self, p: Tensor) -> Tensor:
+        """The tensor to exchange for ``p``: its gradient, dense unless exchanged sparse."""
+        if p.grad is None:  # no gradient on this rank: send zeros of the kind others send
+            if p in self._sparse and not self.sparse_as_dense:
+                p.grad = torch.sparse_coo_tensor(
+                    torch.zeros(1, 0, dtype=torch.int64, device=p.device),
+                    p.new_zeros((0, *p.shape[1:])), p.shape)
+            else:
+                p.grad = torch.zeros_like(p)
+        if not p.grad.is_sparse:
+            return p.grad
+        self._sparse.add(p)
+        if not self.sparse_as_dense:
+            return p.grad
+        self._densified[p] = p.grad.sparse_dim()
+        return p.grad.to_dense()
 
     def _start(self, key: Any, name: str, grad: Tensor) -> None:
-        finite = bool(torch.isfinite(grad).all())
-        if finite:
-            compensated = self.memory.compensate(grad, name)
-        else:  # sent as is (NaN stays visible to every rank); the memory never sees it
-            self._nonfinite_local.append(name)
-            compensated = grad
+        if grad.is_sparse:  # Horovod's sparse path: uncompressed, no error feedback
+            self._pending[key] = (self.communicator.start_sparse(name, grad), None, grad)
+            return
+        compressor, payload, ctx, compensated = self._compress(name, grad)
+        self._pending[key] = (self.communicator.start(name, compressor, payload, ctx),
+                              compensated, grad)
+
+    def _start_group(self, group: tuple[Tensor, ...]) -> None:
+        """Start a group's exchanges together (members without a gradient send zeros)."""
+        self._ready.difference_update(group)
+        dense, prepared = [], []
+        for p in group:
+            grad = self._gradient(p)
+            if grad.is_sparse:
+                self._start(p, self._names[p], grad)
+            else:
+                compressor, payload, ctx, compensated = self._compress(self._names[p], grad)
+                dense.append((p, compensated, grad))
+                prepared.append((self._names[p], compressor, payload, ctx))
+        if prepared:
+            pendings = self.communicator.start_group(self._names[group[0]], prepared)
+            for (p, compensated, grad), pending in zip(dense, pendings):
+                self._pending[p] = (pending, compensated, grad)
+
+    def _compress(self, name: str, grad: Tensor):
+        """Error feedback and compression of one tensor at the current decision.
+
+        Returns (compressor used, payload, ctx, tensor whose residual is still to be taken
+        — PowerSGD's, after its second phase — or None). The residual is taken here, before
+        the collective starts: allreduces run in place on the payload.
+        """
+        self._local_finite.append((name, torch.isfinite(grad).all()))
+        compensated = self.memory.compensate(grad, name)
         compressor, decision = self.compressor, self.decision
         if decision is None:
             payload, ctx = compressor.compress(compensated, name, self.step_count)
         elif self.agent.needs_gain_stats:
-            payload, ctx, compressor = self._multilevel(grad, compensated, name, decision, finite)
+            payload, ctx, compressor = self._multilevel(grad, compensated, name, decision)
         else:
             compressor.cf = decision.cf_for(name)
             payload, ctx = compressor.compress(compensated, name, self.step_count)
-        # The residual is taken before the collective starts: allreduces run in place on
-        # the payload, so reading it afterwards would race with Horovod.
-        if not finite:
-            compensated = None
-        elif compressor is self._dense:  # GraVAC's dense branch: the residual restarts at 0
+        if compressor is self._dense:  # GraVAC's dense branch: the residual restarts at 0
             self.memory.reset(name)
             compensated = None
         elif ctx.exchange is not C.Exchange.LOWRANK:  # PowerSGD's error needs phase 2 first
             self.memory.update(name, compensated, compressor, payload, ctx)
             compensated = None
-        pending = self.communicator.start(name, compressor, payload, ctx)
-        self._pending[key] = (pending, compensated, grad)
+        return compressor, payload, ctx, compensated
 
     def _levels(self, tensor: Tensor, name: str, decision: A.Decision, second: bool = True):
         """Multi-level compression: C(x, θmin), then (if ``second``) C(C(x, θmin), θs)
@@ -233,14 +298,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         p_min, ctx_min = c.compress(tensor, name, self.step_count)
         return (p_min, ctx_min), c.recompress(p_min, ctx_min, decision.cf) if second else None
 
-    def _multilevel(self, grad: Tensor, g_o: Tensor, name: str, decision: A.Decision,
-                    finite: bool):
+    def _multilevel(self, grad: Tensor, g_o: Tensor, name: str, decision: A.Decision):
         """GraVAC's step: send the decided level of g_o; measure the gain terms if asked.
 
         What is sent is always C(g_o) with error feedback; the gain may be measured on the
         fresh gradient instead (``GainMeasure``), which costs a second compression of it.
         """
-        measure = self.agent.gain_measure if decision.measure_gain and finite else None
+        measure = self.agent.gain_measure if decision.measure_gain else None
         on_compensated = measure is not None and measure.compressed == A.COMPENSATED
         sent_levels = None
         if decision.send != A.SEND_DENSE:
@@ -264,15 +328,23 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # -- the Horovod optimizer API ---------------------------------------------------------
     def synchronize(self) -> None:
         """Wait for every exchange and write the averaged gradients into ``p.grad``."""
+        if not self.included:  # outside the process set: nothing to exchange (as Horovod)
+            self._synchronized = True
+            return
         if self.granularity == "model":
             self._start_model()
-        else:
-            for p in self._requires_update:  # no gradient on this rank: send zeros, never hang
-                if p not in self._pending:
+        else:  # gradients not started yet (none on this rank, or a group not complete)
+            for p in self._requires_update:
+                if p in self._pending:
+                    continue
+                group = self._group_of.get(p)
+                if group is None:
                     self._start(p, self._names[p], self._gradient(p))
-        lowrank = [(k, v) for k, v in self._pending.items()
-                   if v[0].ctx.exchange is C.Exchange.LOWRANK]
-        for key, (pending, compensated, grad) in lowrank:
+                else:
+                    self._start_group(group)
+        lowrank = [v for v in self._pending.values()
+                   if v[0].ctx is not None and v[0].ctx.exchange is C.Exchange.LOWRANK]
+        for pending, compensated, grad in lowrank:
             q = self.communicator.start_second_phase(pending)
             if compensated is not None:
                 self.memory.update(pending.name, compensated, self.compressor, q, pending.ctx)
@@ -281,21 +353,28 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self.communication.record(pending.name, pending.wire_bytes, grad.numel())
             if key == MODEL_TENSOR:
                 self._scatter_model(reduced)
-            elif reduced.data_ptr() != grad.data_ptr():  # dense in place: already there
-                grad.copy_(reduced.view_as(grad))
+            elif grad.is_sparse:
+                key.grad = reduced
+            else:
+                if reduced.data_ptr() != grad.data_ptr():  # dense in place: already there
+                    grad.copy_(reduced.view_as(grad))
+                if key in self._densified:  # sparse_as_dense: back to sparse, as Horovod
+                    key.grad = grad.to_sparse(self._densified.pop(key))
         self.communication.end_step()
         self._pending.clear()
         self._passes.clear()
         self._synchronized = True
-        self._skip = not self._averaged_finite()
+        averaged_finite, culprits = self._finite_verdict()
+        self._skip = not averaged_finite
+        for name in culprits:  # a NaN/Inf never stays in a residual
+            self.memory.reset(name)
         if self.agent is not None:
             self.decisions.append(self.decision)
-        local, self._nonfinite_local = self._nonfinite_local, []
         if self._skip:
             self._gain_terms.clear()
             if self.on_nonfinite == "raise":
-                culprit = (f"this rank's gradient of {', '.join(local)} is non-finite" if local
-                           else "another rank's gradient is non-finite")
+                culprit = (f"this rank's gradient of {', '.join(culprits)} is non-finite"
+                           if culprits else "another rank's gradient is non-finite")
                 raise NonFiniteGradientError(
                     f"step {self.step_count}: the averaged gradient contains NaN/Inf ({culprit}); "
                     "lower the learning rate or use on_nonfinite='skip'")
@@ -303,12 +382,22 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self.agent is not None:
             self._consult_agent(self._layer_norms())
 
-    def _averaged_finite(self) -> bool:
-        """One check of all averaged gradients: identical on every rank, so is the verdict."""
+    def _finite_verdict(self) -> tuple[bool, list[str]]:
+        """(are all averaged gradients finite, names of this rank's non-finite gradients).
+
+        The one host read of a step: the averaged verdict is identical on every rank, so is
+        the decision to skip.
+        """
+        local, self._local_finite = self._local_finite, []
         grads = [p.grad for p in self._requires_update]
-        if not grads:
-            return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        flags = [torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all()
+                 for g in grads] + [flag for _, flag in local]
+        if not flags:
+            return True, []
+        device = flags[0].device
+        verdict = torch.stack([f.to(device) for f in flags]).tolist()
+        averaged, mine = verdict[:len(grads)], verdict[len(grads):]
+        return all(averaged), [name for (name, _), ok in zip(local, mine) if not ok]
 
     def _layer_norms(self) -> dict[str, float] | None:
         """Norms of the averaged gradients (identical on all ranks), for Accordion on rank 0."""
@@ -397,7 +486,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         return self.optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        if self._pending:
+        if self._pending or self._ready:
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() "
                                  "but before optimizer.step() or optimizer.synchronize()")
         self.optimizer.zero_grad(set_to_none=set_to_none)
@@ -434,9 +523,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _forget_step_in_flight(self) -> None:
         """Drop a half-done step (exchanges of a Horovod world that is gone, after elastic)."""
         self._pending.clear()
+        self._ready.clear()
         self._passes.clear()
         self._gain_terms.clear()
-        self._nonfinite_local = []
+        self._local_finite = []
         self._synchronized = self._skip = False
 
     def __repr__(self) -> str:
@@ -444,4 +534,41 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 f"compression={self.compressor!r}, granularity={self.granularity!r})")
 
 
-from . import elastic as _elastic  # noqa: E402,F401  registers the Horovod-elastic state handler
+
+def _form_groups(groups: int | list[list[Tensor]] | None, params: list[Tensor],
+                 trainable: list[Tensor]) -> dict[Tensor, tuple[Tensor, ...]]:
+    """Horovod's ``groups``: parameter -> the group it starts with (ungrouped: absent).
+
+    An integer splits the trainable parameters, in the optimizer's order (the same on every
+    rank that builds the same model), into that many groups of nearly equal size; a list of
+    lists gives the groups explicitly (each parameter at most once; parameters without
+    ``requires_grad`` are dropped, the rest go alone).
+    """
+    if groups is None:
+        return {}
+    if isinstance(groups, bool) or not isinstance(groups, (int, list)):
+        raise ValueError("groups must be None, an integer >= 1 or a list of lists of "
+                         f"parameters, got {groups!r}")
+    if isinstance(groups, int):
+        check_number("groups", groups, 1, integer=True)
+        d, r = divmod(len(trainable), groups)
+        chunks = [trainable[i * d + min(i, r):(i + 1) * d + min(i + 1, r)]
+                  for i in range(groups)]
+    else:
+        known, seen, chunks = {id(p) for p in params}, set(), []
+        trainable_ids = {id(p) for p in trainable}
+        for i, group in enumerate(groups):
+            if not isinstance(group, (list, tuple)) or \
+                    not all(isinstance(p, Tensor) for p in group):
+                raise ValueError(f"groups[{i}] must be a list of parameters (tensors), "
+                                 f"got {group!r}")
+            for p in group:
+                if id(p) not in known:
+                    raise ValueError(f"groups[{i}] holds a tensor that is not a parameter "
+                                     "of the optimizer")
+                if id(p) in seen:
+                    raise ValueError("a parameter can only appear once in groups "
+                                     f"(again in groups[{i}])")
+                seen.add(id(p))
+            chunks.append([p for p in group if id(p) in trainable_ids])
+    return {p: tuple(chunk) for chunk in chunks if chunk for p in chunk}

@@ -39,6 +39,9 @@ class Ctx:
     dtype: torch.dtype
     exchange: Exchange
     extra: dict[str, Any] = field(default_factory=dict)
+    #: True when the payload's size depends on the data (thresholds), so ranks' sizes differ;
+    #: False when it depends only on the shape and CF, the same on every rank
+    varying_size: bool = False
 
     @property
     def numel(self) -> int:
@@ -58,6 +61,18 @@ def num_selected(numel: int, cf: float) -> int:
 def validate_cf(cf: Any) -> float:
     """CF ≥ 1 as a float, or a ValueError that says what is allowed."""
     return check_number("cf (compression factor; CF 100 keeps 1%)", cf, 1.0)
+
+
+#: Device types whose values the host reads without waiting for queued work. On the others
+#: (CUDA, …) compressors take paths whose output sizes do not depend on the data, so that
+#: nothing in the backward hooks blocks the host (no ``.item()``, ``nonzero``, ``bool(t)``).
+HOST_DEVICES = frozenset({"cpu"})
+
+
+def sizes_may_depend_on_data(where: Tensor | torch.device) -> bool:
+    """True on devices where data-dependent output sizes cost no host sync (the CPU)."""
+    device = where.device if isinstance(where, Tensor) else torch.device(where)
+    return device.type in HOST_DEVICES
 
 
 def finite_marker(tensor: Tensor) -> Tensor:

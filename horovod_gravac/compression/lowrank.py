@@ -63,7 +63,7 @@ class PowerSGD(SeededCompressor):
             q = torch.randn(m, self.rank, generator=gen, device=matrix.device)
         q = orthogonalize(q)
         return (matrix @ q,), Ctx(tensor.shape, tensor.dtype, self.exchange,
-                                  {"matrix": matrix, "name": name})
+                                  {"matrix": matrix, "name": name, "q_start": q})
 
     def compress_second(self, p_sum: Tensor, ctx: Ctx) -> Payload:
         """Phase 2, from the allreduced P: orthogonalize it and send Q = Mᵀ P."""
@@ -77,8 +77,9 @@ class PowerSGD(SeededCompressor):
         if ctx.exchange is Exchange.ALLREDUCE:
             return payload[0].to(ctx.dtype).view(ctx.shape)
         q = payload[0]
-        if self.warm_start and bool(torch.isfinite(q).all()):  # a NaN step must not stick
-            self.qs[ctx.extra["name"]] = q.detach().clone()
+        if self.warm_start:  # a NaN step must not stick: keep the Q this step started from
+            self.qs[ctx.extra["name"]] = torch.where(torch.isfinite(q).all(), q,
+                                                     ctx.extra["q_start"])
         return (ctx.extra["p"] @ q.t()).to(ctx.dtype).view(ctx.shape)
 
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:

@@ -4,19 +4,24 @@ k = max(1, ⌊n/CF⌋) (:func:`num_selected`). Except RandomK, the selected posi
 rank, so payloads are all-gathered and summed with one ``index_add_``: the concatenation of
 every rank's (values, indices) is itself a valid payload whose decompression is the sum.
 
+On accelerators (see :func:`~.base.sizes_may_depend_on_data`) TopK, RandomK and DGC take
+paths whose payload size is exactly k and that never read a value back to the host, so the
+backward hooks do not stall the host; on the CPU they use cheaper data-dependent passes.
+
 Selection by threshold uses ``~(|t| < thr)`` rather than ``|t| >= thr`` so that NaN elements are
 selected and show up in the payload instead of hiding in the residual.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 from torch import Tensor
 
 from ..validation import check_number
-from .base import Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker, num_selected
+from .base import (Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker,
+                   num_selected, sizes_may_depend_on_data)
 
 _INT32_MAX = 2**31 - 1
 
@@ -46,7 +51,7 @@ def exact_topk_indices(magnitude: Tensor, k: int, sample: int = 4096) -> Tensor:
     n = magnitude.numel()
     if k >= n:
         return torch.arange(n, device=magnitude.device)
-    if n <= 4 * sample or k * 8 > n:
+    if n <= 4 * sample or k * 8 > n or not sizes_may_depend_on_data(magnitude):
         return torch.topk(magnitude, k, sorted=False).indices
     stride = n // sample
     probe = magnitude[::stride]
@@ -69,6 +74,9 @@ class Sparsifier(Compressor):
     exchange = Exchange.ALLGATHER
     adjustable_cf = True
     nominal_cf = 100.0
+    #: True when ``select`` returns exactly k indices (the payload size is the same on every
+    #: rank); threshold-based selections return about k
+    selects_exactly_k: ClassVar[bool] = False
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
         """Indices of the elements to send from the 1-D ``flat`` (about k of them)."""
@@ -76,7 +84,8 @@ class Sparsifier(Compressor):
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         flat = tensor.reshape(-1)
-        ctx = Ctx(tensor.shape, tensor.dtype, self.exchange)
+        ctx = Ctx(tensor.shape, tensor.dtype, self.exchange,
+                  varying_size=not self.selects_exactly_k)
         if flat.numel() == 0:
             return (flat, flat.new_zeros(0, dtype=torch.int32)), ctx
         indices = self.select(flat, num_selected(flat.numel(), self.cf), name, step)
@@ -117,6 +126,7 @@ class TopK(Sparsifier):
     """The k = ⌊n/CF⌋ largest |t|, exactly (Aji & Heafield 2017; Alistarh et al. 2018)."""
 
     name = "topk"
+    selects_exactly_k = True
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
         return exact_topk_indices(flat.abs(), k)
@@ -146,7 +156,7 @@ class RandomK(SeededCompressor, Sparsifier):
         so the result is exactly uniform; for k > n/8 a permutation is cheaper.
         """
         gen = self.generator(device, "randomk", name, step)
-        if k * 8 >= numel:
+        if k * 8 >= numel or not sizes_may_depend_on_data(device):
             return torch.randperm(numel, generator=gen, device=device)[:k]
         while True:
             draw = torch.randint(numel, (k + k // 4 + 16,), generator=gen, device=device)
@@ -217,7 +227,8 @@ class Threshold(Sparsifier):
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         flat = tensor.reshape(-1)
         indices = _select_at_least(flat.abs(), self.threshold)
-        return _sparse_payload(flat, indices), Ctx(tensor.shape, tensor.dtype, self.exchange)
+        return _sparse_payload(flat, indices), Ctx(tensor.shape, tensor.dtype, self.exchange,
+                                                   varying_size=True)
 
 
 class DGC(SeededCompressor, Sparsifier):
@@ -227,6 +238,12 @@ class DGC(SeededCompressor, Sparsifier):
     while the count is outside [0.7k, 1.3k], scale the threshold by 1.3 or 0.7 (at most
     ``max_adjust`` times); if still above 1.3k, keep the exact top-k of the candidates.
     Use with the ``dgc`` memory for momentum correction and factor masking.
+
+    On accelerators the count is never read back: up to 2k candidates above the sampled
+    threshold (lowered to at most max|t|, so there is at least one) are gathered in index
+    order into a fixed buffer, and the exact top-k of them is sent — DGC's hierarchical
+    selection with a fixed payload of k (unused slots carry a zero value). Candidates beyond
+    the buffer stay in the residual.
     """
 
     name = "dgc"
@@ -237,17 +254,57 @@ class DGC(SeededCompressor, Sparsifier):
         self.sample_ratio = check_number("sample_ratio", sample_ratio, 0, 1, low_open=True)
         self.max_adjust = check_number("max_adjust", max_adjust, 1, integer=True)
 
-    def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
-        n = flat.numel()
-        magnitude = flat.abs()
+    def _sampled_threshold(self, magnitude: Tensor, k: int, name: str, step: int) -> Tensor:
+        n = magnitude.numel()
         samples = min(n, max(1, int(n * self.sample_ratio), 1024))
         if samples >= n:
             probe = magnitude
         else:
-            gen = self.generator(flat.device, "dgc", name, step)
-            probe = magnitude[torch.randint(n, (samples,), generator=gen, device=flat.device)]
+            gen = self.generator(magnitude.device, "dgc", name, step)
+            probe = magnitude[torch.randint(n, (samples,), generator=gen, device=magnitude.device)]
         probe_k = max(1, math.ceil(probe.numel() * k / n))
-        thr = torch.topk(probe, probe_k, sorted=False).values.min()
+        return torch.topk(probe, probe_k, sorted=False).values.min()
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        flat = tensor.reshape(-1)
+        n = flat.numel()
+        k = num_selected(n, self.cf)
+        if sizes_may_depend_on_data(flat) or n == 0:
+            return super().compress(tensor, name, step)
+        magnitude = flat.abs()
+        if 2 * k >= n:  # nothing to gain from a threshold
+            return (_sparse_payload(flat, torch.topk(magnitude, k, sorted=False).indices),
+                    Ctx(tensor.shape, tensor.dtype, self.exchange))
+        thr = torch.minimum(self._sampled_threshold(magnitude, k, name, step), magnitude.max())
+        slots = 2 * k
+        passed = (magnitude < thr).logical_not_()
+        position = passed.cumsum(0) - 1
+        target = torch.where(passed & (position < slots), position,
+                             torch.full_like(position, slots))
+        buffer = torch.zeros(slots + 1, dtype=torch.int64, device=flat.device)
+        buffer.scatter_(0, target, torch.arange(n, device=flat.device))  # slot `slots`: discard
+        used = torch.arange(slots, device=flat.device) < passed.sum()
+        candidates = torch.where(used, buffer[:slots], buffer[:1])  # unused: a real candidate
+        score = torch.where(used, magnitude[candidates], -1.0)
+        keep = torch.topk(score, k, sorted=False).indices
+        indices = candidates[keep]
+        values = torch.where(used[keep], flat[indices], 0.0)
+        values[:1].add_(finite_marker(flat).to(values.dtype))  # a NaN outside the buffer shows
+        return ((values, indices.to(_index_dtype(n))),
+                Ctx(tensor.shape, tensor.dtype, self.exchange, {"padded": True}))
+
+    def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
+        if not ctx.extra.get("padded"):
+            return Sparsifier.error(self, compensated, payload, ctx)
+        # Padded slots repeat a sent index with value 0: subtract what was sent instead.
+        values, indices = payload[0], payload[1]
+        compensated.view(-1).index_add_(0, indices.long(), values.to(compensated.dtype),
+                                        alpha=-1)
+        return compensated
+
+    def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
+        magnitude = flat.abs()
+        thr = self._sampled_threshold(magnitude, k, name, step)
         lo, hi = 0.7 * k, 1.3 * k
         for _ in range(self.max_adjust):
             selected = _select_at_least(magnitude, thr)
