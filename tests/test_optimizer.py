@@ -80,6 +80,13 @@ def single_rank():
     ({"gradient_predivide_factor": 2.0, "op": hvd.Sum}, "not supported with op != Average"),
     ({"granularity": "bucket"}, "granularity must be one of"),
     ({"memory": "dgc", "compression": "qsgd"}, "needs a sparsifier"),
+    ({"groups": 0}, "groups must be an integer >= 1, got 0"),
+    ({"groups": "all"}, "groups must be None, an integer >= 1 or a list of lists"),
+    ({"groups": [[torch.zeros(2)]]}, r"groups\[0\] holds a tensor that is not a parameter"),
+    ({"groups": [[1.0]]}, r"groups\[0\] must be a list of parameters"),
+    ({"groups": 2, "granularity": "model"}, "groups is meaningless with granularity='model'"),
+    ({"num_groups": -1}, "num_groups must be an integer >= 0, got -1"),
+    ({"sparse_as_dense": "yes"}, "sparse_as_dense must be True or False, got 'yes'"),
 ])
 def test_bad_arguments_raise_at_construction(single_rank, kwargs, message):
     import horovod_gravac as hg
@@ -116,22 +123,93 @@ def test_is_a_subclassable_optimizer(single_rank):
     assert wrapped.param_groups[0]["lr"] == 0.05
 
 
-@pytest.mark.parametrize("sparse", [False, True])
-def test_embedding_gradients_sparse_or_dense(single_rank, sparse):
+@pytest.mark.parametrize("sparse,sparse_as_dense", [(False, False), (True, False), (True, True)])
+def test_embedding_gradients_sparse_or_dense(single_rank, sparse, sparse_as_dense):
     import horovod_gravac as hg
     torch.manual_seed(0)
     emb = torch.nn.Embedding(50, 8, sparse=sparse)
-    opt = hg.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.5),
-                                  named_parameters=emb.named_parameters(), compression="topk:4")
+    base = torch.optim.SparseAdam(emb.parameters(), lr=0.1) if sparse \
+        else torch.optim.SGD(emb.parameters(), lr=0.5)
+    opt = hg.DistributedOptimizer(base, named_parameters=emb.named_parameters(),
+                                  compression="topk:4", sparse_as_dense=sparse_as_dense)
     tokens = torch.tensor([1, 2, 3, 2])
     before = emb.weight.detach().clone()
     for _ in range(3):
         opt.zero_grad()
         emb(tokens).pow(2).sum().backward()
-        opt.step()
+        opt.step()  # SparseAdam refuses dense gradients: they must come back sparse
+        assert emb.weight.grad.is_sparse == sparse
     changed = (emb.weight.detach() != before).any(dim=1).nonzero().view(-1).tolist()
     assert changed and set(changed) <= {1, 2, 3}
     assert opt.communication.steps == 3
+    if sparse and not sparse_as_dense:  # exchanged as Horovod does: uncompressed, 3 rows
+        assert opt.communication.last_bytes == 3 * 8 + 3 * 8 * 4  # int64 indices + values
+    else:
+        assert not opt.memory.residuals or "weight" in opt.memory.residuals
+
+
+def test_groups_start_as_horovod_grouped_collectives(single_rank, monkeypatch):
+    import horovod_gravac as hg
+    calls = []
+    for fn in ("grouped_allreduce_async_", "grouped_allgather_async"):
+        real = getattr(hvd, fn)
+        monkeypatch.setattr(hvd, fn, lambda tensors, *a, _real=real, _fn=fn, **kw: (
+            calls.append((_fn, len(tensors), kw["name"])), _real(tensors, *a, **kw))[1])
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 2))
+    for compression, kind in (("none", "grouped_allreduce_async_"),
+                              ("topk:4", "grouped_allgather_async")):
+        calls.clear()
+        opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                      named_parameters=model.named_parameters(),
+                                      compression=compression, groups=[list(model[0].parameters())])
+        model(torch.randn(3, 6)).sum().backward()
+        opt.step()
+        # layer 0's weight and bias as one grouped collective; layer 1's tensors alone
+        assert calls == [(kind, 2, f"gravac.group.{kind.split('_')[1]}.0.weight")], calls
+        for h in opt._hooks:
+            h.remove()
+    with pytest.warns(DeprecationWarning, match="num_groups is deprecated"):
+        opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                      named_parameters=model.named_parameters(), num_groups=2)
+    assert len(set(opt._group_of.values())) == 2
+
+
+HOST_SYNCS = ("item", "tolist", "__bool__", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("compression", ["none", "fp16", "topk:20", "randomk:20", "dgc:20",
+                                         "powersgd"])
+def test_no_host_sync_in_backward_and_one_per_step(single_rank, compression, monkeypatch):
+    """Counts the calls that read device values back to the host, with compressors on the
+    path they take on accelerators (a CPU tensor would let them use data-dependent sizes)."""
+    import horovod_gravac as hg
+    from horovod_gravac.compression import base
+    monkeypatch.setattr(base, "HOST_DEVICES", frozenset())
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(),
+                                torch.nn.Linear(300, 40))
+    opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                  named_parameters=model.named_parameters(),
+                                  compression=compression)
+    counts = {"backward": 0, "step": 0}
+    phase = ["idle"]
+    for method in HOST_SYNCS:
+        real = getattr(torch.Tensor, method)
+
+        def counted(self, *a, _real=real, **kw):
+            if phase[0] in counts:
+                counts[phase[0]] += 1
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.randn(16, 64)).pow(2).mean()
+        phase[0] = "backward"
+        loss.backward()
+        phase[0] = "step"
+        opt.step()
+        phase[0] = "idle"
+    assert counts == {"backward": 0, "step": 3}, counts
 
 
 GRAD_W = [10.0, -9.0, 8.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
