@@ -272,7 +272,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         — PowerSGD's, after its second phase — or None). The residual is taken here, before
         the collective starts: allreduces run in place on the payload.
         """
-        self._local_finite.append((name, torch.isfinite(grad).all()))
+        if self.memory.keeps_state:  # to find this rank's culprits if the step is skipped
+            self._local_finite.append((name, C.is_finite(grad)))
         compensated = self.memory.compensate(grad, name)
         compressor, decision = self.compressor, self.decision
         if decision is None:
@@ -374,7 +375,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._gain_terms.clear()
             if self.on_nonfinite == "raise":
                 culprit = (f"this rank's gradient of {', '.join(culprits)} is non-finite"
-                           if culprits else "another rank's gradient is non-finite")
+                           if culprits else "another rank's gradient is non-finite"
+                           if self.memory.keeps_state else "a rank's gradient is non-finite")
                 raise NonFiniteGradientError(
                     f"step {self.step_count}: the averaged gradient contains NaN/Inf ({culprit}); "
                     "lower the learning rate or use on_nonfinite='skip'")
@@ -390,12 +392,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """
         local, self._local_finite = self._local_finite, []
         grads = [p.grad for p in self._requires_update]
-        flags = [torch.isfinite(g.coalesce()._values() if g.is_sparse else g).all()
+        flags = [C.is_finite(g.coalesce()._values() if g.is_sparse else g)
                  for g in grads] + [flag for _, flag in local]
         if not flags:
             return True, []
         device = flags[0].device
-        verdict = torch.stack([f.to(device) for f in flags]).tolist()
+        verdict = torch.stack([f if f.device == device else f.to(device)
+                               for f in flags]).tolist()
         averaged, mine = verdict[:len(grads)], verdict[len(grads):]
         return all(averaged), [name for (name, _), ok in zip(local, mine) if not ok]
 

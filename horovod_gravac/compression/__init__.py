@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .base import (Compressor, Ctx, Exchange, Payload, finite_marker, num_selected,
+from .base import (Compressor, Ctx, Exchange, Payload, finite_marker, is_finite, num_selected,
                    validate_cf, wire_bytes)
 from .lowrank import PowerSGD
 from .memory import MEMORIES, DGCMemory, EFSignSGDMemory, Memory, ResidualMemory

@@ -7,7 +7,7 @@ reuse its storage for the new residual (no extra pass over the gradient).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -20,6 +20,8 @@ class Memory:
     """No error feedback: what compression drops is lost."""
 
     name = "none"
+    #: True when the memory carries values from step to step (that a NaN must not enter)
+    keeps_state: ClassVar[bool] = False
 
     def compensate(self, tensor: Tensor, name: str) -> Tensor:
         return tensor
@@ -42,6 +44,7 @@ class ResidualMemory(Memory):
     """Classic EF (Seide et al. 2014; Karimireddy et al. 2019): g_ef = g + e; e ← g_ef − D(C(g_ef))."""
 
     name = "residual"
+    keeps_state = True
 
     def __init__(self) -> None:
         self.residuals: dict[str, Tensor] = {}
@@ -113,6 +116,7 @@ class DGCMemory(Memory):
     """
 
     name = "dgc"
+    keeps_state = True
 
     def __init__(self, momentum: float = 0.9, clip_norm: float | None = None) -> None:
         self.momentum = check_number("momentum", momentum, 0, 1, high_open=True)
