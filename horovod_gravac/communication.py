@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import horovod.torch as hvd
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -150,14 +151,19 @@ class Communicator:
                                op=hvd.Sum, process_set=self.process_set)
         return summed.tolist()
 
-    def broadcast_decision(self, decision: Any) -> Any:
-        """Rank 0's decision on every rank: over MPI (mpi4py) when Horovod runs on MPI,
-        else with Horovod's own broadcast (Gloo)."""
+    def broadcast_floats(self, values: list[float] | None, length: int) -> list[float]:
+        """Rank 0's ``values`` (``length`` floats) on every rank, in one small broadcast:
+        over MPI (mpi4py) when Horovod runs on MPI, else Horovod's own broadcast (Gloo)."""
+        buffer = np.zeros(length, dtype=np.float64)
+        if values is not None:
+            buffer[:] = values
         comm = self._mpi()
         if comm is not None:
-            return comm.bcast(decision, root=0)
-        return hvd.broadcast_object(decision, root_rank=0, name="gravac.decision",
-                                    process_set=self.process_set)
+            comm.Bcast(buffer, root=0)
+            return buffer.tolist()
+        tensor = hvd.broadcast_(torch.from_numpy(buffer), root_rank=0, name="gravac.decision",
+                                process_set=self.process_set)
+        return tensor.tolist()
 
     def _mpi(self):
         """COMM_WORLD when Horovod itself runs on MPI with the global process set, else None."""

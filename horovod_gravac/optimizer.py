@@ -177,6 +177,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.communication = CommunicationStats()
         ids = {id(p) for p in params}
         self._names = {p: n for n, p in named if id(p) in ids}
+        #: the tensors a decision may set a CF for, in the same order on every rank
+        self._decision_layers = [self._names[p] for p in params if p.requires_grad] + (
+            [MODEL_TENSOR] if granularity == "model" else [])
         self._requires_update = [p for p in params if p.requires_grad]
         self._group_of = _form_groups(groups, params, self._requires_update)
         self._passes: dict[Tensor, int] = defaultdict(int)
@@ -430,8 +433,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if not self.agent.adaptive:
             self.decision = self.agent.decide(stats)
             return
-        decision = self.agent.decide(stats) if self.communicator.rank == 0 else None
-        self.decision = self.communicator.broadcast_decision(decision)
+        layers = self._decision_layers
+        values = self.agent.decide(stats).encode(layers) if self.communicator.rank == 0 else None
+        self.decision = A.Decision.decode(
+            self.communicator.broadcast_floats(values, A.Decision.encoded_length(layers)), layers)
 
     def _start_model(self) -> None:
         grads = [self._gradient(p) for p in self._requires_update]

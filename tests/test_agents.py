@@ -264,3 +264,23 @@ def test_metrics_stream_keeps_only_the_recent_steps():
     restored.decide(stats(RECENT_STEPS + 5, d_min=0.9, d_c=0.8, iter_time=0.1, world=2,
                               sent=restored.send))
     assert len(restored.history) == RECENT_STEPS
+
+
+@pytest.mark.parametrize("decision", [
+    A.Decision(cf=100),
+    A.Decision(cf=250.0, theta_min=10.0, send=A.SEND_MIN, measure_gain=False),
+    A.Decision(cf=1.0, theta_min=1.0, send=A.SEND_DENSE),
+    A.Decision(cf=4, layer_cf={"b": 2.0, "a": 4.0}),
+    A.Decision(cf=4, layer_cf={}),
+])
+def test_decision_travels_as_a_fixed_length_float_vector(decision):
+    layers = ["a", "b", "c"]
+    values = decision.encode(layers)
+    assert len(values) == A.Decision.encoded_length(layers)
+    assert all(isinstance(v, float) for v in values)
+    assert A.Decision.decode(values, layers) == decision
+
+
+def test_decision_with_an_unknown_layer_is_refused():
+    with pytest.raises(ValueError, match=r"layer_cf names unknown tensors: \['z'\]"):
+        A.Decision(cf=4, layer_cf={"z": 2.0}).encode(["a"])

@@ -44,6 +44,34 @@ class Decision:
     def cf_for(self, name: str) -> float:
         return self.layer_cf.get(name, self.cf) if self.layer_cf else self.cf
 
+    # A fixed-length vector of floats, so the decision travels as one small broadcast
+    # (no pickling, no size exchange): [cf, θmin, send, measure_gain, has layer_cf, per layer].
+    @staticmethod
+    def encoded_length(layers: list[str]) -> int:
+        return 5 + len(layers)
+
+    def encode(self, layers: list[str]) -> list[float]:
+        """This decision as ``encoded_length(layers)`` floats; NaN marks "not set"."""
+        nan = float("nan")
+        overrides = self.layer_cf or {}
+        unknown = set(overrides) - set(layers)
+        if unknown:
+            raise ValueError(f"layer_cf names unknown tensors: {sorted(unknown)}")
+        return [float(self.cf), nan if self.theta_min is None else float(self.theta_min),
+                float(SEND_CHOICES.index(self.send)), float(self.measure_gain),
+                float(self.layer_cf is not None),
+                *(float(overrides.get(name, nan)) for name in layers)]
+
+    @classmethod
+    def decode(cls, values: list[float], layers: list[str]) -> "Decision":
+        """The decision :meth:`encode` turned into ``values``."""
+        cf, theta_min, send, measure_gain, has_layer_cf = values[:5]
+        layer_cf = {name: v for name, v in zip(layers, values[5:]) if v == v} \
+            if has_layer_cf else None
+        return cls(cf=cf, theta_min=None if theta_min != theta_min else theta_min,
+                   send=SEND_CHOICES[int(send)], layer_cf=layer_cf,
+                   measure_gain=bool(measure_gain))
+
 
 GRADIENT, COMPENSATED = "gradient", "compensated"
 
