@@ -4,7 +4,8 @@ For every compressor and model: time of error feedback + compress + decompress/a
 all of the model's gradients, side by side in the same run with
   (a) the memcpy floor: clone every gradient, and
   (b) the straightforward reference implementation of the same algorithm (benchmarks/reference.py),
-plus bytes on the wire, and the multi-level speed-up (compress to θmin, then select within it
+plus bytes on the wire (and per kept element for sparsifiers: 8 = float32 value + int32
+index, less with a bitmap of positions or half-precision values), and the multi-level speed-up (compress to θmin, then select within it
 to θmin·θs, against compressing directly to θmin·θs). Writes CSV, Markdown and a PNG plot.
 
     python -m benchmarks.compressors --models resnet101 --cf 100
@@ -26,6 +27,8 @@ from benchmarks.reference import REFERENCES
 
 PAPER_MODELS = ("resnet101", "vgg16", "lstm1500")
 MULTILEVEL = ("topk", "randomk", "dgc", "redsync", "sidco")
+#: sparsifiers that can send their values in half precision (``value_dtype``)
+HALF_VALUES = ("topk", "dgc")
 
 
 def timed(fn: Callable[[], object], repeat: int) -> float:
@@ -39,8 +42,8 @@ def timed(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
-def make_compressor(name: str, cf: float) -> C.Compressor:
-    compressor = C.create(name)
+def make_compressor(name: str, cf: float, **params) -> C.Compressor:
+    compressor = C.create(name, **params)
     if compressor.adjustable_cf:
         compressor.cf = cf
     elif name == "threshold":  # λ that keeps about 1/cf of N(0, 1e-2²) gradients
@@ -74,23 +77,34 @@ def reference_step(reference: Callable, cf: float, grads: dict[str, torch.Tensor
 
 
 def benchmark_model(model: str, names: list[str], cf: float, repeat: int, theta_min: float,
-                    progress) -> list[dict]:
+                    progress, value_dtype: str | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     grads = {n: torch.randn(s, generator=gen) * 1e-2 for n, s in parameter_shapes(model)}
     numel = sum(g.numel() for g in grads.values())
     floor = timed(lambda: [g.clone() for g in grads.values()], repeat)
     rows = []
-    for name in names:
-        compressor = make_compressor(name, cf)
+    variants = [(name, {}) for name in names] + [
+        (name, {"value_dtype": value_dtype}) for name in names
+        if value_dtype and name in HALF_VALUES]
+    for name, params in variants:
+        compressor = make_compressor(name, cf, **params)
         memory = C.create_memory(None, compressor)
         steps = iter(range(10**9))
         sent = library_step(compressor, memory, grads, 0)
         lib = timed(lambda: library_step(compressor, memory, grads, next(steps)), repeat)
-        row = {"model": model, "compressor": name, "cf": cf if compressor.adjustable_cf else
+        kept = sum(C.num_selected(g.numel(), cf) for g in grads.values()) \
+            if isinstance(compressor, C.Sparsifier) and compressor.adjustable_cf else None
+        label = f"{name} ({params['value_dtype']} values)" if params else name
+        row = {"model": model, "compressor": label, "cf": cf if compressor.adjustable_cf else
                round(4 * numel / max(sent, 1), 2), "params_M": round(numel / 1e6, 2),
-               "bytes_sent": sent, "memcpy_ms": floor * 1e3, "library_ms": lib * 1e3,
+               "bytes_sent": sent, "bytes_per_kept": sent / kept if kept else None,
+               "memcpy_ms": floor * 1e3, "library_ms": lib * 1e3,
                "x_memcpy": lib / floor, "reference_ms": None, "speedup_vs_reference": None,
                "multilevel_ms": None, "direct_ms": None, "multilevel_speedup": None}
+        if params:
+            rows.append(row)
+            progress.update(1)
+            continue
         if name in REFERENCES:
             residuals = {n: torch.zeros_like(g) for n, g in grads.items()}
             ref = timed(lambda: reference_step(REFERENCES[name], cf, grads, residuals), repeat)
@@ -117,12 +131,13 @@ def fmt(value, spec: str) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ("| model | compressor | CF | MB sent | ms/step | × memcpy | reference ms | "
-            "× faster than reference | multi-level × faster |")
-    lines = [head, "|" + "---|" * 9]
+    head = ("| model | compressor | CF | MB sent | B per kept element | ms/step | × memcpy | "
+            "reference ms | × faster than reference | multi-level × faster |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lines.append(f"| {r['model']} | {r['compressor']} | {r['cf']:g} | "
-                     f"{r['bytes_sent'] / 1e6:.2f} | {r['library_ms']:.0f} | {r['x_memcpy']:.2f} | "
+                     f"{r['bytes_sent'] / 1e6:.2f} | {fmt(r['bytes_per_kept'], '.2f')} | "
+                     f"{r['library_ms']:.0f} | {r['x_memcpy']:.2f} | "
                      f"{fmt(r['reference_ms'], '.0f')} | {fmt(r['speedup_vs_reference'], '.2f')} | "
                      f"{fmt(r['multilevel_speedup'], '.2f')} |")
     floors = sorted({(r['model'], round(r['memcpy_ms'])) for r in rows})
@@ -161,6 +176,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compressors", default="all", help="comma-separated names or 'all'")
     parser.add_argument("--cf", type=float, default=100.0, help="CF of adjustable compressors")
     parser.add_argument("--theta-min", type=float, default=10.0, help="first level of multi-level")
+    parser.add_argument("--value-dtype", default="float16",
+                        help=f"also run {', '.join(HALF_VALUES)} with values in this dtype "
+                             "('none' to skip)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results/compressors"))
@@ -174,13 +192,17 @@ def main(argv: list[str] | None = None) -> None:
     C.validate_cf(args.cf)
     if args.theta_min >= args.cf:
         raise ValueError(f"--theta-min ({args.theta_min:g}) must be below --cf ({args.cf:g})")
+    value_dtype = None if args.value_dtype == "none" else args.value_dtype
+    C.sparsifiers.check_value_dtype(value_dtype)
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
     rows: list[dict] = []
-    with tqdm(total=len(models) * len(names), desc="compressors") as progress:
+    extra = sum(1 for n in names if value_dtype and n in HALF_VALUES)
+    with tqdm(total=len(models) * (len(names) + extra), desc="compressors") as progress:
         for model in models:
-            rows += benchmark_model(model, names, args.cf, args.repeat, args.theta_min, progress)
+            rows += benchmark_model(model, names, args.cf, args.repeat, args.theta_min, progress,
+                                    value_dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "compressors.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -70,7 +70,43 @@ def test_exact_k_for_topk_and_randomk(name, n, cf):
     payload, ctx = c.compress(torch.randn(n), "w", 0)
     k = max(1, int(n // cf))
     assert payload[0].numel() - (name == "randomk") == k  # RandomK carries one marker value
-    assert C.wire_bytes(payload) == k * 4 + (4 if name == "randomk" else k * 4)
+    positions = min(4 * k, (n + 7) // 8)  # int32 indices or a bitmap, whichever is smaller
+    assert C.wire_bytes(payload) == k * 4 + (4 if name == "randomk" else positions)
+
+
+@pytest.mark.parametrize("spec", ["topk", "dgc"])
+@pytest.mark.parametrize("value_dtype", [None, "float16", "bfloat16"])
+@given(n=st.integers(1, 3000), cf=st.floats(1, 300))
+@settings(max_examples=25, deadline=None)
+def test_compact_sparse_payloads_roundtrip_and_keep_the_rounding_in_the_residual(
+        spec, value_dtype, n, cf):
+    c = C.create(spec, cf=cf, value_dtype=value_dtype)
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    payload, ctx = c.compress(x.clone(), "w", 0)
+    sent = c.decompress(payload, ctx)
+    residual = c.error(x.clone(), payload, ctx)
+    assert torch.equal(sent + residual, x) or torch.allclose(sent + residual, x, atol=1e-7)
+    values, positions = payload
+    assert values.dtype == (C.sparsifiers.VALUE_DTYPES[value_dtype] if value_dtype else x.dtype)
+    k = max(1, int(n // cf))
+    if spec == "topk":  # exactly k: bitmap when smaller (and every rank's form is the same)
+        bitmap = (n + 7) // 8 < 4 * k
+        assert (positions.dtype == torch.uint8) == bitmap
+        assert torch.equal(sent != 0, c.decompress(payload, ctx) != 0)
+        kept = sent.abs()[sent != 0]
+        if kept.numel() and value_dtype is None:
+            assert kept.min() >= x.abs().topk(k).values.min()
+    two = c.aggregate([payload, payload], ctx)
+    assert torch.allclose(two, 2 * sent)
+    if k > 1:  # multi-level: the second level selects within the first
+        (p2, ctx2) = c.recompress(payload, ctx, cf * 2)
+        second = c.decompress(p2, ctx2)
+        assert ((second != 0) <= (sent != 0)).all()
+
+
+def test_value_dtype_is_validated():
+    with pytest.raises(ValueError, match=r"value_dtype must be None .* got 'int8'"):
+        C.create("topk", value_dtype="int8")
 
 
 @given(n=st.integers(1, 200_000), cf=st.sampled_from([1, 1.5, 3, 10, 100, 1000, 1e5]),
@@ -78,11 +114,13 @@ def test_exact_k_for_topk_and_randomk(name, n, cf):
 @settings(max_examples=40, deadline=None)
 def test_topk_selects_the_same_set_as_torch_topk(n, cf, seed):
     t = torch.randn(n, generator=torch.Generator().manual_seed(seed))
-    payload, _ = C.create("topk", cf=cf).compress(t)
+    c = C.create("topk", cf=cf)
+    payload, ctx = c.compress(t)
     k = max(1, int(n // cf))
     expected = torch.topk(t.abs(), k).indices
-    assert set(payload[1].tolist()) == set(expected.tolist())
-    torch.testing.assert_close(payload[0], t[payload[1].long()])
+    sent = c.indices(payload, ctx)
+    assert set(sent.tolist()) == set(expected.tolist())
+    torch.testing.assert_close(payload[0], t[sent.long()])
 
 
 def test_exact_topk_handles_heavy_ties_and_zeros():
@@ -168,7 +206,7 @@ def test_dgc_memory_momentum_correction_and_masking():
     torch.testing.assert_close(v, g)
     payload, ctx = c.compress(v)
     mem.update("w", v, c, payload, ctx)
-    sent = set(payload[1].tolist())
+    sent = set(c.indices(payload, ctx).tolist())
     assert sent == {18, 19}
     u, acc = mem.velocities["w"], mem.accumulated["w"]
     assert all(u[i] == 0 and acc[i] == 0 for i in sent)

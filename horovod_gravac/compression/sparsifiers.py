@@ -22,6 +22,7 @@ from torch import Tensor
 from ..validation import check_number
 from .base import (Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker,
                    num_selected, sizes_may_depend_on_data)
+from .quantizers import pack_bits, unpack_bits
 
 _INT32_MAX = 2**31 - 1
 
@@ -68,8 +69,33 @@ def exact_topk_indices(magnitude: Tensor, k: int, sample: int = 4096) -> Tensor:
     return cand[torch.topk(magnitude[cand], k, sorted=False).indices]
 
 
+#: reduced-precision dtypes a sparse payload's values may travel in (``value_dtype``)
+VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_value_dtype(value_dtype: str | None) -> torch.dtype | None:
+    """``value_dtype`` as a torch dtype (None: the gradient's own), or a ValueError."""
+    if value_dtype is None:
+        return None
+    if value_dtype not in VALUE_DTYPES:
+        raise ValueError(f"value_dtype must be None (the gradient's dtype) or one of "
+                         f"{sorted(VALUE_DTYPES)}, got {value_dtype!r}")
+    return VALUE_DTYPES[value_dtype]
+
+
+def _bitmap_is_smaller(numel: int, k: int) -> bool:
+    """A bitmap of n bits is smaller than k int32 indices when k > n/32 (CF < 32)."""
+    return (numel + 7) // 8 < 4 * k
+
+
 class Sparsifier(Compressor):
-    """Common machinery: (values, indices) payloads, sparse sum, in-place residuals."""
+    """Common machinery: (values, indices) payloads, sparse sum, in-place residuals.
+
+    Positions travel as int32 indices or, for selections of exactly k elements (TopK) where
+    it is smaller (k > n/32, i.e. CF < 32), as a bitmap of n bits with the values in index
+    order; ``value_dtype`` (TopK, DGC) sends the values in float16 or bfloat16, and the
+    rounding error then stays in the residual.
+    """
 
     exchange = Exchange.ALLGATHER
     adjustable_cf = True
@@ -77,6 +103,7 @@ class Sparsifier(Compressor):
     #: True when ``select`` returns exactly k indices (the payload size is the same on every
     #: rank); threshold-based selections return about k
     selects_exactly_k: ClassVar[bool] = False
+    value_dtype: torch.dtype | None = None
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
         """Indices of the elements to send from the 1-D ``flat`` (about k of them)."""
@@ -89,15 +116,36 @@ class Sparsifier(Compressor):
         if flat.numel() == 0:
             return (flat, flat.new_zeros(0, dtype=torch.int32)), ctx
         indices = self.select(flat, num_selected(flat.numel(), self.cf), name, step)
-        return _sparse_payload(flat, indices), ctx
+        return self._encode(flat[indices].to(self.value_dtype or flat.dtype), indices, ctx), ctx
+
+    def _encode(self, values: Tensor, indices: Tensor, ctx: Ctx) -> Payload:
+        """(values, int32 indices), or (values in index order, bitmap) when that is smaller
+        and every rank sends exactly k (the form is then the same on every rank)."""
+        n = ctx.numel
+        if not (self.selects_exactly_k and _bitmap_is_smaller(n, indices.numel())):
+            return values, indices.to(_index_dtype(n))
+        indices, order = indices.sort()
+        ctx.extra["indices"] = indices  # local only: multi-level selection and memories
+        mask = torch.zeros(n, dtype=torch.bool, device=values.device)
+        mask[indices] = True
+        return values[order], pack_bits(mask)
+
+    @staticmethod
+    def _is_bitmap(payload: Payload) -> bool:
+        return len(payload) > 1 and payload[1].dtype == torch.uint8
 
     def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
-        values, indices = payload[0], payload[1]
+        values, positions = payload[0], payload[1]
         out = torch.zeros(ctx.numel, dtype=ctx.dtype, device=values.device)
-        out.index_add_(0, indices.long(), values.to(ctx.dtype))
+        if self._is_bitmap(payload):
+            out.masked_scatter_(unpack_bits(positions, ctx.numel), values.to(ctx.dtype))
+        else:
+            out.index_add_(0, positions.long(), values.to(ctx.dtype))
         return out.view(ctx.shape)
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
+        if self._is_bitmap(payloads[0]):
+            return Compressor.aggregate(self, payloads, ctx)
         return self.decompress(tuple(torch.cat(parts) for parts in zip(*payloads)), ctx)
 
     def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:
@@ -105,28 +153,44 @@ class Sparsifier(Compressor):
 
     def indices(self, payload: Payload, ctx: Ctx) -> Tensor:
         """Positions (into the flattened tensor) that the payload carries."""
+        if self._is_bitmap(payload):
+            return ctx.extra["indices"]
         return payload[1]
 
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
-        flat = compensated.view(-1)
-        flat.index_fill_(0, self.indices(payload, ctx).long(), 0)
+        values, flat = payload[0], compensated.view(-1)
+        if self._is_bitmap(payload):
+            return compensated.sub_(self.decompress(payload, ctx))
+        if values.dtype == compensated.dtype and not ctx.extra.get("padded"):
+            flat.index_fill_(0, self.indices(payload, ctx).long(), 0)
+        else:  # rounded values, or padded slots repeating an index: subtract what was sent
+            flat.index_add_(0, payload[1].long(), values.to(flat.dtype), alpha=-1)
         return compensated
 
     def recompress(self, payload: Payload, ctx: Ctx, cf: float) -> tuple[Payload, Ctx]:
         """Select within the kept values: exact top-k of them (cost ∝ k, not n)."""
-        values, indices = payload[0], payload[1]
+        values = payload[0]
         k = num_selected(ctx.numel, cf)
         if k >= values.numel():
             return payload, ctx
         keep = exact_topk_indices(values.abs(), k)
-        return (values[keep], indices[keep]), ctx
+        level = Ctx(ctx.shape, ctx.dtype, ctx.exchange,
+                    {"padded": True} if ctx.extra.get("padded") else {}, ctx.varying_size)
+        return self._encode(values[keep], self.indices(payload, ctx)[keep], level), level
 
 
 class TopK(Sparsifier):
-    """The k = ⌊n/CF⌋ largest |t|, exactly (Aji & Heafield 2017; Alistarh et al. 2018)."""
+    """The k = ⌊n/CF⌋ largest |t|, exactly (Aji & Heafield 2017; Alistarh et al. 2018).
+
+    ``value_dtype="float16"`` or ``"bfloat16"`` sends the values in half precision.
+    """
 
     name = "topk"
     selects_exactly_k = True
+
+    def __init__(self, cf: float | None = None, value_dtype: str | None = None) -> None:
+        super().__init__(cf)
+        self.value_dtype = check_value_dtype(value_dtype)
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
         return exact_topk_indices(flat.abs(), k)
@@ -192,7 +256,8 @@ class RandomK(SeededCompressor, Sparsifier):
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
         if ctx.extra["scale"] != 1.0:  # unbiased: sent values were scaled, residual is not 0
             return Compressor.error(self, compensated, payload, ctx)
-        return Sparsifier.error(self, compensated, payload, ctx)
+        compensated.view(-1).index_fill_(0, ctx.extra["indices"], 0)  # sent exactly
+        return compensated
 
     def recompress(self, payload: Payload, ctx: Ctx, cf: float) -> tuple[Payload, Ctx]:
         """Keep a shared-random subset of the kept positions (still the same on all ranks)."""
@@ -249,8 +314,9 @@ class DGC(SeededCompressor, Sparsifier):
     name = "dgc"
 
     def __init__(self, cf: float | None = None, seed: int = 0, sample_ratio: float = 0.01,
-                 max_adjust: int = 10) -> None:
+                 max_adjust: int = 10, value_dtype: str | None = None) -> None:
         super().__init__(cf, seed)
+        self.value_dtype = check_value_dtype(value_dtype)
         self.sample_ratio = check_number("sample_ratio", sample_ratio, 0, 1, low_open=True)
         self.max_adjust = check_number("max_adjust", max_adjust, 1, integer=True)
 
@@ -273,8 +339,10 @@ class DGC(SeededCompressor, Sparsifier):
             return super().compress(tensor, name, step)
         magnitude = flat.abs()
         if 2 * k >= n:  # nothing to gain from a threshold
-            return (_sparse_payload(flat, torch.topk(magnitude, k, sorted=False).indices),
-                    Ctx(tensor.shape, tensor.dtype, self.exchange))
+            ctx = Ctx(tensor.shape, tensor.dtype, self.exchange)
+            indices = torch.topk(magnitude, k, sorted=False).indices
+            return self._encode(flat[indices].to(self.value_dtype or flat.dtype), indices,
+                                ctx), ctx
         thr = torch.minimum(self._sampled_threshold(magnitude, k, name, step), magnitude.max())
         slots = 2 * k
         passed = (magnitude < thr).logical_not_()
@@ -288,19 +356,10 @@ class DGC(SeededCompressor, Sparsifier):
         score = torch.where(used, magnitude[candidates], -1.0)
         keep = torch.topk(score, k, sorted=False).indices
         indices = candidates[keep]
-        values = torch.where(used[keep], flat[indices], 0.0)
+        values = torch.where(used[keep], flat[indices], 0.0).to(self.value_dtype or flat.dtype)
         values[:1].add_(finite_marker(flat).to(values.dtype))  # a NaN outside the buffer shows
         return ((values, indices.to(_index_dtype(n))),
                 Ctx(tensor.shape, tensor.dtype, self.exchange, {"padded": True}))
-
-    def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
-        if not ctx.extra.get("padded"):
-            return Sparsifier.error(self, compensated, payload, ctx)
-        # Padded slots repeat a sent index with value 0: subtract what was sent instead.
-        values, indices = payload[0], payload[1]
-        compensated.view(-1).index_add_(0, indices.long(), values.to(compensated.dtype),
-                                        alpha=-1)
-        return compensated
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
         magnitude = flat.abs()
