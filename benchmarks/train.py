@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--powersgd-start", type=int, default=2,
                    help="ddp-powersgd: dense allreduce before this step (>= 2)")
     g.add_argument("--compression", default="none", help="name[:value], e.g. topk:100")
+    g.add_argument("--value-dtype", default=None, choices=("float16", "bfloat16"),
+                   help="topk/dgc: send the kept values in this dtype (default: the gradient's)")
     g.add_argument("--memory", default=None, help="error-feedback memory (default: the compressor's)")
     g.add_argument("--granularity", default="layer", choices=("layer", "model"))
     g.add_argument("--agent", default="none", choices=("none", "static", "gravac", "accordion"))
@@ -153,7 +155,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--baseline runs hvd.DistributedOptimizer: it takes no --agent or "
                          "--compression")
     from horovod_gravac import agents, compression
-    compressor = compression.create(args.compression)  # unknown names and bad values fail here
+    # unknown names and bad values fail here
+    compressor = compression.create(args.compression, **compression_params(args))
     compression.create_memory(args.memory, compressor)
     args.agent_obj = agents.create(args.agent, **agent_params(args))
     if args.agent_obj is not None:
@@ -168,6 +171,11 @@ def parse_steps(text: str) -> list[int]:
     if any(s < 1 for s in steps):
         raise ValueError(f"--lr-decay-steps must be >= 1, got {text!r}")
     return steps
+
+
+def compression_params(args: argparse.Namespace) -> dict:
+    """Compressor parameters given as their own flags."""
+    return {"value_dtype": args.value_dtype} if args.value_dtype else {}
 
 
 def agent_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -383,7 +391,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                        compression=compression)
     else:
         opt = hg.DistributedOptimizer(base, named_parameters=model.named_parameters(),
-                                      compression=args.compression, memory=args.memory,
+                                      compression=hg.compression.create(
+                                          args.compression, **compression_params(args)),
+                                      memory=args.memory,
                                       granularity=args.granularity, agent=args.agent_obj,
                                       on_nonfinite=args.on_nonfinite)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)

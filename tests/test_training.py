@@ -28,6 +28,8 @@ def parse(*argv):
     (["--model", "resnet20"], ValueError, "--model 'resnet20' does not fit --data 'ptb'"),
     (["--compression", "nope"], ValueError, "unknown compressor 'nope'"),
     (["--compression", "topk:0"], ValueError, "compression factor.* must be"),
+    (["--compression", "qsgd", "--value-dtype", "float16"], ValueError,
+     "compressor 'qsgd' has no parameter 'value_dtype'"),
     (["--agent", "gravac", "--theta-min", "100", "--theta-max", "10"], ValueError, "theta_max"),
     (["--agent", "gravac", "--epsilon", "2"], ValueError, "epsilon"),
     (["--agent", "gravac", "--window", "0"], ValueError, "window"),
