@@ -284,8 +284,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         elif self.agent.needs_gain_stats:
             payload, ctx, compressor = self._multilevel(grad, compensated, name, decision)
         else:
-            compressor.cf = decision.cf_for(name)
-            payload, ctx = compressor.compress(compensated, name, self.step_count)
+            payload, ctx = compressor.compress(compensated, name, self.step_count,
+                                               cf=decision.cf_for(name))
         if compressor is self._dense:  # GraVAC's dense branch: the residual restarts at 0
             self.memory.reset(name)
             compensated = None
@@ -298,8 +298,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         """Multi-level compression: C(x, θmin), then (if ``second``) C(C(x, θmin), θs)
         within that selection."""
         c = self.compressor
-        c.cf = decision.theta_min
-        p_min, ctx_min = c.compress(tensor, name, self.step_count)
+        p_min, ctx_min = c.compress(tensor, name, self.step_count, cf=decision.theta_min)
         return (p_min, ctx_min), c.recompress(p_min, ctx_min, decision.cf) if second else None
 
     def _multilevel(self, grad: Tensor, g_o: Tensor, name: str, decision: A.Decision):

@@ -385,3 +385,15 @@ def test_spec_strings():
     assert C.create("randomk:cf=20,unbiased=true").unbiased
     with pytest.raises(ValueError, match="unknown memory"):
         C.create_memory("nope", C.create("topk"))
+
+
+@pytest.mark.parametrize("name", ["topk", "randomk", "dgc", "redsync", "sidco"])
+def test_cf_is_an_argument_of_the_call_not_a_change_of_state(name):
+    c = C.create(name, cf=100)
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(1))
+    payload, ctx = c.compress(x, "w", 0, cf=10)
+    sent = (c.decompress(payload, ctx) != 0).sum().item()
+    assert 250 <= sent <= 1000, sent  # about n/10 (thresholds: roughly), not n/100
+    assert c.cf == 100
+    again, ctx2 = c.recompress(payload, ctx, 50)
+    assert (c.decompress(again, ctx2) != 0).sum().item() <= 100 and c.cf == 100

@@ -140,7 +140,12 @@ class Compressor:
 
     # -- the API ------------------------------------------------------------------------
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
-        """Compress ``tensor``; ``name`` and ``step`` seed shared randomness and keep state."""
+        """Compress ``tensor``; ``name`` and ``step`` seed shared randomness and keep state.
+
+        Compressors with an adjustable CF (sparsifiers) also take ``cf=``: the CF of this call
+        (default: ``self.cf``), so a CF decided per step or per layer is an argument, never a
+        change of the compressor's state.
+        """
         raise NotImplementedError
 
     def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
@@ -172,15 +177,10 @@ class Compressor:
     def recompress(self, payload: Payload, ctx: Ctx, cf: float) -> tuple[Payload, Ctx]:
         """Compress an already compressed tensor further, to total CF ``cf`` (multi-level).
 
-        The default decompresses and compresses again; sparsifiers select within the
-        values they kept, which is what makes GraVAC's C(C(g, θmin), θs) cheap.
+        The default decompresses and compresses again at ``cf``; sparsifiers select within
+        the values they kept, which is what makes GraVAC's C(C(g, θmin), θs) cheap.
         """
-        previous = self.cf
-        try:
-            self.cf = cf
-            return self.compress(self.decompress(payload, ctx))
-        finally:
-            self.cf = previous
+        return self.compress(self.decompress(payload, ctx), cf=cf)
 
     def state_dict(self) -> dict[str, Any]:
         """Compressor state that must survive a restart (e.g. PowerSGD's Q, Signum's momentum)."""

@@ -109,13 +109,14 @@ class Sparsifier(Compressor):
         """Indices of the elements to send from the 1-D ``flat`` (about k of them)."""
         raise NotImplementedError
 
-    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0,
+                 cf: float | None = None) -> tuple[Payload, Ctx]:
         flat = tensor.reshape(-1)
         ctx = Ctx(tensor.shape, tensor.dtype, self.exchange,
                   varying_size=not self.selects_exactly_k)
         if flat.numel() == 0:
             return (flat, flat.new_zeros(0, dtype=torch.int32)), ctx
-        indices = self.select(flat, num_selected(flat.numel(), self.cf), name, step)
+        indices = self.select(flat, num_selected(flat.numel(), cf or self.cf), name, step)
         return self._encode(flat[indices].to(self.value_dtype or flat.dtype), indices, ctx), ctx
 
     def _encode(self, values: Tensor, indices: Tensor, ctx: Ctx) -> Payload:
@@ -229,9 +230,10 @@ class RandomK(SeededCompressor, Sparsifier):
                 pick = torch.randperm(distinct.numel(), generator=gen, device=device)[:k]
                 return distinct[pick]
 
-    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0,
+                 cf: float | None = None) -> tuple[Payload, Ctx]:
         flat = tensor.reshape(-1)
-        k = num_selected(flat.numel(), self.cf)
+        k = num_selected(flat.numel(), cf or self.cf)
         indices = self.sample_indices(flat.numel(), k, flat.device, name, step)
         scale = flat.numel() / k if self.unbiased and k else 1.0
         values = flat[indices] * scale if scale != 1.0 else flat[indices]
@@ -331,12 +333,13 @@ class DGC(SeededCompressor, Sparsifier):
         probe_k = max(1, math.ceil(probe.numel() * k / n))
         return torch.topk(probe, probe_k, sorted=False).values.min()
 
-    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0,
+                 cf: float | None = None) -> tuple[Payload, Ctx]:
         flat = tensor.reshape(-1)
         n = flat.numel()
-        k = num_selected(n, self.cf)
+        k = num_selected(n, cf or self.cf)
         if sizes_may_depend_on_data(flat) or n == 0:
-            return super().compress(tensor, name, step)
+            return super().compress(tensor, name, step, cf)
         magnitude = flat.abs()
         if 2 * k >= n:  # nothing to gain from a threshold
             ctx = Ctx(tensor.shape, tensor.dtype, self.exchange)
