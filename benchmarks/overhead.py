@@ -87,17 +87,23 @@ def worker(args: argparse.Namespace) -> None:
     results["topk100_per_layer_s"], results["topk100_one_group_s"] = \
         medians["per_layer"], medians["one_group"]
     # GraVAC's own cost: the same CF on the wire as static TopK 100x (it sends θmin = 100 in
-    # its warm-up window), plus the second level at 200x, the norms, the stats allreduce and
-    # the decision broadcast; per gain definition (the fresh gain compresses g once more),
-    # and the fresh gain measured every 4th step.
+    # its warm-up window; a tiny ε keeps it from the dense branch, which these random
+    # gradients' low gain would otherwise take), plus the second level at 200x, the norms,
+    # the stats allreduce and the decision broadcast; per gain definition (the fresh gain
+    # compresses g once more), and the fresh gain measured every 4th step.
     gravacs = {f"gravac_{gain}": {"gain": gain} for gain in hg.agents.GAINS}
     gravacs["gravac_fresh_every4"] = {"gain": "fresh", "gain_interval": 4}
-    medians = interleaved({"static": make("topk", hg.agents.Static(cf=100)), **{
-        name: make("topk", hg.agents.GraVAC(theta_min=100, theta_max=1000, window=10**9, **kw))
-        for name, kw in gravacs.items()}})
+    gravacs_made = {name: make("topk", hg.agents.GraVAC(theta_min=100, theta_max=1000,
+                                                       window=10**9, epsilon=1e-9, **kw))
+                    for name, kw in gravacs.items()}
+    medians = interleaved({"static": make("topk", hg.agents.Static(cf=100)), **gravacs_made})
     results["static_topk100_s"] = medians.pop("static")
     results["gravac_topk100_s"] = medians
     results["gravac_overhead"] = {k: v / results["static_topk100_s"] for k, v in medians.items()}
+    sent = {name: sorted({d.sent_cf for d in opt.decisions})
+            for name, (opt, _) in gravacs_made.items()}
+    if any(cfs != [100] for cfs in sent.values()):
+        raise RuntimeError(f"GraVAC did not send CF 100 throughout: {sent}")
     if hvd.rank() == 0:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
