@@ -14,7 +14,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HOROVOD_GPU_OPERATIONS=NCCL \
     HOROVOD_NCCL_LINK=SHARED \
     HOROVOD_WHEEL_CACHE=/opt/wheels \
-    EXTRAS=bench,test,vision
+    EXTRAS=mpi,bench,test,vision
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -28,12 +28,18 @@ RUN apt-get update \
     && mkdir -p /var/run/sshd
 
 WORKDIR /opt/horovod-gravac
-COPY . .
+# Dependencies first, from the install script alone: torch (CUDA build), Horovod with NCCL
+# built from source, mpi4py, torchvision. This layer is rebuilt only when the script changes.
+COPY launch/install.sh launch/install.sh
+RUN PYTHON=python3.11 TORCH_VERSION="${TORCH_VERSION}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" \
+        INSTALL_PACKAGE=0 bash launch/install.sh \
+    && pip install --no-cache-dir "torchvision" \
+    && rm -rf /root/.cache/pip
 
-# torch (CUDA build), Horovod with NCCL built from source, mpi4py, torchvision, this package.
+# Then the source and this package (seconds): editing the code does not rebuild the above.
+COPY . .
 RUN PYTHON=python3.11 TORCH_VERSION="${TORCH_VERSION}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" \
         bash launch/install.sh \
-    && pip install --no-cache-dir "torchvision" \
     && rm -rf /root/.cache/pip
 
 RUN horovodrun --check-build

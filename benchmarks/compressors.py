@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 from horovod_gravac import compression as C
-from benchmarks.models import parameter_shapes
+from horovod_gravac.app.models import parameter_shapes
 from benchmarks.reference import REFERENCES
 
 PAPER_MODELS = ("resnet101", "vgg16", "lstm1500")

@@ -42,7 +42,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.train import auto_window
+from horovod_gravac.app.train import auto_window
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,7 @@ def slug(name: str) -> str:
 
 
 def launch(train_flags: list[str], args: argparse.Namespace, shaped: bool) -> None:
-    train = [sys.executable, "-m", "benchmarks.train", *train_flags]
+    train = [sys.executable, "-m", "horovod_gravac.app.train", *train_flags]
     if shaped:
         cmd = [sys.executable, str(ROOT / "launch" / "netem.py"), "--np", str(args.np),
                "--rate", args.rate, "--delay", args.delay, "--", *train]
@@ -245,7 +245,7 @@ def write_tables(rows: list[dict], target: float | None, metric: str,
                                                "final", "MB_sent", "mean_cf"])
         writer.writeheader()
         writer.writerows(rows)
-    from benchmarks.plot import plot_runs, read_run
+    from horovod_gravac.app.plot import plot_runs, read_run
     seed0 = [args.out / "runs" / slug(r["config"]) / "seed0" for r in rows]
     seed0 = [d for d in seed0 if (d / "steps.csv").is_file()]
     if seed0:

@@ -35,7 +35,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     import horovod_gravac as hg
-    from benchmarks.models import parameter_shapes
+    from horovod_gravac.app.models import parameter_shapes
 
     hvd.init()
     torch.set_num_threads(1)

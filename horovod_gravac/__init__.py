@@ -19,7 +19,8 @@ __all__ = ["agents", "compression", "checkpoint", "elastic", *_OPTIMIZER, "__ver
 def __getattr__(name: str):
     # These import horovod.torch; the compression layer stays importable without it.
     if name in _OPTIMIZER:
-        from . import elastic, optimizer  # elastic registers the optimizer's state handler
+        from . import optimizer
+        from . import elastic  # noqa: F401  registers the optimizer's state handler
         return getattr(optimizer, name)
     if name in ("checkpoint", "elastic"):
         import importlib

@@ -25,9 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import horovod.torch as hvd
 import numpy as np
 import torch
+
+try:
+    import horovod.torch as hvd
+except ImportError as _exc:  # the one dependency pip cannot install for you
+    raise ImportError(
+        "horovod_gravac's optimizer needs Horovod built with PyTorch support. It is not a pip "
+        "dependency: it must be built from source against the installed torch, which "
+        "`make install` (launch/install.sh) in the horovod-gravac repository does"
+        f" ({_exc})") from _exc
 from torch import Tensor
 
 from .compression import Compressor, Ctx, Exchange, Payload
@@ -108,6 +116,17 @@ class _GroupResult:
         return self._outputs[index]
 
 
+def import_mpi4py():
+    """mpi4py, or an ImportError that says how to get it (the ``mpi`` extra)."""
+    try:
+        import mpi4py
+    except ImportError as exc:
+        raise ImportError("Horovod runs on MPI here, and horovod_gravac broadcasts the agents' "
+                          "decisions with mpi4py there: pip install 'horovod-gravac[mpi]' "
+                          f"(make install does) ({exc})") from exc
+    return mpi4py
+
+
 @dataclass
 class Pending:
     """An exchange in flight for one named tensor."""
@@ -169,7 +188,7 @@ class Communicator:
         """COMM_WORLD when Horovod itself runs on MPI with the global process set, else None."""
         if self._mpi_comm is None and hvd.mpi_enabled() \
                 and self.process_set == hvd.global_process_set:
-            import mpi4py
+            mpi4py = import_mpi4py()
             # Horovod initialised MPI and will finalise it: mpi4py must do neither.
             mpi4py.rc.initialize = False
             mpi4py.rc.finalize = False

@@ -13,13 +13,12 @@ import warnings
 from collections import defaultdict, deque
 from typing import Any, Iterable, Iterator
 
-import horovod.torch as hvd
 import torch
 from torch import Tensor
 
 from . import agents as A
 from . import compression as C
-from .communication import Communicator, Pending
+from .communication import Communicator, Pending, hvd  # hvd: a clear error when missing
 from .validation import check_number
 
 GRANULARITIES = ("layer", "model")

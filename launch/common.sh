@@ -23,14 +23,14 @@ launch_training() {
             local mode=--gloo
             [ "$LAUNCHER" = horovodrun-mpi ] && mode=--mpi
             exec "$VENV/bin/horovodrun" -np "$NP" "${hosts[@]}" "$mode" \
-                "$VENV/bin/python" -m benchmarks.train "$@" ;;
+                "$VENV/bin/gravac-train" "$@" ;;
         mpirun)
             [ -n "${HOSTFILE:-}" ] && hosts=(--hostfile "$HOSTFILE")
             local root=()
             [ "$(id -u)" -eq 0 ] && root=(--allow-run-as-root)
             exec mpirun -np "$NP" "${hosts[@]}" "${root[@]}" --oversubscribe --bind-to none \
                 -map-by slot -x OMP_NUM_THREADS -x PYTHONPATH -x PATH -x LD_LIBRARY_PATH \
-                "$VENV/bin/python" -m benchmarks.train "$@" ;;
+                "$VENV/bin/gravac-train" "$@" ;;
         *) echo "LAUNCHER must be horovodrun, horovodrun-mpi or mpirun, not '$LAUNCHER'" >&2
            exit 2 ;;
     esac

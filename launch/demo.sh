@@ -15,7 +15,7 @@ workload=(--model lstm200 --data ptb --steps "${STEPS:-300}" --eval-interval 100
 if [ "$LINK" != none ] && [ "$(id -u)" -eq 0 ] && command -v tc >/dev/null && command -v ip >/dev/null; then
     echo "GraVAC on $NP ranks, each behind an emulated $LINK link"
     "$VENV/bin/python" "$repo/launch/netem.py" --np "$NP" --rate "$LINK" --delay none -- \
-        "$VENV/bin/python" -m benchmarks.train "${workload[@]}" --compression topk \
+        "$VENV/bin/gravac-train" "${workload[@]}" --compression topk \
         --agent gravac --out "$out/gravac" | grep -v '^\[netem\]'
     link="$LINK links"
 else
@@ -26,7 +26,7 @@ else
 fi
 echo "dense Horovod, same steps (for the quality comparison)"
 (launch_training "${workload[@]}" --baseline horovod --out "$out/dense") | grep -v '^\[[1-9]'
-"$VENV/bin/python" -m benchmarks.plot "$out/gravac" --out "$out/plots" >/dev/null
+"$VENV/bin/gravac-plot" "$out/gravac" --out "$out/plots" >/dev/null
 "$VENV/bin/python" - "$out" "$link" <<'PY'
 import csv, json, sys
 out, link = sys.argv[1:]

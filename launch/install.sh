@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-step, idempotent set-up of the horovod-gravac stack on Debian/Ubuntu:
 #   Open MPI (apt) -> .venv -> torch -> Horovod 0.28.1 built from source (cached wheel)
-#   -> mpi4py -> horovod_gravac (editable, with extras).
+#   -> horovod_gravac (editable, with extras; mpi4py through the mpi extra).
+# INSTALL_PACKAGE=0 stops before the last step (the Docker image caches the dependencies in
+# a layer of their own, so editing the source does not rebuild Horovod).
 # A second run on a ready machine only checks and returns in seconds.
 #
 # Variables (all optional):
@@ -12,7 +14,8 @@
 #   HOROVOD_VERSION        Horovod release built from the PyPI sdist    (0.28.1)
 #   HOROVOD_GPU_OPERATIONS NCCL to build the GPU collectives (Docker image does)  (unset)
 #   HOROVOD_WHEEL_CACHE    where built Horovod wheels are kept          (~/.cache/horovod-gravac/wheels)
-#   EXTRAS                 extras of horovod_gravac to install          (bench,test)
+#   EXTRAS                 extras of horovod_gravac to install          (mpi,bench,test)
+#   INSTALL_PACKAGE        0: dependencies only, not this package       (1)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,7 +23,7 @@ VENV="${VENV:-$repo/.venv}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 HOROVOD_VERSION="${HOROVOD_VERSION:-0.28.1}"
 HOROVOD_WHEEL_CACHE="${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/horovod-gravac/wheels}"
-EXTRAS="${EXTRAS:-bench,test}"
+EXTRAS="${EXTRAS:-mpi,bench,test}"
 
 say() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -109,12 +112,17 @@ $check"
 done
 say "Horovod $HOROVOD_VERSION ready (PyTorch, MPI, Gloo${HOROVOD_GPU_OPERATIONS:+, $HOROVOD_GPU_OPERATIONS})"
 
-# ---------------------------------------------------------------- mpi4py + this package
+# ---------------------------------------------------------------- this package
+if [ "${INSTALL_PACKAGE:-1}" = 0 ]; then
+    pip install mpi4py  # the mpi extra, here so that its build is cached with the rest
+    say "dependencies ready (INSTALL_PACKAGE=0: horovod_gravac not installed)"
+    exit 0
+fi
 pkg_stamp="$VENV/.horovod-gravac-installed"
-if [ ! -f "$pkg_stamp" ] || [ "$repo/setup.py" -nt "$pkg_stamp" ] \
+if [ ! -f "$pkg_stamp" ] || [ "$repo/pyproject.toml" -nt "$pkg_stamp" ] \
         || ! "$py" -c 'import mpi4py, horovod_gravac' >/dev/null 2>&1; then
-    say "installing mpi4py and horovod_gravac[$EXTRAS]"
-    pip install mpi4py -e "$repo[$EXTRAS]"
+    say "installing horovod_gravac[$EXTRAS]"
+    pip install -e "$repo[$EXTRAS]"
     touch "$pkg_stamp"
 fi
 say "done: activate with 'source $VENV/bin/activate'"

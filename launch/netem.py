@@ -2,7 +2,7 @@
 """Run a Horovod (Gloo) job with each rank behind its own emulated network link, on one machine.
 
     sudo .venv/bin/python launch/netem.py --np 2 --rate 100mbit --delay 1ms -- \\
-        .venv/bin/python -m benchmarks.train --model lstm200 --steps 50
+        .venv/bin/gravac-train --model lstm200 --steps 50
 
 Each rank gets a network namespace joined to a bridge by a veth pair; both ends of every
 pair are shaped with ``tc netem`` (rate and delay), so rank-to-rank traffic crosses two

@@ -33,3 +33,13 @@ def test_dockerfile_builds_horovod_with_nccl_through_install_script():
     last_run = [line for line in text.splitlines() if line.startswith("RUN ")][-1]
     assert last_run.strip() == "RUN horovodrun --check-build"
     assert (ROOT / "launch" / "install.sh").exists()
+
+
+def test_dependencies_are_a_layer_of_their_own_before_the_source():
+    """Editing the source must not rebuild Horovod: the heavy RUN sees only the script."""
+    lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
+    copies = [i for i, line in enumerate(lines) if line.startswith("COPY ")]
+    assert lines[copies[0]] == "COPY launch/install.sh launch/install.sh"
+    source = lines.index("COPY . .")
+    deps = next(i for i, line in enumerate(lines) if "INSTALL_PACKAGE=0 bash launch/install.sh" in line)
+    assert copies[0] < deps < source

@@ -47,7 +47,7 @@ def test_rate_units():
 
 @needs_root
 def test_training_through_shaped_links_and_cleanup(tmp_path):
-    res = emulate(sys.executable, "-m", "benchmarks.train", "--model", "mlp", "--data", "digits",
+    res = emulate(sys.executable, "-m", "horovod_gravac.app.train", "--model", "mlp", "--data", "digits",
                   "--steps", "10", "--eval-interval", "10", "--compression", "topk:10",
                   "--agent", "gravac", "--window", "3", "--settle-steps", "1", "--no-progress",
                   "--out", str(tmp_path))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import data as D
-from benchmarks import train as T
+from horovod_gravac.app import data as D
+from horovod_gravac.app import train as T
 from tests.multirank import launch_command
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def test_bad_flags_fail_before_training(argv, error, message):
 
 
 def test_missing_data_says_what_to_do(tmp_path):
-    with pytest.raises(FileNotFoundError, match="ptb.train.txt.*not found.*--data-dir"):
+    with pytest.raises(FileNotFoundError, match="ptb.train.txt.*not found in .*(--data-dir)"):
         D.PTBCorpus(tmp_path)
     with pytest.raises(FileNotFoundError, match="CIFAR-10 not found"):
         D.load_cifar(tmp_path, 10, download=False)
@@ -121,7 +121,7 @@ def test_ptb_shards_are_disjoint_and_cover_the_corpus():
 
 
 def train_job(launcher, out, *flags, np=2, timeout=600):
-    cmd = launch_command(launcher, np, ["-m", "benchmarks.train", "--no-progress", "--out",
+    cmd = launch_command(launcher, np, ["-m", "horovod_gravac.app.train", "--no-progress", "--out",
                                         str(out), *flags])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -226,3 +226,96 @@ def test_end_to_end_benchmark_writes_its_table_and_plots(tmp_path):
         assert f"| {name} |" in table
     assert (tmp_path / "end_to_end.csv").read_text().count("\n") == 4
     assert list((tmp_path / "plots").glob("*.png"))
+
+
+def test_config_file_sets_flags_and_the_command_line_overrides_it(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: lstm200\ncompression: topk:50\nagent: gravac\ntheta-min: 5\n"
+                      "steps: 40\nno_progress: true\nlr_decay_steps: 10,20\n")
+    args = T.parse_args(["--config", str(config), "--steps", "60"])
+    assert (args.compression, args.agent, args.theta_min, args.steps) == ("topk:50", "gravac", 5.0, 60)
+    assert args.no_progress and args.decay_steps == [10, 20]
+    saved = tmp_path / "config.json"  # what a run writes: its flags, readable back
+    saved.write_text(json.dumps(T.flags(args)))
+    again = T.parse_args(["--config", str(saved)])
+    assert T.flags(again) == T.flags(args)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"modell": "lstm200"}', "unknown flag 'modell'; valid flags: .*model"),
+    ('{"agent": "sometimes"}', "argument --agent: invalid choice: 'sometimes'"),
+    ('{"steps": "many"}', "argument --steps: invalid int value: 'many'"),
+    ('{"no_progress": "yes"}', "'no_progress' is a switch: true or false"),
+    ("[1, 2]", "must hold a mapping"),
+    ("{oops", "is not valid JSON"),
+])
+def test_bad_config_files_are_usage_errors(tmp_path, capsys, content, message):
+    config = tmp_path / "c.json"
+    config.write_text(content)
+    with pytest.raises(SystemExit) as exit_:
+        T.parse_args(["--config", str(config)])
+    assert exit_.value.code == 2
+    import re
+    assert re.search("gravac-train: error: .*" + message, capsys.readouterr().err)
+
+
+def test_a_mistake_on_the_command_line_exits_2_without_a_traceback():
+    proc = subprocess.run([sys.executable, "-m", "horovod_gravac.app.train", "--compression", "topk:0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "gravac-train: error: " in proc.stderr and "compression factor" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "horovod_gravac.app.train", "--config", "/nonexistent.json"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--config: no file '/nonexistent.json'" in proc.stderr
+
+
+@pytest.fixture
+def ptb_server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving a directory (the real PTB files by default)."""
+    import functools
+    import http.server
+    import threading
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in D.PTB_SHA256:
+        (served / name).write_bytes((D.SIBLING_PTB / name).read_bytes())
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+    handler = functools.partial(Quiet, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+
+
+def test_ptb_is_found_in_order_and_downloaded_with_checksums(tmp_path, monkeypatch, ptb_server):
+    served, url = ptb_server
+    monkeypatch.delenv("PTB_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HOROVOD_GRAVAC_PTB_URL", url)
+    monkeypatch.setattr(D, "SIBLING_PTB", tmp_path / "nowhere")
+    root = D.find_ptb()  # nothing local: downloaded into the cache
+    assert root == tmp_path / "cache" / "horovod-gravac" / "ptb"
+    assert sorted(p.name for p in root.iterdir()) == sorted(D.PTB_SHA256)
+    assert D.PTBCorpus().train.numel() == 929_589  # tokens incl. <eos>: the standard split
+    assert D.find_ptb(served) == served  # --data-dir first
+    monkeypatch.setenv("PTB_DIR", str(served))
+    assert D.find_ptb() == served  # then $PTB_DIR
+
+
+def test_ptb_download_refuses_a_bad_checksum_and_says_where_to_put_files(
+        tmp_path, monkeypatch, ptb_server):
+    served, url = ptb_server
+    (served / "ptb.valid.txt").write_text("not the treebank\n")
+    with pytest.raises(ValueError, match="ptb.valid.txt: SHA-256 .* is not the standard"):
+        D.download_ptb(tmp_path / "cache", url)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["ptb.train.txt"]
+    monkeypatch.delenv("PTB_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HOROVOD_GRAVAC_PTB_URL", "http://127.0.0.1:9/")  # nothing listens
+    monkeypatch.setattr(D, "SIBLING_PTB", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"Put ptb.train.txt, ptb.valid.txt and "
+                       r"ptb.test.txt .* into .*empty/horovod-gravac/ptb"):
+        D.find_ptb()

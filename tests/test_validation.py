@@ -1,5 +1,9 @@
 """Input validation audit of the public API: every bad value → ValueError naming the parameter
 and the value (and the valid range), raised at construction, before any training."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -82,3 +86,21 @@ def test_cf_setter_rejects_bad_values_naming_them():
         with pytest.raises(ValueError, match="compression factor"):
             c.cf = bad
     assert c.cf == 10 and torch.is_tensor(c.compress(torch.ones(100))[0][0])
+
+
+def test_missing_horovod_says_how_to_build_it():
+    code = ("import sys; sys.modules['horovod'] = None; sys.modules['horovod.torch'] = None\n"
+            "import horovod_gravac as hg\n"
+            "from horovod_gravac import compression  # the pure-torch layer works without it\n"
+            "try:\n    hg.DistributedOptimizer\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "built from source" in out.stdout and "make install" in out.stdout
+
+
+def test_missing_mpi4py_names_the_extra(monkeypatch):
+    from horovod_gravac import communication
+    monkeypatch.setitem(sys.modules, "mpi4py", None)
+    with pytest.raises(ImportError, match=r"pip install 'horovod-gravac\[mpi\]'"):
+        communication.import_mpi4py()

