@@ -36,10 +36,12 @@ RUN PYTHON=python3.11 TORCH_VERSION="${TORCH_VERSION}" TORCH_INDEX_URL="${TORCH_
     && pip install --no-cache-dir "torchvision" \
     && rm -rf /root/.cache/pip
 
-# Then the source and this package (seconds): editing the code does not rebuild the above.
+# Then the source and this package (seconds): editing the code does not rebuild the above;
+# and the Penn Treebank for `make demo`, checked against its SHA-256, into the data cache.
 COPY . .
 RUN PYTHON=python3.11 TORCH_VERSION="${TORCH_VERSION}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" \
         bash launch/install.sh \
+    && python -c "from horovod_gravac.app import data; data.download_ptb(data.ptb_cache_dir())" \
     && rm -rf /root/.cache/pip
 
 RUN horovodrun --check-build
