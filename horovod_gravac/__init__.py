@@ -12,7 +12,8 @@ from . import agents, compression
 
 __version__ = "0.1.0"
 
-_OPTIMIZER = ("DistributedOptimizer", "CommunicationStats", "NonFiniteGradientError")
+_OPTIMIZER = ("DistributedOptimizer", "CommunicationStats", "NonFiniteGradientError",
+              "StepReport")
 __all__ = ["agents", "compression", "checkpoint", "elastic", *_OPTIMIZER, "__version__"]
 
 

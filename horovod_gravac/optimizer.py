@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections import defaultdict, deque
-from typing import Any, Iterable, Iterator
+from collections import OrderedDict, defaultdict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from . import agents as A
 from . import compression as C
@@ -76,6 +78,29 @@ class CommunicationStats:
         self.steps = state["steps"]
         self.total_bytes = state["total_bytes"]
         self.total_dense_bytes = state["total_dense_bytes"]
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one step's exchange did, as step callbacks see it (on every rank).
+
+    ``bytes``/``dense_bytes``: this rank's bytes on the wire and what dense float32 would
+    have sent; ``skipped``: the averaged gradient was not finite and the step not applied;
+    ``decision``: the decision applied at this step, ``next_decision`` the one for the next
+    (both None without an agent); ``stats``: the statistics combined across ranks that the
+    agent saw (gain terms, step time; None without an agent or on a skipped step);
+    ``agent_row``: on rank 0, the agent's metrics row for this step (GraVAC: δmin, δc, the
+    branch, throughput), empty elsewhere.
+    """
+
+    step: int
+    bytes: int
+    dense_bytes: int
+    skipped: bool
+    decision: A.Decision | None
+    next_decision: A.Decision | None
+    stats: A.StepStats | None
+    agent_row: dict[str, Any]
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -200,6 +225,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._gain_terms: list[Tensor] = []
         self._last_sync = time.perf_counter()
         self._untimed = 0.0  # seconds inside untimed() since the last synchronize()
+        # an OrderedDict, as torch keeps hooks: RemovableHandle holds a weak reference to it
+        self._step_callbacks: OrderedDict[int, Callable[[StepReport], None]] = OrderedDict()
         #: False on ranks outside ``process_set``: they step on their own gradients, as
         #: with ``hvd.DistributedOptimizer``
         self.included = bool(process_set.included())
@@ -370,20 +397,40 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._skip = not averaged_finite
         for name in culprits:  # a NaN/Inf never stays in a residual
             self.memory.reset(name)
+        applied = self.decision
         if self.agent is not None:
-            self.decisions.append(self.decision)
+            self.decisions.append(applied)
+        stats = None
         if self._skip:
             self._gain_terms.clear()
-            if self.on_nonfinite == "raise":
-                culprit = (f"this rank's gradient of {', '.join(culprits)} is non-finite"
-                           if culprits else "another rank's gradient is non-finite"
-                           if self.memory.keeps_state else "a rank's gradient is non-finite")
-                raise NonFiniteGradientError(
-                    f"step {self.step_count}: the averaged gradient contains NaN/Inf ({culprit}); "
-                    "lower the learning rate or use on_nonfinite='skip'")
-            return
-        if self.agent is not None:
-            self._consult_agent(self._layer_norms())
+        elif self.agent is not None:
+            stats = self._consult_agent(self._layer_norms())
+        if self._step_callbacks:
+            report = StepReport(
+                step=self.step_count, bytes=self.communication.last_bytes,
+                dense_bytes=self.communication.last_dense_bytes, skipped=self._skip,
+                decision=applied, next_decision=self.decision, stats=stats,
+                agent_row=dict(self.agent.history[-1]) if stats is not None
+                and self.agent.history and self.agent.history[-1].get("step") == stats.step
+                else {})
+            for callback in list(self._step_callbacks.values()):
+                callback(report)
+        if self._skip and self.on_nonfinite == "raise":
+            culprit = (f"this rank's gradient of {', '.join(culprits)} is non-finite"
+                       if culprits else "another rank's gradient is non-finite"
+                       if self.memory.keeps_state else "a rank's gradient is non-finite")
+            raise NonFiniteGradientError(
+                f"step {self.step_count}: the averaged gradient contains NaN/Inf ({culprit}); "
+                "lower the learning rate or use on_nonfinite='skip'")
+
+    def register_step_callback(self, callback: Callable[[StepReport], None]) -> RemovableHandle:
+        """Call ``callback(report)`` on every rank after each step's exchange (a
+        :class:`StepReport`: bytes, the decision applied and the next, the agent's statistics
+        and, on rank 0, its metrics row), to feed TensorBoard, W&B or a Lightning logger.
+        Returns a handle whose ``remove()`` unregisters it."""
+        handle = RemovableHandle(self._step_callbacks)
+        self._step_callbacks[handle.id] = callback
+        return handle
 
     def _finite_verdict(self) -> tuple[bool, list[str]]:
         """(are all averaged gradients finite, names of this rank's non-finite gradients).
@@ -411,7 +458,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params])
         return dict(zip((self._names[p] for p in params), norms.tolist()))
 
-    def _consult_agent(self, layer_norms: dict[str, float] | None) -> None:
+    def _consult_agent(self, layer_norms: dict[str, float] | None) -> A.StepStats:
         """Combine statistics, let rank 0 decide, broadcast: every rank applies the same."""
         now = time.perf_counter()
         iter_time, self._last_sync = now - self._last_sync - self._untimed, now
@@ -430,11 +477,12 @@ class DistributedOptimizer(torch.optim.Optimizer):
                             layer_norms=layer_norms or {})
         if not self.agent.adaptive:
             self.decision = self.agent.decide(stats)
-            return
+            return stats
         layers = self._decision_layers
         values = self.agent.decide(stats).encode(layers) if self.communicator.rank == 0 else None
         self.decision = A.Decision.decode(
             self.communicator.broadcast_floats(values, A.Decision.encoded_length(layers)), layers)
+        return stats
 
     def _start_model(self) -> None:
         grads = [self._gradient(p) for p in self._requires_update]

@@ -286,3 +286,37 @@ def test_step_after_synchronize_warns_and_steps_once_like_horovod(single_rank):
         opt.step()
     assert w.detach().tolist() == [-4.0, 3.0, 0.0, 0.0]  # one exchange, one update
     assert opt.communication.steps == 1
+
+
+def test_step_callbacks_report_bytes_decisions_and_gains_and_can_be_removed(single_rank):
+    import horovod_gravac as hg
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Linear(32, 4))
+    agent = hg.agents.GraVAC(theta_min=2, theta_max=32, window=3, settle_steps=0)
+    opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                  named_parameters=model.named_parameters(),
+                                  compression="topk", agent=agent)
+    reports = []
+    handle = opt.register_step_callback(reports.append)
+    for step in range(8):
+        opt.zero_grad()
+        loss = model(torch.randn(8, 16)).pow(2).mean()
+        if step == 5:
+            loss = loss * float("nan")
+        loss.backward()
+        opt.step()
+        report = reports[-1]
+        assert isinstance(report, hg.StepReport) and report.step == step
+        assert report.bytes == opt.communication.last_bytes and 0 < report.bytes < report.dense_bytes
+        assert report.decision == opt.decisions[-1] and report.next_decision == opt.decision
+        assert report.skipped == (step == 5)
+        if step == 5:
+            assert report.stats is None and report.agent_row == {}
+        else:
+            assert report.stats.gain_reference > 0 and report.agent_row["step"] == step
+            assert {"delta_min", "delta_c"} <= set(report.agent_row)
+    handle.remove()
+    opt.zero_grad()
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    opt.step()
+    assert len(reports) == 8
