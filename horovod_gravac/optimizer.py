@@ -395,6 +395,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = True
         averaged_finite, culprits = self._finite_verdict()
         self._skip = not averaged_finite
+        # counted here, not in step(): GradScaler skips calling step() on such a step
+        self.skipped_steps += self._skip
         for name in culprits:  # a NaN/Inf never stays in a residual
             self.memory.reset(name)
         applied = self.decision
@@ -535,7 +537,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.step_count += 1
         if self._skip:
             self._skip = False
-            self.skipped_steps += 1
             return None
         return self.optimizer.step(closure)
 

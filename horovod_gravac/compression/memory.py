@@ -33,6 +33,10 @@ class Memory:
     def reset(self, name: str | None = None) -> None:
         """Forget the residual of ``name`` (or of every tensor): GraVAC's dense branch."""
 
+    def rescale(self, factor: float) -> None:
+        """Multiply everything kept by ``factor``: the gradients' units changed (a mixed
+        precision loss scale went from S to S·factor), and the residuals must follow."""
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -64,6 +68,10 @@ class ResidualMemory(Memory):
             self.residuals.clear()
         else:
             self.residuals.pop(name, None)
+
+    def rescale(self, factor: float) -> None:
+        for residual in self.residuals.values():
+            residual.mul_(factor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": {k: v.clone() for k, v in self.residuals.items()}}
@@ -149,6 +157,11 @@ class DGCMemory(Memory):
                 store.clear()
             else:
                 store.pop(name, None)
+
+    def rescale(self, factor: float) -> None:
+        for store in (self.velocities, self.accumulated):
+            for tensor in store.values():
+                tensor.mul_(factor)
 
     def state_dict(self) -> dict[str, Any]:
         return {"velocities": {k: v.clone() for k, v in self.velocities.items()},
