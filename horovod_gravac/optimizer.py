@@ -8,6 +8,7 @@ as backprop produces it, overlapping communication with the rest of the backward
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import warnings
 from collections import OrderedDict, defaultdict, deque
@@ -28,6 +29,8 @@ NONFINITE_ACTIONS = ("skip", "raise")
 MODEL_TENSOR = "__model__"
 #: the key of this library's part of ``state_dict()`` (memories, compressor, agent, step)
 STATE_KEY = "horovod_gravac"
+#: skipped steps and changes of the CF sent; the application decides where it goes
+log = logging.getLogger(__name__)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -405,8 +408,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
         stats = None
         if self._skip:
             self._gain_terms.clear()
+            log.warning("step %d: the averaged gradient is not finite%s; step skipped",
+                        self.step_count, f" (this rank's {', '.join(culprits)})"
+                        if culprits else "")
         elif self.agent is not None:
             stats = self._consult_agent(self._layer_norms())
+            if self.decision.sent_cf != applied.sent_cf:
+                log.info("step %d: %s sends CF %g from the next step (was %g)", self.step_count,
+                         self.agent.name, self.decision.sent_cf, applied.sent_cf)
         if self._step_callbacks:
             report = StepReport(
                 step=self.step_count, bytes=self.communication.last_bytes,

@@ -320,3 +320,23 @@ def test_step_callbacks_report_bytes_decisions_and_gains_and_can_be_removed(sing
     model(torch.randn(8, 16)).pow(2).mean().backward()
     opt.step()
     assert len(reports) == 8
+
+
+def test_skipped_steps_and_cf_changes_are_logged(single_rank, caplog):
+    import logging
+    import horovod_gravac as hg
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 8)
+    opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                  named_parameters=model.named_parameters(), compression="topk",
+                                  agent=hg.agents.GraVAC(theta_min=2, theta_max=64, window=2,
+                                                         settle_steps=0, epsilon=0.01))
+    with caplog.at_level(logging.INFO, logger="horovod_gravac"):
+        for step in range(8):
+            opt.zero_grad()
+            loss = model(torch.randn(4, 64)).pow(2).mean()
+            (loss * (float("inf") if step == 3 else 1.0)).backward()
+            opt.step()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("step 3: the averaged gradient is not finite (this rank's" in m for m in messages)
+    assert any("gravac sends CF" in m for m in messages), messages

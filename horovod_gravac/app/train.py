@@ -424,6 +424,14 @@ def ddp_step_bytes(model, args: argparse.Namespace, step: int) -> int:
     return total
 
 
+def setup_logging(rank: int) -> None:
+    """Library messages through ``logging``, prefixed with the rank: INFO on rank 0 (the CFs
+    an agent chooses, skipped steps), only warnings on the others."""
+    import logging
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import horovod.torch as hvd
     import torch
@@ -434,6 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rank, size = hvd.rank(), hvd.size()
+    setup_logging(rank)
     work = Workload(args, rank, size)
     model = work.model
     total_steps = args.steps or max(1, int(args.epochs * work.steps_per_epoch))
