@@ -63,7 +63,7 @@ def _split(buffer: Tensor, offset: int, counts: list[int],
            dtypes: list[torch.dtype]) -> tuple[Payload, int]:
     tensors = []
     for count, dtype in zip(counts, dtypes):
-        size = count * torch.empty((), dtype=dtype).element_size()
+        size = count * dtype.itemsize
         tensors.append(buffer[offset:offset + size].view(dtype))
         offset += size + (-size) % _ALIGN
     return tuple(tensors), offset

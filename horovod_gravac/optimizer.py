@@ -204,10 +204,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.communication = CommunicationStats()
         ids = {id(p) for p in params}
         self._names = {p: n for n, p in named if id(p) in ids}
-        #: the tensors a decision may set a CF for, in the same order on every rank
-        self._decision_layers = [self._names[p] for p in params if p.requires_grad] + (
-            [MODEL_TENSOR] if granularity == "model" else [])
         self._requires_update = [p for p in params if p.requires_grad]
+        #: the tensors a decision may set a CF for, in the same order on every rank
+        self._decision_layers = [self._names[p] for p in self._requires_update] + (
+            [MODEL_TENSOR] if granularity == "model" else [])
         self._group_of = _form_groups(groups, params, self._requires_update)
         self._passes: dict[Tensor, int] = defaultdict(int)
         self._pending: dict[Tensor, tuple[Pending, Tensor, Any]] = {}
@@ -258,7 +258,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _gradient(self, p: Tensor) -> Tensor:
         """The tensor to exchange for ``p``: its gradient, dense unless exchanged sparse."""
         if p.grad is None:  # no gradient on this rank: send zeros of the kind others send
-            if p in self._sparse and not self.sparse_as_dense:
+            if p in self._sparse:
                 p.grad = torch.sparse_coo_tensor(
                     torch.zeros(1, 0, dtype=torch.int64, device=p.device),
                     p.new_zeros((0, *p.shape[1:])), p.shape)
