@@ -31,10 +31,6 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel <= _INT32_MAX else torch.int64
 
 
-def _sparse_payload(flat: Tensor, indices: Tensor) -> Payload:
-    return flat[indices], indices.to(_index_dtype(flat.numel()))
-
-
 def _select_at_least(magnitude: Tensor, thr: Tensor | float) -> Tensor:
     """Indices of elements with |t| ≥ thr (and of NaNs)."""
     return torch.nonzero((magnitude < thr).logical_not_()).view(-1)
@@ -117,7 +113,11 @@ class Sparsifier(Compressor):
         if flat.numel() == 0:
             return (flat, flat.new_zeros(0, dtype=torch.int32)), ctx
         indices = self.select(flat, num_selected(flat.numel(), cf or self.cf), name, step)
-        return self._encode(flat[indices].to(self.value_dtype or flat.dtype), indices, ctx), ctx
+        return self._payload(flat, indices, ctx), ctx
+
+    def _payload(self, flat: Tensor, indices: Tensor, ctx: Ctx) -> Payload:
+        """The payload that sends ``flat`` at ``indices`` (values in ``value_dtype``)."""
+        return self._encode(flat[indices].to(self.value_dtype or flat.dtype), indices, ctx)
 
     def _encode(self, values: Tensor, indices: Tensor, ctx: Ctx) -> Payload:
         """(values, int32 indices), or (values in index order, bitmap) when that is smaller
@@ -293,9 +293,8 @@ class Threshold(Sparsifier):
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         flat = tensor.reshape(-1)
-        indices = _select_at_least(flat.abs(), self.threshold)
-        return _sparse_payload(flat, indices), Ctx(tensor.shape, tensor.dtype, self.exchange,
-                                                   varying_size=True)
+        ctx = Ctx(tensor.shape, tensor.dtype, self.exchange, varying_size=True)
+        return self._payload(flat, _select_at_least(flat.abs(), self.threshold), ctx), ctx
 
 
 class DGC(SeededCompressor, Sparsifier):
@@ -343,9 +342,7 @@ class DGC(SeededCompressor, Sparsifier):
         magnitude = flat.abs()
         if 2 * k >= n:  # nothing to gain from a threshold
             ctx = Ctx(tensor.shape, tensor.dtype, self.exchange)
-            indices = torch.topk(magnitude, k, sorted=False).indices
-            return self._encode(flat[indices].to(self.value_dtype or flat.dtype), indices,
-                                ctx), ctx
+            return self._payload(flat, torch.topk(magnitude, k, sorted=False).indices, ctx), ctx
         thr = torch.minimum(self._sampled_threshold(magnitude, k, name, step), magnitude.max())
         slots = 2 * k
         passed = (magnitude < thr).logical_not_()
