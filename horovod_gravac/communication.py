@@ -38,7 +38,7 @@ except ImportError as _exc:  # the one dependency pip cannot install for you
         f" ({_exc})") from _exc
 from torch import Tensor
 
-from .compression import Compressor, Ctx, Exchange, Payload
+from .compression import Compressor, Ctx, Exchange, Payload, wire_bytes
 
 _ALIGN = 8
 
@@ -251,7 +251,7 @@ class Communicator:
             raise ValueError(f"{compressor.name}: an allreduced payload must be one tensor")
         tensor = payload[0]
         return tensor, Pending(name, compressor, ctx, None, dtypes,
-                               tensor.numel() * tensor.element_size())
+                               wire_bytes(payload))
 
     def _scaling(self, exchange: Exchange) -> dict[str, float]:
         """Horovod's split of Average: prescale 1/f, postscale f/size (P needs none)."""
@@ -268,8 +268,7 @@ class Communicator:
                                             process_set=self.process_set)
         indices, values = grad._indices(), grad._values()
         return Pending(name, None, None, handle, [values.dtype],
-                       indices.numel() * indices.element_size()
-                       + values.numel() * values.element_size())
+                       wire_bytes((indices, values)))
 
     def start_second_phase(self, pending: Pending) -> Payload:
         """PowerSGD: wait for P, send Q. Returns the local Q payload (for error feedback)."""
@@ -278,7 +277,7 @@ class Communicator:
         pending.handle = hvd.allreduce_async(q[0], name=f"gravac.Q.{pending.name}", op=hvd.Sum,
                                              process_set=self.process_set,
                                              **self._scaling(Exchange.ALLREDUCE))
-        pending.wire_bytes += q[0].numel() * q[0].element_size()
+        pending.wire_bytes += wire_bytes(q)
         return q
 
     def finish(self, pending: Pending) -> Tensor:

@@ -614,10 +614,8 @@ def _form_groups(groups: int | list[list[Tensor]] | None, params: list[Tensor],
         raise ValueError("groups must be None, an integer >= 1 or a list of lists of "
                          f"parameters, got {groups!r}")
     if isinstance(groups, int):
-        check_number("groups", groups, 1, integer=True)
-        d, r = divmod(len(trainable), groups)
-        chunks = [trainable[i * d + min(i, r):(i + 1) * d + min(i + 1, r)]
-                  for i in range(groups)]
+        from horovod.common.util import split_list  # after .communication's clear error
+        chunks = split_list(trainable, check_number("groups", groups, 1, integer=True))
     else:
         known, seen, chunks = {id(p) for p in params}, set(), []
         trainable_ids = {id(p) for p in trainable}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_number
-from .base import Ctx, Exchange, Payload, SeededCompressor
+from .base import Ctx, Exchange, Payload, SeededCompressor, is_finite
 
 
 def orthogonalize(p: Tensor) -> Tensor:
@@ -78,8 +78,7 @@ class PowerSGD(SeededCompressor):
             return payload[0].to(ctx.dtype).view(ctx.shape)
         q = payload[0]
         if self.warm_start:  # a NaN step must not stick: keep the Q this step started from
-            self.qs[ctx.extra["name"]] = torch.where(torch.isfinite(q).all(), q,
-                                                     ctx.extra["q_start"])
+            self.qs[ctx.extra["name"]] = torch.where(is_finite(q), q, ctx.extra["q_start"])
         return (ctx.extra["p"] @ q.t()).to(ctx.dtype).view(ctx.shape)
 
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
@@ -89,7 +88,7 @@ class PowerSGD(SeededCompressor):
         local = ctx.extra["p"] @ ctx.extra["q_local"].t()
         # P comes from every rank: if a peer's gradient was NaN, nothing of this step is
         # applied, so keep all of it (a non-finite P must not enter this rank's residual).
-        local.masked_fill_(~torch.isfinite(local).all(), 0.0)
+        local.masked_fill_(~is_finite(local), 0.0)
         return compensated.sub_(local.to(compensated.dtype).view(compensated.shape))
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:

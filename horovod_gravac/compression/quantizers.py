@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_number
-from .base import Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker
+from .base import Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker, is_finite
 
 # (Little-endian byte order, as on x86-64 and ARM64.)
 # Eight 0/1 bytes read as one little-endian int64 → one byte of bits, bit j = element j:
@@ -258,7 +258,7 @@ class Signum(SignSGD):
             m = self.momenta[name] = torch.zeros_like(tensor)
         updated = (m * self.momentum).add_(tensor, alpha=1 - self.momentum)
         # A NaN/Inf gradient is sent (visibly) but never becomes the momentum; no host sync.
-        m.copy_(torch.where(torch.isfinite(updated).all(), updated, m))
+        m.copy_(torch.where(is_finite(updated), updated, m))
         return updated
 
     def state_dict(self) -> dict[str, Any]:
