@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """The flags a config file may set (every option but --config and --help), by dest."""
+    return {a.dest: a for a in parser._actions
+            if a.option_strings and a.dest not in ("config", "help")}
+
+
 def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
     """The flags a ``--config`` file sets, as command-line tokens (so argparse checks types
     and choices exactly as for typed flags). Keys are flag names (``lr-decay-steps`` or
@@ -133,14 +139,14 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
                              "end in .yaml or .yml") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path!r} must hold a mapping of flag names to values")
-    actions = {a.dest: a for a in parser._actions if a.option_strings}
+    actions = flag_actions(parser)
     argv = []
     for key, value in values.items():
         dest = str(key).replace("-", "_")
         action = actions.get(dest)
-        if action is None or dest in ("config", "help"):
+        if action is None:
             raise ValueError(f"--config {path!r}: unknown flag {key!r}; valid flags: "
-                             f"{', '.join(sorted(d for d in actions if d not in ('config', 'help')))}")
+                             f"{', '.join(sorted(actions))}")
         flag = action.option_strings[-1]
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
@@ -169,7 +175,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def flags(args: argparse.Namespace) -> dict[str, Any]:
     """The run's flags (what ``--config`` reads back), without derived values."""
-    dests = {a.dest for a in build_parser()._actions if a.option_strings} - {"config", "help"}
+    dests = flag_actions(build_parser())
     return {k: v for k, v in vars(args).items() if k in dests}
 
 
