@@ -23,7 +23,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends \
         python3.11 python3.11-venv python3.11-dev \
         build-essential cmake make git ca-certificates \
-        openmpi-bin libopenmpi-dev openssh-client openssh-server \
+        openmpi-bin libopenmpi-dev openssh-client openssh-server iproute2 \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /var/run/sshd
 

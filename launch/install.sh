@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-step, idempotent set-up of the horovod-gravac stack on Debian/Ubuntu:
-#   Open MPI (apt) -> .venv -> torch -> Horovod 0.28.1 built from source (cached wheel)
+#   Open MPI, ssh, iproute2 (apt) -> .venv -> torch -> Horovod 0.28.1 built from source (cached wheel)
 #   -> horovod_gravac (editable, with extras; mpi4py through the mpi extra).
 # INSTALL_PACKAGE=0 stops before the last step (the Docker image caches the dependencies in
 # a layer of their own, so editing the source does not rebuild Horovod).
@@ -34,6 +34,13 @@ command -v mpirun >/dev/null 2>&1 && command -v mpicxx >/dev/null 2>&1 || need_p
 command -v cmake >/dev/null 2>&1 || need_pkgs+=(cmake)
 command -v g++ >/dev/null 2>&1 || need_pkgs+=(g++)
 command -v make >/dev/null 2>&1 || need_pkgs+=(make)
+# ssh and iproute2 start ranks on other hosts (and let the tests emulate two hosts with network
+# namespaces); installed when we may, not required otherwise.
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    command -v ssh >/dev/null 2>&1 || need_pkgs+=(openssh-client)
+    [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+    command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+fi
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
         say "installing system packages: ${need_pkgs[*]}"

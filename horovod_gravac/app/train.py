@@ -14,9 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import json
+import logging
 import math
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -433,9 +436,17 @@ def ddp_step_bytes(model, args: argparse.Namespace, step: int) -> int:
 def setup_logging(rank: int) -> None:
     """Library messages through ``logging``, prefixed with the rank: INFO on rank 0 (the CFs
     an agent chooses, skipped steps), only warnings on the others."""
-    import logging
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
+
+
+def parameter_digest(model) -> str:
+    """SHA-256 of every parameter's bytes in order: equal on all ranks iff the replicas are."""
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -598,6 +609,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.checkpoint:
         save_checkpoint()
     wall = time.perf_counter() - start
+    digests = hvd.allgather_object(parameter_digest(model))
+    hosts = hvd.allgather_object(socket.gethostname())
     if ddp is not None:
         torch.distributed.destroy_process_group()
     if progress:
@@ -611,6 +624,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target": args.target, "final": final, "total_bytes": total_bytes,
         "dense_bytes": dense_bytes * step, "mean_cf": dense_bytes * step / max(total_bytes, 1),
         "skipped_steps": getattr(opt, "skipped_steps", 0), "evals": evals,
+        "hosts": hosts, "parameter_digests": digests, "replicas_identical": len(set(digests)) == 1,
     }
     if rank == 0:
         steps_file.close()
@@ -631,6 +645,9 @@ def main(argv: list[str] | None = None) -> None:
               f"{summary['steps']} steps in {summary['wall_s']:.1f} s; {quality}; "
               f"{summary['total_bytes'] / 1e6:.1f} MB sent vs {summary['dense_bytes'] / 1e6:.1f} MB "
               f"dense ({summary['mean_cf']:.1f}x less)", flush=True)
+    if not summary["replicas_identical"]:
+        raise SystemExit("gravac-train: replicas diverged: the ranks' parameter digests differ "
+                         f"{summary['parameter_digests']} (results are written, but suspect)")
 
 
 if __name__ == "__main__":
