@@ -117,6 +117,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
     string (``"topk:100"``), ``memory`` the error-feedback memory (default: the compressor's
     own), ``granularity="model"`` compresses all gradients flattened into one vector once per
     step instead of layer by layer, ``agent`` chooses the compression factor while training.
+    Gradients with fewer than ``min_compress_numel`` elements (default 1024: biases, norm
+    scales) are exchanged uncompressed, without a residual; ``compress_patterns`` overrides
+    that per parameter name (``{"*.bias": False, "decoder.*": True}``; the first matching
+    pattern decides, see :func:`~horovod_gravac.compression.uncompressed_tensors`). Both
+    apply layer by layer; ``granularity="model"`` compresses the one flattened vector.
 
     A NaN/Inf gradient never stays in a residual: the averaged gradient then is non-finite
     on every rank (compressors keep NaN/Inf visible), every rank skips the step
@@ -139,7 +144,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  granularity: str = "layer",
                  memory: str | C.Memory | None = None,
                  agent: str | A.Agent | None = None,
-                 on_nonfinite: str = "skip") -> None:
+                 on_nonfinite: str = "skip",
+                 min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
+                 compress_patterns: dict[str, bool] | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.compressor = C.create(compression)
@@ -209,6 +216,10 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._decision_layers = [self._names[p] for p in self._requires_update] + (
             [MODEL_TENSOR] if granularity == "model" else [])
         self._group_of = _form_groups(groups, params, self._requires_update)
+        #: names of the gradients sent uncompressed (small tensors, compress_patterns)
+        self.uncompressed = C.uncompressed_tensors(
+            ((self._names[p], p.numel()) for p in self._requires_update), min_compress_numel,
+            compress_patterns) if granularity == "layer" else frozenset()
         self._passes: dict[Tensor, int] = defaultdict(int)
         self._pending: dict[Tensor, tuple[Pending, Tensor, Any]] = {}
         self._ready: set[Tensor] = set()  # gradients waiting for the rest of their group
@@ -304,6 +315,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         — PowerSGD's, after its second phase — or None). The residual is taken here, before
         the collective starts: allreduces run in place on the payload.
         """
+        if name in self.uncompressed:
+            return (self._dense, *self._dense.compress(grad, name), None)
         if self.memory.keeps_state:  # to find this rank's culprits if the step is skipped
             self._local_finite.append((name, C.is_finite(grad)))
         compensated = self.memory.compensate(grad, name)

@@ -33,6 +33,18 @@ def test_adamw_state_is_identical_on_every_rank():
     assert_identical_across_ranks(flat, "s")
 
 
+def test_what_not_to_compress_is_sent_dense_without_a_residual():
+    reports = run("what_not_to_compress.py")
+    dense = ["decoder.bias", "decoder.weight", "lstm.bias_ih_l0", "norm.bias", "norm.weight"]
+    for r in reports:
+        assert r["uncompressed"] == dense  # by pattern (decoder.*) and by size; bias_hh forced in
+        assert not set(r["residual_names"]) & set(dense)
+        assert {"embedding.weight", "lstm.bias_hh_l0"} <= set(r["residual_names"])
+        sizes = {k: v.numel() for k, v in r["params"].items()}
+        assert all(r["bytes_by_tensor"][name] == 4 * sizes[name] for name in dense)
+        assert r["bytes_by_tensor"]["embedding.weight"] < sizes["embedding.weight"]
+
+
 @pytest.mark.parametrize("name,memory", [("topk", "residual"), ("dgc", "dgc"),
                                          ("efsignsgd", "efsignsgd")])
 def test_memories_rescale_everything_they_keep(name, memory):

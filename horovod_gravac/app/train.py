@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="topk/dgc: send the kept values in this dtype (default: the gradient's)")
     g.add_argument("--memory", default=None, help="error-feedback memory (default: the compressor's)")
     g.add_argument("--granularity", default="layer", choices=("layer", "model"))
+    g.add_argument("--min-compress-numel", type=int, default=None,
+                   help="gradients with fewer elements are sent uncompressed (default: the "
+                        "library's, 1024; 0 compresses all)")
+    g.add_argument("--compress-pattern", action="append", default=None, metavar="PATTERN=BOOL",
+                   help="parameter names matching PATTERN (fnmatch) are always (true) or never "
+                        "(false) compressed, e.g. '*.bias=false'; repeatable, first match wins")
     g.add_argument("--agent", default="none", choices=("none", "static", "gravac", "accordion"))
     g.add_argument("--cf", type=float, default=None, help="static agent's CF")
     g.add_argument("--theta-min", type=float, default=10.0)
@@ -156,6 +162,9 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
                 raise ValueError(f"--config {path!r}: {key!r} is a switch: true or false, "
                                  f"got {value!r}")
             argv += [flag] if value else []
+        elif isinstance(action, argparse._AppendAction):  # a list: the flag once per item
+            for item in value if isinstance(value, list) else [value]:
+                argv += [flag, str(item)]
         elif value is not None:
             argv += [flag, str(value)]
     return argv
@@ -227,12 +236,30 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--baseline runs hvd.DistributedOptimizer: it takes no --agent or "
                          "--compression")
     from horovod_gravac import agents, compression
+    args.compress_patterns = parse_patterns(args.compress_pattern)
+    if args.min_compress_numel is None:
+        args.min_compress_numel = compression.DEFAULT_MIN_COMPRESS_NUMEL
+    if not args.torchvision and not args.baseline:  # names known without building the model
+        from .models import parameter_shapes
+        compression.uncompressed_tensors(((n, s.numel()) for n, s in parameter_shapes(args.model)),
+                                         args.min_compress_numel, args.compress_patterns)
     # unknown names and bad values fail here
     compressor = compression.create(args.compression, **compression_params(args))
     compression.create_memory(args.memory, compressor)
     args.agent_obj = agents.create(args.agent, **agent_params(args))
     if args.agent_obj is not None:
         compression.check_adjustable(compressor, args.agent)
+
+
+def parse_patterns(items: list[str] | None) -> dict[str, bool]:
+    """``["*.bias=false", "decoder.*=true"]`` → ``{"*.bias": False, "decoder.*": True}``."""
+    patterns = {}
+    for item in items or []:
+        pattern, eq, value = item.rpartition("=")
+        if not eq or not pattern or value.strip().lower() not in ("true", "false"):
+            raise ValueError(f"--compress-pattern must be PATTERN=true or PATTERN=false, got {item!r}")
+        patterns[pattern.strip()] = value.strip().lower() == "true"
+    return patterns
 
 
 def parse_steps(text: str) -> list[int]:
@@ -484,7 +511,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                           args.compression, **compression_params(args)),
                                       memory=args.memory,
                                       granularity=args.granularity, agent=args.agent_obj,
-                                      on_nonfinite=args.on_nonfinite)
+                                      on_nonfinite=args.on_nonfinite,
+                                      min_compress_numel=args.min_compress_numel,
+                                      compress_patterns=args.compress_patterns)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(base, root_rank=0)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(base, args.decay_steps, args.lr_decay_factor) \

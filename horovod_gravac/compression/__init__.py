@@ -17,6 +17,7 @@ from .base import (Compressor, Ctx, Exchange, Payload, finite_marker, is_finite,
                    validate_cf, wire_bytes)
 from .lowrank import PowerSGD
 from .memory import MEMORIES, DGCMemory, EFSignSGDMemory, Memory, ResidualMemory
+from .selection import DEFAULT_MIN_COMPRESS_NUMEL, uncompressed_tensors
 from .quantizers import (FP16, QSGD, EFSignSGD, EightBit, Natural, NoCompression, OneBit,
                          SignSGD, Signum, TernGrad)
 from .sparsifiers import DGC, SIDCo, RandomK, RedSync, Sparsifier, Threshold, TopK
@@ -123,6 +124,6 @@ def create_memory(name: str | Memory | None, compressor: Compressor, **params: A
 __all__ = [
     "COMPRESSORS", "MEMORIES", "Compressor", "Ctx", "Exchange", "Memory", "Payload",
     "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "check_adjustable", "create", "create_memory", "names",
-    "parse_spec", "num_selected", "validate_cf", "wire_bytes", "finite_marker",
+    "parse_spec", "num_selected", "DEFAULT_MIN_COMPRESS_NUMEL", "uncompressed_tensors", "validate_cf", "wire_bytes", "finite_marker",
     *(cls.__name__ for cls in COMPRESSORS.values()),
 ]

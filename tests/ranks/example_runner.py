@@ -18,4 +18,6 @@ report(hvd.rank(), params={k: v.detach().clone() for k, v in model.state_dict().
        scale=result["scaler"].get_scale() if "scaler" in result else None,
        residuals_finite=all(bool(torch.isfinite(r).all())
                             for r in getattr(opt.memory, "residuals", {}).values()),
-       optimizer_state=opt.state_dict()["state"])
+       optimizer_state=opt.state_dict()["state"], uncompressed=sorted(opt.uncompressed),
+       residual_names=sorted(getattr(opt.memory, "residuals", {})),
+       bytes_by_tensor=dict(opt.communication.last_step))
