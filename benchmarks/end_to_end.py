@@ -82,7 +82,8 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
         "GraVAC (paper's parameters)": Config(
             (*gravac, "--policy", "exponential", "--gain", "error_fed", "--omega", "0.01",
              "--omega-throughput", "0.01", "--settle-steps", "0", "--epsilon", "0.7",
-             "--ewma", str(ranks / 100)),
+             "--ewma", str(ranks / 100), "--reopen-tolerance", "0", "--reopen-lr-ratio", "0",
+             "--min-compress-numel", "0"),
             adaptive=True),
         "DDP + PowerSGD (rank 1)": Config(("--baseline", "ddp-powersgd", "--powersgd-rank", "1")),
     }

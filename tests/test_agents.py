@@ -193,6 +193,57 @@ def test_search_that_reaches_theta_max_settles_at_the_best_throughput():
     assert not agent.searching and decision.cf == 40 and decision.send == "compressed"
 
 
+def settle_then(agent, gains, lrs=None, steps_per_phase=20):
+    """Settle ``agent`` (as in the θmax test), then feed phases of (δc, lr); the sent CFs."""
+    table = {10: 50.0, 20: 90.0, 40: 100.0, 160: 60.0}
+    decision, sent, phase_of = agent.initial_decision(), [], []
+    phases = [(0.9, 0.1)] * 12 + [(g, lr) for g, lr in zip(gains, lrs or [0.1] * len(gains))]
+    for i, (d_c, lr) in enumerate(phases):
+        for step in range(i * steps_per_phase, (i + 1) * steps_per_phase):
+            cf = {"compressed": decision.cf, "min": decision.theta_min}[decision.send]
+            sent.append(cf)
+            phase_of.append(i)
+            gain = d_c if agent.candidate_cf <= 160 else 0.3
+            decision = agent.decide(stats(step, 1.0, gain, iter_time=1.0 / table.get(cf, 1.0),
+                                          sent=decision.send, lr=lr))
+    return sent, phase_of
+
+
+def gravac_that_settles(**kw):
+    return A.GraVAC(theta_min=10, theta_max=1000, window=5, ewma=1.0, settle_steps=0,
+                    omega=0.0, omega_throughput=0.01, **kw)
+
+
+def test_search_reopens_when_the_settled_gain_drifts_for_two_windows_and_settles_again():
+    agent = gravac_that_settles(reopen_tolerance=0.1)
+    sent, phase = settle_then(agent, gains=[0.9, 0.9, 0.75, 0.75, 0.75, 0.75, 0.75, 0.75])
+    settled = [cf for cf, p in zip(sent, phase) if p == 13]
+    assert set(settled) == {40} and agent.reopened == 1
+    after = [cf for cf, p in zip(sent, phase) if p >= 15]
+    assert after[-1] == 40 and 10 in after and 1000 in after  # searched again from θmin
+    assert not agent.searching
+
+
+def test_one_drifting_window_or_a_drift_within_tolerance_does_not_reopen():
+    blip = gravac_that_settles(reopen_tolerance=0.1)
+    settle_then(blip, gains=[0.9, 0.9, 0.7, 0.9, 0.9], steps_per_phase=5)
+    within = gravac_that_settles(reopen_tolerance=0.1)
+    settle_then(within, gains=[0.9, 0.9, 0.85, 0.85, 0.85, 0.85])
+    off = gravac_that_settles(reopen_tolerance=None, reopen_lr_ratio=None)
+    settle_then(off, gains=[0.9, 0.5, 0.5, 0.5, 0.5], lrs=[0.1, 0.01, 0.01, 0.01, 0.01])
+    assert (blip.reopened, within.reopened, off.reopened) == (0, 0, 0)
+    assert not (blip.searching or within.searching or off.searching)
+
+
+def test_a_learning_rate_step_reopens_the_search_a_small_change_does_not():
+    decayed = gravac_that_settles()
+    settle_then(decayed, gains=[0.9] * 3, lrs=[0.1, 0.01, 0.01])
+    assert decayed.reopened == 1
+    wobble = gravac_that_settles()
+    settle_then(wobble, gains=[0.9] * 3, lrs=[0.1, 0.08, 0.07])
+    assert wobble.reopened == 0
+
+
 def test_cf_never_exceeds_theta_max_and_state_round_trips():
     agent = A.GraVAC(theta_min=10, theta_max=50, window=2, ewma=1.0, settle_steps=0)
     cfs, _ = run(agent, 30)
@@ -218,6 +269,9 @@ def test_cf_never_exceeds_theta_max_and_state_round_trips():
     ({"policy": "linear"}, "unknown scaling policy 'linear'"),
     ({"theta_s": 1}, "theta_s must be a number > 1"),
     ({"ewma": 2}, r"ewma must be None or a number in \(0, 1\]"),
+    ({"reopen_tolerance": 0}, r"reopen_tolerance must be None or a number > 0, got 0"),
+    ({"reopen_confirmations": 0}, "reopen_confirmations must be an integer >= 1, got 0"),
+    ({"reopen_lr_ratio": 1}, "reopen_lr_ratio must be None or a number > 1, got 1"),
 ])
 def test_gravac_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -23,6 +23,16 @@ steps (CheckGraVAC):
   below ε would send θmin for the rest of training). Dense steps are no candidates;
 * otherwise θs ← policy(θs) (exponential: θs²; geometric: 2·θs).
 
+**A search that reopens** (beyond the paper). Gains change while training (CF 1000's fresh
+gain on PTB rose from 0.55 to 0.62–0.72 over 500 steps), so a CF settled early may be too low
+or too high later. Once settled, the gain of the settled CF at the first window's end is the
+reference; the search starts again from the initial θmin and θs (throughput means forgotten)
+when at ``reopen_confirmations`` consecutive window ends (hysteresis: one noisy window does
+not reopen) the gain differs from the reference by more than ``reopen_tolerance`` (relative),
+or at once when the learning rate has changed by a factor of ``reopen_lr_ratio`` or more
+since the search settled (a step decay; slow schedules reopen at most once per such factor).
+``None`` switches either rule off.
+
 The first window is a warm-up at θmin, so the exponential policy from θmin = 10, θs = 2
 explores 10, 20, 40, 160, then θmax.
 
@@ -63,7 +73,8 @@ changes its mean restarts, and the first ``settle_steps`` steps after a change o
 candidate CF are neither measured nor timed (the residual and the step time adjust to it).
 
 The paper's behaviour is reachable with ``gain="error_fed"``, ``omega=omega_throughput=0.01``,
-``ewma=N/100``, ``settle_steps=0``.
+``ewma=N/100``, ``settle_steps=0``, ``reopen_tolerance=reopen_lr_ratio=None`` (and
+``min_compress_numel=0`` in the optimizer: the paper compresses every tensor).
 """
 from __future__ import annotations
 
@@ -109,6 +120,11 @@ class GraVAC(Agent):
         gain_interval: measure the gain every this many steps.
         settle_steps: steps after a change of θmin or of the candidate CF that are neither
             measured nor timed (also the first steps of a run).
+        reopen_tolerance: relative drift of the settled CF's gain that reopens the search
+            (``None``: never on gain drift).
+        reopen_confirmations: consecutive window ends that must see that drift.
+        reopen_lr_ratio: a learning-rate change by this factor (either way) since the search
+            settled reopens it (``None``: never on the learning rate).
     """
 
     name = "gravac"
@@ -119,7 +135,8 @@ class GraVAC(Agent):
                  policy: str | Callable[[float], float] = "exponential",
                  ewma: float | None = None, batch_size: int = 1, gain: str = "fresh",
                  omega_throughput: float = 0.05, gain_interval: int = 1,
-                 settle_steps: int = 3) -> None:
+                 settle_steps: int = 3, reopen_tolerance: float | None = 0.1,
+                 reopen_confirmations: int = 2, reopen_lr_ratio: float | None = 2.0) -> None:
         super().__init__()
         self.theta_min = check_number("theta_min", theta_min, 1)
         self.theta_max = check_number("theta_max", theta_max, 1)
@@ -148,8 +165,20 @@ class GraVAC(Agent):
         self.gain_interval = check_number("gain_interval", gain_interval, 1, integer=True)
         self.settle_steps = check_number("settle_steps", settle_steps, 0, self.window - 1,
                                          integer=True)
+        self.reopen_tolerance = check_number("reopen_tolerance", reopen_tolerance, 0,
+                                             low_open=True, optional=True)
+        self.reopen_confirmations = check_number("reopen_confirmations", reopen_confirmations,
+                                                 1, integer=True)
+        self.reopen_lr_ratio = check_number("reopen_lr_ratio", reopen_lr_ratio, 1,
+                                            low_open=True, optional=True)
+        self._initial = (self.theta_min, self.theta_s)
         self.warmup = True
         self.searching = True
+        #: once settled: (the settled CF's gain at the first window end, the learning rate)
+        self.reference_gain: float | None = None
+        self.reference_lr: float | None = None
+        self.drifted_checks = 0
+        self.reopened = 0  # how many times the search reopened
         self.delta_min: float | None = None
         self.delta_c: float | None = None
         #: per level: bias-corrected EWMA [m, 1 − (1−α)^n] or the authors' recent terms
@@ -230,14 +259,15 @@ class GraVAC(Agent):
         self.steps_in_window += 1
         if self.steps_in_window >= self.window:
             self.steps_in_window = 0
-            self._check()
+            self._check(stats.lr)
 
         self._choose_send()
         if (self.candidate_cf, self.theta_min) != before:
             self.settling = self.settle_steps
         decision = self.decision(stats.step + 1)
         self.record(stats, decision, delta_min=self.delta_min, delta_c=self.delta_c,
-                    sent=stats.sent, throughput=self.mean_throughput())
+                    sent=stats.sent, throughput=self.mean_throughput(),
+                    searching=self.searching, reopened=self.reopened)
         return decision
 
     def _record_throughput(self, stats: StepStats) -> None:
@@ -265,12 +295,13 @@ class GraVAC(Agent):
         else:
             self.send = SEND_DENSE
 
-    def _check(self) -> None:
+    def _check(self, lr: float | None) -> None:
         """CheckGraVAC, every ``window`` steps."""
         if self.warmup:  # θs takes effect: explore θmin·θs, measured since the start
             self.warmup = False
             return
         if not self.searching:
+            self._watch(lr)
             return
         explored, theta_min = self.candidate_cf, self.theta_min
         if self.delta_min and self.delta_c is not None and \
@@ -288,6 +319,35 @@ class GraVAC(Agent):
         self._restart("c")
         if self.theta_min != theta_min:
             self._restart("min")
+
+    def _watch(self, lr: float | None) -> None:
+        """Settled: reopen the search when the gain drifts or the learning rate steps."""
+        if self.reference_lr is None:
+            self.reference_lr = lr
+        if self.reopen_lr_ratio is not None and lr and self.reference_lr:
+            ratio = lr / self.reference_lr
+            if max(ratio, 1 / ratio) >= self.reopen_lr_ratio:
+                self._reopen()
+                return
+        if self.delta_c is None or self.reopen_tolerance is None:
+            return
+        if self.reference_gain is None:
+            self.reference_gain = self.delta_c
+            return
+        drift = abs(self.delta_c - self.reference_gain) / max(self.reference_gain, 1e-12)
+        self.drifted_checks = self.drifted_checks + 1 if drift > self.reopen_tolerance else 0
+        if self.drifted_checks >= self.reopen_confirmations:
+            self._reopen()
+
+    def _reopen(self) -> None:
+        """Search again from the initial θmin and θs; old throughputs no longer apply."""
+        self.searching = True
+        self.reopened += 1
+        self.theta_min, self.theta_s = self._initial
+        self.throughput.clear()
+        self.reference_gain = self.reference_lr = None
+        self.drifted_checks = 0
+        self._restart(*LEVELS)
 
     def _settle_at(self, ideal: float) -> None:
         """Stop searching: the compressed level is θ_ideal from now on."""

@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gain-interval", type=int, default=1, help="measure the gain every k steps")
     g.add_argument("--settle-steps", type=int, default=3,
                    help="GraVAC: steps after a CF change that are neither measured nor timed")
+    g.add_argument("--reopen-tolerance", type=float, default=0.1,
+                   help="GraVAC: reopen the search when the settled CF's gain drifts by this "
+                        "much (relative) for two windows; 0 never")
+    g.add_argument("--reopen-lr-ratio", type=float, default=2.0,
+                   help="GraVAC: reopen the search when the learning rate changed by this "
+                        "factor since it settled; 0 never")
     g.add_argument("--theta-s", type=float, default=2.0)
     g.add_argument("--policy", default="exponential", choices=("exponential", "geometric"))
     g.add_argument("--ewma", type=float, default=None,
@@ -287,6 +293,8 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
                 "theta_s": args.theta_s,
                 "policy": args.policy, "ewma": args.ewma, "gain": args.gain,
                 "gain_interval": args.gain_interval, "settle_steps": args.settle_steps,
+                "reopen_tolerance": args.reopen_tolerance or None,
+                "reopen_lr_ratio": args.reopen_lr_ratio or None,
                 "batch_size": args.batch_size or default_batch(args)}
     if args.agent == "accordion":
         return {"low_cf": args.low_cf, "high_cf": args.high_cf, "interval": args.interval,
