@@ -59,8 +59,8 @@ def _parse_value(text: str) -> Any:
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"topk:100"`` → ("topk", {"cf": 100}); ``"qsgd:levels=16,bucket_size=512"`` → kwargs.
 
-    A bare value after the colon is the compressor's main knob: ``cf`` where the CF is
-    adjustable, otherwise its first parameter (``powersgd:2`` is rank 2, ``qsgd:16`` 16 levels).
+    A bare value after the colon is the compressor's main knob, its first parameter (``cf``
+    for sparsifiers; ``powersgd:2`` is rank 2, ``qsgd:16`` 16 levels).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"compression spec must be a non-empty string like 'topk:100', got {spec!r}")
@@ -73,7 +73,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
             cls = COMPRESSORS.get(name)
             if cls is None:
                 break  # reported below with the list of names
-            key, value = ("cf" if cls.adjustable_cf else (_parameters(cls) or ["cf"])[0]), item
+            key, value = (_parameters(cls) or ["cf"])[0], item
         params[key.strip()] = _parse_value(value)
     return name, params
 
