@@ -87,12 +87,29 @@ def single_rank():
     ({"groups": 2, "granularity": "model"}, "groups is meaningless with granularity='model'"),
     ({"num_groups": -1}, "num_groups must be an integer >= 0, got -1"),
     ({"sparse_as_dense": "yes"}, "sparse_as_dense must be True or False, got 'yes'"),
+    ({"min_compress_numel": -1}, "min_compress_numel must be an integer >= 0, got -1"),
+    ({"compress_patterns": {"wieght": False}}, r"compress_patterns \['wieght'\] match no "
+                                                "parameter name .names look like: weight, bias"),
+    ({"compress_patterns": {"*": "no"}}, "must map name patterns .str. to True .compress. or False"),
+    ({"compress_patterns": ["*.bias"]}, "compress_patterns must map name patterns to True/False"),
 ])
 def test_bad_arguments_raise_at_construction(single_rank, kwargs, message):
     import horovod_gravac as hg
     model, opt = single_rank
     with pytest.raises(ValueError, match=message):
         hg.DistributedOptimizer(opt, named_parameters=model.named_parameters(), **kwargs)
+
+
+def test_small_tensors_are_sent_dense_unless_a_pattern_says_otherwise():
+    from horovod_gravac.compression import uncompressed_tensors
+    sizes = [("enc.weight", 5000), ("enc.bias", 100), ("dec.weight", 5000), ("dec.bias", 100)]
+    assert uncompressed_tensors(sizes, 1024) == {"enc.bias", "dec.bias"}
+    assert uncompressed_tensors(sizes, 0) == set()
+    # first match wins: dec.bias is compressed by the first pattern, dec.weight kept dense
+    assert uncompressed_tensors(sizes, 1024, {"dec.bias": True, "dec.*": False}) == {
+        "enc.bias", "dec.weight"}
+    assert uncompressed_tensors(sizes, 1024, {"dec.*": False, "dec.bias": True}) == {
+        "enc.bias", "dec.weight", "dec.bias"}
 
 
 def test_bad_optimizer_and_names(single_rank):
@@ -161,7 +178,8 @@ def test_groups_start_as_horovod_grouped_collectives(single_rank, monkeypatch):
         calls.clear()
         opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                       named_parameters=model.named_parameters(),
-                                      compression=compression, groups=[list(model[0].parameters())])
+                                      compression=compression, groups=[list(model[0].parameters())],
+                                      min_compress_numel=0)  # tiny layers: compress them too
         model(torch.randn(3, 6)).sum().backward()
         opt.step()
         # layer 0's weight and bias as one grouped collective; layer 1's tensors alone
@@ -238,7 +256,7 @@ def test_gain_terms_on_constructed_gradients_and_what_is_sent_does_not_depend_on
     b = torch.zeros(2, requires_grad=True)
     agent = Recording(theta_min=2, theta_max=10, theta_s=2.5, window=100, gain=gain)
     opt = hg.DistributedOptimizer(torch.optim.SGD([w, b], lr=1.0), named_parameters=[
-        ("w", w), ("b", b)], compression="topk", agent=agent)
+        ("w", w), ("b", b)], compression="topk", agent=agent, min_compress_numel=0)
     opt.memory.residuals["w"] = torch.tensor(RESIDUAL_W)
     ((w * torch.tensor(GRAD_W)).sum() + (b * torch.tensor(GRAD_B)).sum()).backward()
     opt.step()
@@ -279,7 +297,7 @@ def test_step_after_synchronize_warns_and_steps_once_like_horovod(single_rank):
     import horovod_gravac as hg
     w = torch.zeros(4, requires_grad=True)
     opt = hg.DistributedOptimizer(torch.optim.SGD([w], lr=1.0), named_parameters=[("w", w)],
-                                  compression="topk:2")
+                                  compression="topk:2", min_compress_numel=0)
     (w * torch.tensor([4.0, -3.0, 2.0, 1.0])).sum().backward()
     opt.synchronize()
     with pytest.warns(UserWarning, match="skip_synchronize"):
@@ -295,7 +313,7 @@ def test_step_callbacks_report_bytes_decisions_and_gains_and_can_be_removed(sing
     agent = hg.agents.GraVAC(theta_min=2, theta_max=32, window=3, settle_steps=0)
     opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                   named_parameters=model.named_parameters(),
-                                  compression="topk", agent=agent)
+                                  compression="topk", agent=agent, min_compress_numel=0)
     reports = []
     handle = opt.register_step_callback(reports.append)
     for step in range(8):
@@ -330,7 +348,8 @@ def test_skipped_steps_and_cf_changes_are_logged(single_rank, caplog):
     opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                   named_parameters=model.named_parameters(), compression="topk",
                                   agent=hg.agents.GraVAC(theta_min=2, theta_max=64, window=2,
-                                                         settle_steps=0, epsilon=0.01))
+                                                         settle_steps=0, epsilon=0.01),
+                                  min_compress_numel=0)
     with caplog.at_level(logging.INFO, logger="horovod_gravac"):
         for step in range(8):
             opt.zero_grad()

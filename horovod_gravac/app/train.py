@@ -168,10 +168,12 @@ def config_argv(parser: argparse.ArgumentParser, path: str) -> list[str]:
                 raise ValueError(f"--config {path!r}: {key!r} is a switch: true or false, "
                                  f"got {value!r}")
             argv += [flag] if value else []
+        elif value is None:
+            continue
         elif isinstance(action, argparse._AppendAction):  # a list: the flag once per item
             for item in value if isinstance(value, list) else [value]:
                 argv += [flag, str(item)]
-        elif value is not None:
+        else:
             argv += [flag, str(value)]
     return argv
 
