@@ -85,6 +85,14 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
              "--ewma", str(ranks / 100), "--reopen-tolerance", "0", "--reopen-lr-ratio", "0",
              "--min-compress-numel", "0"),
             adaptive=True),
+        # beyond the paper: the agents drive PowerSGD's rank through the CF (r = nm/(CF(n+m));
+        # on the LSTM's 800x200 weights CF 40 is rank 4, CF 160 rank 1: Accordion's pair)
+        "GraVAC PowerSGD (CF -> rank)": Config(
+            ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
+             "--theta-max", "1000", "--policy", "exponential"), adaptive=True),
+        "Accordion PowerSGD (CF 40/160)": Config(
+            ("--compression", "powersgd", "--agent", "accordion", "--low-cf", "40", "--high-cf",
+             "160", "--interval", window, "--interval-unit", "steps"), adaptive=True),
         "DDP + PowerSGD (rank 1)": Config(("--baseline", "ddp-powersgd", "--powersgd-rank", "1")),
     }
 

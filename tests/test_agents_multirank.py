@@ -16,7 +16,8 @@ def test_broadcast_goes_over_mpi_exactly_when_horovod_runs_on_mpi(job, request):
     assert all(r["mpi"] == (launcher == "mpirun") for r in job)
 
 
-@pytest.mark.parametrize("run", ["gravac_exp", "gravac_geo_dgc", "accordion", "static"])
+@pytest.mark.parametrize("run", ["gravac_exp", "gravac_geo_dgc", "gravac_powersgd", "accordion",
+                                 "static"])
 def test_identical_decisions_and_parameters_on_all_ranks(job, run):
     runs = [r["runs"][run] for r in job]
     assert len(runs[0]["decisions"]) == STEPS

@@ -4,7 +4,8 @@ import torch
 
 from tests.multirank import run_ranks
 
-CONFIGS = ("topk_static", "dgc_static", "powersgd", "topk_gravac", "dgc_gravac")
+CONFIGS = ("topk_static", "dgc_static", "powersgd", "topk_gravac", "dgc_gravac",
+           "powersgd_gravac")
 SPLIT = 17
 
 

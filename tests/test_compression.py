@@ -336,6 +336,45 @@ def test_powersgd_is_exact_for_low_rank_input_after_warm_start():
     torch.testing.assert_close(roundtrip(c2, m, name="w"), out, rtol=1e-4, atol=1e-4)
 
 
+def test_powersgd_cf_sets_each_matrix_rank_and_levels_are_truncations():
+    """CF → rank ⌊nm/(CF·(n+m))⌋ per matrix; the level at a higher CF is the first columns
+    of the level below; the gain ‖P̂ Qᵀ‖²/‖M‖² grows with the rank and is exact at full rank."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(800, 200, generator=gen)
+    c = C.create("powersgd", cf=100)
+    assert c.cf == 100 and repr(c) == "PowerSGD(cf=100)"
+    (p100,), _ = c.compress(m, "w")
+    (p10,), ctx10 = c.compress(m, "w", cf=10)
+    assert p100.shape == (800, 1) and p10.shape == (800, 16)  # 160000/(100·1000) → 1; /10 → 16
+    (p40,), ctx40 = c.recompress((p10,), ctx10, 40)
+    assert p40.shape == (800, 4) and p40.is_contiguous() and torch.equal(p40, p10[:, :4])
+    gains = [float(c.sent_norm_sq(p, ctx)) / float(m.pow(2).sum())
+             for p, ctx in (((p40,), ctx40), ((p10,), ctx10))]
+    assert 0 < gains[0] < gains[1] < 1
+    p_hat = torch.linalg.qr(p10).Q
+    torch.testing.assert_close(c.sent_norm_sq((p10,), ctx10), (p_hat @ p_hat.t() @ m).pow(2).sum())
+    low_rank = torch.randn(60, 3, generator=gen) @ torch.randn(3, 50, generator=gen)
+    (p,), ctx = c.compress(low_rank, "lr", cf=5)  # 3000/(5·110) → rank 5 ≥ 3
+    torch.testing.assert_close(c.sent_norm_sq((p,), ctx), low_rank.pow(2).sum(), rtol=1e-4, atol=0)
+    assert C.create("powersgd:2").cf is None and C.create("powersgd:2").rank == 2
+
+
+def test_powersgd_keeps_the_higher_columns_of_q_when_a_lower_rank_is_sent():
+    torch.manual_seed(0)
+    m = torch.randn(64, 2) @ torch.randn(2, 48)
+    c = C.create("powersgd", max_rank=8)
+    for cf in (5, 5, 30, 5):  # rank 5, 5, 1, then 5 again from the kept columns
+        payload, ctx = c.compress(m, "w", cf=cf)
+        p_sum = payload[0]
+        q = c.compress_second(p_sum, ctx)
+        out = c.decompress(q, ctx)
+        assert c.qs["w"].shape == (48, 5)
+    torch.testing.assert_close(out, m, rtol=1e-4, atol=1e-4)
+    clone = C.create("powersgd", max_rank=8)
+    clone.load_state_dict(c.state_dict())
+    torch.testing.assert_close(clone.qs["w"], c.qs["w"])
+
+
 def test_powersgd_sends_vectors_uncompressed():
     _, ctx = C.create("powersgd").compress(torch.randn(100), "bias")
     assert ctx.exchange is C.Exchange.ALLREDUCE
@@ -367,6 +406,8 @@ def test_cf_is_adjustable_between_steps_for_sparsifiers_only():
     ("qsgd", {"levels": 0}, "levels must be an integer"),
     ("qsgd", {"bucket_size": -2}, "bucket_size"),
     ("powersgd", {"rank": 0}, r"rank \(PowerSGD uses 1-4\) must be an integer >= 1"),
+    ("powersgd", {"rank": 4, "max_rank": 2}, "max_rank must be an integer >= 4, got 2"),
+    ("powersgd", {"cf": 0.5}, "cf .compression factor.* must be a number >= 1"),
     ("dgc", {"sample_ratio": 2}, "sample_ratio"),
     ("threshold", {"threshold": -1}, "threshold must be a number > 0"),
     ("signum", {"momentum": 1.0}, "momentum"),

@@ -6,7 +6,7 @@ from horovod_gravac import compression as C
 from tests.multirank import LAUNCHERS, assert_identical_across_ranks, run_ranks
 
 NAN_STEP, INF_STEP = 5, 9
-RUNS = [f"{n}:10" if C.create(n).adjustable_cf else n for n in C.names()] + ["gravac"]
+RUNS = [f"{n}:cf=10" if C.create(n).adjustable_cf else n for n in C.names()] + ["gravac"]
 
 
 @pytest.fixture(scope="module", params=LAUNCHERS)

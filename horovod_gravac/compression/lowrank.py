@@ -10,6 +10,15 @@ Q is kept between steps (warm start: one power iteration per step refines it), s
 quality improves over time at no extra cost. Q starts from a seed shared by every rank, as the
 allreduce of P only makes sense if all ranks multiply by the same Q. Vectors (biases) and
 matrices too small to gain (r·(n+m) ≥ n·m) go uncompressed.
+
+**Driven by a CF** (beyond the paper, so GraVAC, Accordion and static agents can set it): a
+rank-r approximation of an n×m matrix sends r(n+m) values instead of nm, so a CF maps to the
+rank r = ⌊nm / (CF·(n+m))⌋ per matrix (at least 1, at most ``max_rank``). Without a CF (the
+default), every matrix gets ``rank``. Multi-level compression is a truncation: P at rank
+r_min is M·Q[:, :r_min], and its first r_c columns are exactly P at rank r_c (so are the first
+r_c columns of its orthogonalisation), which makes GraVAC's C(C(M, θmin), θs) one slice.
+The gain of a level is measured locally, before any exchange: with P̂ = orth(P) and
+Q = Mᵀ P̂, ‖P̂ Qᵀ‖² = ‖Q‖², so δ = ‖Q‖² / ‖M‖².
 """
 from __future__ import annotations
 
@@ -19,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_number
-from .base import Ctx, Exchange, Payload, SeededCompressor, is_finite
+from .base import Ctx, Exchange, Payload, SeededCompressor, is_finite, validate_cf
 
 
 def orthogonalize(p: Tensor) -> Tensor:
@@ -28,42 +37,99 @@ def orthogonalize(p: Tensor) -> Tensor:
 
 
 class PowerSGD(SeededCompressor):
-    """Rank-``rank`` PowerSGD with warm start; exchanged in two allreduces (P, then Q)."""
+    """Rank-``rank`` PowerSGD with warm start; exchanged in two allreduces (P, then Q).
+
+    Arguments:
+        rank: the rank of every matrix when no CF is given.
+        seed: seed of the initial Q, the same on every rank.
+        warm_start: keep Q between steps (one power iteration per step refines it).
+        cf: a compression factor instead of a fixed rank: each matrix gets
+            r = ⌊nm / (cf·(n+m))⌋ (an agent's ``cf=`` per call does the same).
+        max_rank: the largest rank a CF may give (the orthogonalisation costs O(n·r²)).
+    """
 
     name = "powersgd"
     exchange = Exchange.LOWRANK
     default_memory = "residual"
     state_is_shared = True
+    adjustable_cf = True
 
-    def __init__(self, rank: int = 1, seed: int = 0, warm_start: bool = True) -> None:
+    def __init__(self, rank: int = 1, seed: int = 0, warm_start: bool = True,
+                 cf: float | None = None, max_rank: int = 64) -> None:
         super().__init__(None, seed)
         self.rank = check_number("rank (PowerSGD uses 1-4)", rank, 1, integer=True)
+        self.max_rank = check_number("max_rank", max_rank, self.rank, integer=True)
         self.warm_start = bool(warm_start)
+        self._cf = None if cf is None else validate_cf(cf)
         self.qs: dict[str, Tensor] = {}
 
-    def _matrix_shape(self, shape: torch.Size) -> tuple[int, int] | None:
+    @property
+    def cf(self) -> float | None:
+        """The CF that sets each matrix's rank, or None: every matrix at ``rank``."""
+        return self._cf
+
+    @cf.setter
+    def cf(self, value: float | None) -> None:
+        self._cf = None if value is None else validate_cf(value)
+
+    def rank_for(self, n: int, m: int, cf: float | None = None) -> int:
+        """The rank of an n×m matrix at ``cf`` (default: the compressor's CF, else ``rank``)."""
+        cf = self._cf if cf is None else cf
+        if cf is None:
+            return self.rank
+        return max(1, min(self.max_rank, int(n * m // (cf * (n + m)))))
+
+    def _matrix_shape(self, shape: torch.Size, cf: float | None) -> tuple[int, int, int] | None:
+        """(n, m, rank) of the matrix view, or None when a rank-r approximation would not
+        send fewer values than the tensor (vectors, small matrices)."""
         if len(shape) < 2:
             return None
         n, m = shape[0], shape.numel() // max(1, shape[0])
-        if self.rank * (n + m) >= n * m:
+        rank = self.rank_for(n, m, cf)
+        if rank * (n + m) >= n * m:
             return None
-        return n, m
+        return n, m, rank
 
-    def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+    def _start_q(self, name: str, m: int, rank: int, device: torch.device) -> Tensor:
+        """Q (m × rank) this step starts from: the kept one (its first ``rank`` columns),
+        completed with seeded random columns where it has fewer."""
+        kept = self.qs.get(name) if self.warm_start else None
+        if kept is not None and (kept.shape[0] != m or kept.device != device):
+            kept = None
+        have = 0 if kept is None else kept.shape[1]
+        if have >= rank:
+            return kept[:, :rank]
+        gen = self.generator(device, "powersgd-q", name)
+        fresh = torch.randn(m, rank, generator=gen, device=device)
+        return fresh if kept is None else torch.cat([kept, fresh[:, have:]], dim=1)
+
+    def compress(self, tensor: Tensor, name: str = "", step: int = 0,
+                 cf: float | None = None) -> tuple[Payload, Ctx]:
         """Phase 1: P = M Q. Tensors that don't gain go as a dense allreduce."""
-        dims = self._matrix_shape(tensor.shape)
+        dims = self._matrix_shape(tensor.shape, cf)
         if dims is None:
             wire = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
-            return (wire,), Ctx(tensor.shape, tensor.dtype, Exchange.ALLREDUCE)
-        n, m = dims
+            return (wire,), Ctx(tensor.shape, tensor.dtype, Exchange.ALLREDUCE, {"name": name})
+        n, m, rank = dims
         matrix = tensor.reshape(n, m).float()
-        q = self.qs.get(name) if self.warm_start else None
-        if q is None or q.shape != (m, self.rank) or q.device != matrix.device:
-            gen = self.generator(matrix.device, "powersgd-q", name)
-            q = torch.randn(m, self.rank, generator=gen, device=matrix.device)
-        q = orthogonalize(q)
+        q = orthogonalize(self._start_q(name, m, rank, matrix.device))
         return (matrix @ q,), Ctx(tensor.shape, tensor.dtype, self.exchange,
                                   {"matrix": matrix, "name": name, "q_start": q})
+
+    def recompress(self, payload: Payload, ctx: Ctx, cf: float) -> tuple[Payload, Ctx]:
+        """The level at ``cf`` from the level at a lower CF: the first columns of P and Q."""
+        if ctx.exchange is Exchange.ALLREDUCE:  # the lower level was dense: compress afresh
+            return self.compress(payload[0].view(ctx.shape), ctx.extra["name"], cf=cf)
+        matrix = ctx.extra["matrix"]
+        rank = min(self.rank_for(*matrix.shape, cf), payload[0].shape[1])
+        return (payload[0][:, :rank].contiguous(),), Ctx(ctx.shape, ctx.dtype, self.exchange,
+                                            {**ctx.extra, "q_start": ctx.extra["q_start"][:, :rank]})
+
+    def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:
+        """‖P̂ Qᵀ‖² = ‖Mᵀ P̂‖² with this rank's P̂ = orth(P) (before any exchange)."""
+        if ctx.exchange is Exchange.ALLREDUCE:
+            return payload[0].float().pow(2).sum()
+        return (ctx.extra["matrix"].t() @ orthogonalize(payload[0])).pow(2).sum()
 
     def compress_second(self, p_sum: Tensor, ctx: Ctx) -> Payload:
         """Phase 2, from the allreduced P: orthogonalize it and send Q = Mᵀ P."""
@@ -78,7 +144,11 @@ class PowerSGD(SeededCompressor):
             return payload[0].to(ctx.dtype).view(ctx.shape)
         q = payload[0]
         if self.warm_start:  # a NaN step must not stick: keep the Q this step started from
-            self.qs[ctx.extra["name"]] = torch.where(is_finite(q), q, ctx.extra["q_start"])
+            q_next = torch.where(is_finite(q), q, ctx.extra["q_start"])
+            kept = self.qs.get(ctx.extra["name"])
+            if kept is not None and kept.shape[0] == q.shape[0] and kept.shape[1] > q.shape[1]:
+                q_next = torch.cat([q_next, kept[:, q.shape[1]:]], dim=1)  # keep higher columns
+            self.qs[ctx.extra["name"]] = q_next
         return (ctx.extra["p"] @ q.t()).to(ctx.dtype).view(ctx.shape)
 
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
@@ -96,6 +166,9 @@ class PowerSGD(SeededCompressor):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "qs": {k: v.clone() for k, v in self.qs.items()}}
+
+    def __repr__(self) -> str:
+        return f"PowerSGD({f'cf={self._cf:g}' if self._cf is not None else f'rank={self.rank}'})"
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

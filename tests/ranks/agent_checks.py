@@ -47,6 +47,9 @@ runs = {
                                          policy="exponential")),
     "gravac_geo_dgc": train(hg.agents.GraVAC(theta_min=2, theta_max=200, epsilon=0.3, window=40,
                                              policy="geometric"), compression="dgc", memory="dgc"),
+    # PowerSGD's rank chosen by GraVAC: CF 2 → rank 16 on the 64×64 layer, … CF 32 → rank 1
+    "gravac_powersgd": train(hg.agents.GraVAC(theta_min=2, theta_max=32, epsilon=0.3, window=25,
+                                              policy="geometric"), compression="powersgd"),
     "accordion": train(hg.agents.Accordion(low_cf=2, high_cf=20, interval=50)),
     "static": train(hg.agents.Static(cf=20)),
 }

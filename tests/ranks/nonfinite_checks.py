@@ -13,7 +13,7 @@ from tests.multirank import init_with_digits_shard, report
 
 STEPS, NAN_STEP, INF_STEP = 14, 5, 9
 RANK, SIZE, X, Y = init_with_digits_shard()
-SPECS = {n: f"{n}:10" if C.create(n).adjustable_cf else n for n in C.names()}
+SPECS = {n: f"{n}:cf=10" if C.create(n).adjustable_cf else n for n in C.names()}
 MEMORY = {"dgc": "dgc"}
 
 

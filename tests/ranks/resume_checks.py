@@ -35,6 +35,7 @@ CONFIGS = {  # name → (compression, memory, agent factory, momentum of the wra
     "powersgd": ("powersgd", None, lambda: None, 0.9),
     "topk_gravac": ("topk", None, lambda: gravac("exponential"), 0.9),
     "dgc_gravac": ("dgc", "dgc", lambda: gravac("geometric"), 0.0),
+    "powersgd_gravac": ("powersgd", None, lambda: gravac("geometric"), 0.9),  # CF → rank
 }
 
 
