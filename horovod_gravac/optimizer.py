@@ -7,13 +7,9 @@ as backprop produces it, overlapping communication with the rest of the backward
 """
 from __future__ import annotations
 
-import contextlib
-import logging
-import time
 import warnings
-from collections import OrderedDict, defaultdict, deque
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from collections import OrderedDict, defaultdict
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -22,88 +18,16 @@ from torch.utils.hooks import RemovableHandle
 from . import agents as A
 from . import compression as C
 from .communication import Communicator, Pending, hvd  # hvd: a clear error when missing
+from .exchange import (NONFINITE_ACTIONS, CommunicationStats, GradientExchange,
+                       NonFiniteGradientError, StepReport)
 from .validation import check_number
 
+__all__ = ["DistributedOptimizer", "CommunicationStats", "NonFiniteGradientError", "StepReport"]
+
 GRANULARITIES = ("layer", "model")
-NONFINITE_ACTIONS = ("skip", "raise")
 MODEL_TENSOR = "__model__"
 #: the key of this library's part of ``state_dict()`` (memories, compressor, agent, step)
 STATE_KEY = "horovod_gravac"
-#: skipped steps and changes of the CF sent; the application decides where it goes
-log = logging.getLogger(__name__)
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """Raised on every rank when ``on_nonfinite="raise"`` and a step's gradient is not finite."""
-
-
-class CommunicationStats:
-    """Bytes each rank put on the wire: per step, per tensor, and cumulative.
-
-    ``dense_bytes`` is what an uncompressed float32 exchange of the same gradients sends, so
-    ``dense_bytes / bytes`` is the achieved compression factor.
-    """
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.total_bytes = 0
-        self.total_dense_bytes = 0
-        self.last_step: dict[str, int] = {}
-        self._current: dict[str, int] = {}
-        self._current_dense = 0
-        self.last_dense_bytes = 0
-
-    def record(self, name: str, wire_bytes: int, numel: int) -> None:
-        self._current[name] = self._current.get(name, 0) + wire_bytes
-        self._current_dense += 4 * numel
-
-    def end_step(self) -> None:
-        self.last_step, self._current = self._current, {}
-        self.last_dense_bytes, self._current_dense = self._current_dense, 0
-        self.total_bytes += sum(self.last_step.values())
-        self.total_dense_bytes += self.last_dense_bytes
-        self.steps += 1
-
-    @property
-    def last_bytes(self) -> int:
-        return sum(self.last_step.values())
-
-    @property
-    def float32_equivalents(self) -> float:
-        """Cumulative bytes sent, in float32 elements."""
-        return self.total_bytes / 4
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "total_bytes": self.total_bytes,
-                "total_dense_bytes": self.total_dense_bytes}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = state["steps"]
-        self.total_bytes = state["total_bytes"]
-        self.total_dense_bytes = state["total_dense_bytes"]
-
-
-@dataclass(frozen=True)
-class StepReport:
-    """What one step's exchange did, as step callbacks see it (on every rank).
-
-    ``bytes``/``dense_bytes``: this rank's bytes on the wire and what dense float32 would
-    have sent; ``skipped``: the averaged gradient was not finite and the step not applied;
-    ``decision``: the decision applied at this step, ``next_decision`` the one for the next
-    (both None without an agent); ``stats``: the statistics combined across ranks that the
-    agent saw (gain terms, step time; None without an agent or on a skipped step);
-    ``agent_row``: on rank 0, the agent's metrics row for this step (GraVAC: δmin, δc, the
-    branch, throughput), empty elsewhere.
-    """
-
-    step: int
-    bytes: int
-    dense_bytes: int
-    skipped: bool
-    decision: A.Decision | None
-    next_decision: A.Decision | None
-    stats: A.StepStats | None
-    agent_row: dict[str, Any]
 
 
 class DistributedOptimizer(torch.optim.Optimizer):
@@ -208,18 +132,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.on_nonfinite = on_nonfinite
         self.agent = agent
         self.communicator = Communicator(op, gradient_predivide_factor, process_set)
-        self.communication = CommunicationStats()
         ids = {id(p) for p in params}
         self._names = {p: n for n, p in named if id(p) in ids}
         self._requires_update = [p for p in params if p.requires_grad]
-        #: the tensors a decision may set a CF for, in the same order on every rank
-        self._decision_layers = [self._names[p] for p in self._requires_update] + (
-            [MODEL_TENSOR] if granularity == "model" else [])
         self._group_of = _form_groups(groups, params, self._requires_update)
-        #: names of the gradients sent uncompressed (small tensors, compress_patterns)
-        self.uncompressed = C.uncompressed_tensors(
-            ((self._names[p], p.numel()) for p in self._requires_update), min_compress_numel,
-            compress_patterns) if granularity == "layer" else frozenset()
+        #: error feedback, compression, byte accounting and the agent's decisions
+        self.exchange = GradientExchange(
+            self.compressor, self.memory, agent, self.communicator,
+            layers=[self._names[p] for p in self._requires_update] + (
+                [MODEL_TENSOR] if granularity == "model" else []),
+            uncompressed=C.uncompressed_tensors(
+                ((self._names[p], p.numel()) for p in self._requires_update),
+                min_compress_numel, compress_patterns) if granularity == "layer" else frozenset(),
+            on_nonfinite=on_nonfinite)
+        self.communication = self.exchange.communication
         self._passes: dict[Tensor, int] = defaultdict(int)
         self._pending: dict[Tensor, tuple[Pending, Tensor, Any]] = {}
         self._ready: set[Tensor] = set()  # gradients waiting for the rest of their group
@@ -227,18 +153,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._densified: dict[Tensor, int] = {}  # sparse_as_dense: param -> its sparse_dim
         self._synchronized = False
         self._should_synchronize = True
-        self.step_count = 0
-        #: steps whose averaged gradient was not finite (not applied), and this rank's culprits
-        self.skipped_steps = 0
-        self._local_finite: list[tuple[str, Tensor]] = []  # (name, 0-dim bool) this step
         self._skip = False
-        self.decision = agent.initial_decision() if agent is not None else None
-        #: the decision applied at each of the last RECENT_STEPS steps, on this rank
-        self.decisions: deque[A.Decision] = deque(maxlen=A.RECENT_STEPS)
-        self._dense = C.NoCompression()
-        self._gain_terms: list[Tensor] = []
-        self._last_sync = time.perf_counter()
-        self._untimed = 0.0  # seconds inside untimed() since the last synchronize()
         # an OrderedDict, as torch keeps hooks: RemovableHandle holds a weak reference to it
         self._step_callbacks: OrderedDict[int, Callable[[StepReport], None]] = OrderedDict()
         #: False on ranks outside ``process_set``: they step on their own gradients, as
@@ -287,9 +202,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if grad.is_sparse:  # Horovod's sparse path: uncompressed, no error feedback
             self._pending[key] = (self.communicator.start_sparse(name, grad), None, grad)
             return
-        compressor, payload, ctx, compensated = self._compress(name, grad)
-        self._pending[key] = (self.communicator.start(name, compressor, payload, ctx),
-                              compensated, grad)
+        pending, compensated = self.exchange.start(name, grad)
+        self._pending[key] = (pending, compensated, grad)
 
     def _start_group(self, group: tuple[Tensor, ...]) -> None:
         """Start a group's exchanges together (members without a gradient send zeros)."""
@@ -300,75 +214,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
             if grad.is_sparse:
                 self._start(p, self._names[p], grad)
             else:
-                compressor, payload, ctx, compensated = self._compress(self._names[p], grad)
+                compressor, payload, ctx, compensated = self.exchange.compress(self._names[p], grad)
                 dense.append((p, compensated, grad))
                 prepared.append((self._names[p], compressor, payload, ctx))
         if prepared:
             pendings = self.communicator.start_group(self._names[group[0]], prepared)
             for (p, compensated, grad), pending in zip(dense, pendings):
                 self._pending[p] = (pending, compensated, grad)
-
-    def _compress(self, name: str, grad: Tensor):
-        """Error feedback and compression of one tensor at the current decision.
-
-        Returns (compressor used, payload, ctx, tensor whose residual is still to be taken
-        — PowerSGD's, after its second phase — or None). The residual is taken here, before
-        the collective starts: allreduces run in place on the payload.
-        """
-        if name in self.uncompressed:
-            return (self._dense, *self._dense.compress(grad, name), None)
-        if self.memory.keeps_state:  # to find this rank's culprits if the step is skipped
-            self._local_finite.append((name, C.is_finite(grad)))
-        compensated = self.memory.compensate(grad, name)
-        compressor, decision = self.compressor, self.decision
-        if decision is None:
-            payload, ctx = compressor.compress(compensated, name, self.step_count)
-        elif self.agent.needs_gain_stats:
-            payload, ctx, compressor = self._multilevel(grad, compensated, name, decision)
-        else:
-            payload, ctx = compressor.compress(compensated, name, self.step_count,
-                                               cf=decision.cf_for(name))
-        if compressor is self._dense:  # GraVAC's dense branch: the residual restarts at 0
-            self.memory.reset(name)
-            compensated = None
-        elif ctx.exchange is not C.Exchange.LOWRANK:  # PowerSGD's error needs phase 2 first
-            self.memory.update(name, compensated, compressor, payload, ctx)
-            compensated = None
-        return compressor, payload, ctx, compensated
-
-    def _levels(self, tensor: Tensor, name: str, decision: A.Decision, second: bool = True):
-        """Multi-level compression: C(x, θmin), then (if ``second``) C(C(x, θmin), θs)
-        within that selection."""
-        c = self.compressor
-        p_min, ctx_min = c.compress(tensor, name, self.step_count, cf=decision.theta_min)
-        return (p_min, ctx_min), c.recompress(p_min, ctx_min, decision.cf) if second else None
-
-    def _multilevel(self, grad: Tensor, g_o: Tensor, name: str, decision: A.Decision):
-        """GraVAC's step: send the decided level of g_o; measure the gain terms if asked.
-
-        What is sent is always C(g_o) with error feedback; the gain may be measured on the
-        fresh gradient instead (``GainMeasure``), which costs a second compression of it.
-        """
-        measure = self.agent.gain_measure if decision.measure_gain else None
-        on_compensated = measure is not None and measure.compressed == A.COMPENSATED
-        sent_levels = None
-        if decision.send != A.SEND_DENSE:
-            sent_levels = self._levels(g_o, name, decision,
-                                       second=on_compensated or decision.send == A.SEND_COMPRESSED)
-        if measure is not None:
-            levels = sent_levels if on_compensated and sent_levels else \
-                self._levels(g_o if on_compensated else grad, name, decision)
-            reference = g_o if measure.reference == A.COMPENSATED else grad
-            c = self.compressor
-            terms = torch.stack([torch.linalg.vector_norm(reference).float().square(),
-                                 c.sent_norm_sq(*levels[0]), c.sent_norm_sq(*levels[1])])
-            self._gain_terms.append((terms.sqrt() if measure.power == 1 else terms).double())
-        if decision.send == A.SEND_COMPRESSED:
-            return (*sent_levels[1], self.compressor)
-        if decision.send == A.SEND_MIN:
-            return (*sent_levels[0], self.compressor)
-        payload, ctx = self._dense.compress(g_o, name)
-        return payload, ctx, self._dense
 
     # -- the Horovod optimizer API ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -387,15 +239,11 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     self._start(p, self._names[p], self._gradient(p))
                 else:
                     self._start_group(group)
-        lowrank = [v for v in self._pending.values()
-                   if v[0].ctx is not None and v[0].ctx.exchange is C.Exchange.LOWRANK]
-        for pending, compensated, grad in lowrank:
-            q = self.communicator.start_second_phase(pending)
-            if compensated is not None:
-                self.memory.update(pending.name, compensated, self.compressor, q, pending.ctx)
+        for pending, compensated, _ in self._pending.values():
+            if pending.ctx is not None and pending.ctx.exchange is C.Exchange.LOWRANK:
+                self.exchange.second_phase(pending, compensated)
         for key, (pending, _, grad) in self._pending.items():
-            reduced = self.communicator.finish(pending)
-            self.communication.record(pending.name, pending.wire_bytes, grad.numel())
+            reduced = self.exchange.finish(pending, grad.numel())
             if key == MODEL_TENSOR:
                 self._scatter_model(reduced)
             elif grad.is_sparse:
@@ -405,47 +253,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     grad.copy_(reduced.view_as(grad))
                 if key in self._densified:  # sparse_as_dense: back to sparse, as Horovod
                     key.grad = grad.to_sparse(self._densified.pop(key))
-        self.communication.end_step()
         self._pending.clear()
         self._passes.clear()
         self._synchronized = True
-        averaged_finite, culprits = self._finite_verdict()
-        self._skip = not averaged_finite
-        # counted here, not in step(): GradScaler skips calling step() on such a step
-        self.skipped_steps += self._skip
-        for name in culprits:  # a NaN/Inf never stays in a residual
-            self.memory.reset(name)
-        applied = self.decision
-        if self.agent is not None:
-            self.decisions.append(applied)
-        stats = None
-        if self._skip:
-            self._gain_terms.clear()
-            log.warning("step %d: the averaged gradient is not finite%s; step skipped",
-                        self.step_count, f" (this rank's {', '.join(culprits)})"
-                        if culprits else "")
-        elif self.agent is not None:
-            stats = self._consult_agent(self._layer_norms())
-            if self.decision.sent_cf != applied.sent_cf:
-                log.info("step %d: %s sends CF %g from the next step (was %g)", self.step_count,
-                         self.agent.name, self.decision.sent_cf, applied.sent_cf)
+        # skipped steps are counted here, not in step(): GradScaler skips calling step()
+        self._skip, culprits, stats = self.exchange.end_step(
+            [p.grad for p in self._requires_update], self.param_groups[0].get("lr"),
+            self._layer_norms)
         if self._step_callbacks:
-            report = StepReport(
-                step=self.step_count, bytes=self.communication.last_bytes,
-                dense_bytes=self.communication.last_dense_bytes, skipped=self._skip,
-                decision=applied, next_decision=self.decision, stats=stats,
-                agent_row=dict(self.agent.history[-1]) if stats is not None
-                and self.agent.history and self.agent.history[-1].get("step") == stats.step
-                else {})
+            report = self.exchange.report(self._skip, stats)
             for callback in list(self._step_callbacks.values()):
                 callback(report)
         if self._skip and self.on_nonfinite == "raise":
-            culprit = (f"this rank's gradient of {', '.join(culprits)} is non-finite"
-                       if culprits else "another rank's gradient is non-finite"
-                       if self.memory.keeps_state else "a rank's gradient is non-finite")
-            raise NonFiniteGradientError(
-                f"step {self.step_count}: the averaged gradient contains NaN/Inf ({culprit}); "
-                "lower the learning rate or use on_nonfinite='skip'")
+            raise self.exchange.nonfinite_error(culprits)
 
     def register_step_callback(self, callback: Callable[[StepReport], None]) -> RemovableHandle:
         """Call ``callback(report)`` on every rank after each step's exchange (a
@@ -456,24 +276,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._step_callbacks[handle.id] = callback
         return handle
 
-    def _finite_verdict(self) -> tuple[bool, list[str]]:
-        """(are all averaged gradients finite, names of this rank's non-finite gradients).
-
-        The one host read of a step: the averaged verdict is identical on every rank, so is
-        the decision to skip.
-        """
-        local, self._local_finite = self._local_finite, []
-        grads = [p.grad for p in self._requires_update]
-        flags = [C.is_finite(g.coalesce()._values() if g.is_sparse else g)
-                 for g in grads] + [flag for _, flag in local]
-        if not flags:
-            return True, []
-        device = flags[0].device
-        verdict = torch.stack([f if f.device == device else f.to(device)
-                               for f in flags]).tolist()
-        averaged, mine = verdict[:len(grads)], verdict[len(grads):]
-        return all(averaged), [name for (name, _), ok in zip(local, mine) if not ok]
-
     def _layer_norms(self) -> dict[str, float] | None:
         """Norms of the averaged gradients (identical on all ranks), for Accordion on rank 0."""
         if not self.agent.needs_layer_norms or self.communicator.rank != 0:
@@ -481,32 +283,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         params = self._requires_update
         norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params])
         return dict(zip((self._names[p] for p in params), norms.tolist()))
-
-    def _consult_agent(self, layer_norms: dict[str, float] | None) -> A.StepStats:
-        """Combine statistics, let rank 0 decide, broadcast: every rank applies the same."""
-        now = time.perf_counter()
-        iter_time, self._last_sync = now - self._last_sync - self._untimed, now
-        self._untimed = 0.0
-        gains = [0.0, 0.0, 0.0]
-        if self.agent.needs_gain_stats:
-            local = torch.stack(self._gain_terms).sum(0).tolist() if self._gain_terms else gains
-            gains = self.communicator.combine(local + [iter_time])
-            iter_time = gains.pop() / self.communicator.size
-        self._gain_terms.clear()
-        stats = A.StepStats(step=self.step_count, iter_time=iter_time,
-                            world_size=self.communicator.size, gain_reference=gains[0],
-                            gain_min=gains[1], gain_compressed=gains[2],
-                            gain_measured=self.decision.measure_gain,
-                            lr=self.param_groups[0].get("lr"), sent=self.decision.send,
-                            layer_norms=layer_norms or {})
-        if not self.agent.adaptive:
-            self.decision = self.agent.decide(stats)
-            return stats
-        layers = self._decision_layers
-        values = self.agent.decide(stats).encode(layers) if self.communicator.rank == 0 else None
-        self.decision = A.Decision.decode(
-            self.communicator.broadcast_floats(values, A.Decision.encoded_length(layers)), layers)
-        return stats
 
     def _start_model(self) -> None:
         grads = [self._gradient(p) for p in self._requires_update]
@@ -520,18 +296,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
             p.grad.copy_(flat[offset:offset + n].view_as(p))
             offset += n
 
-    @contextlib.contextmanager
-    def untimed(self) -> Iterator[None]:
+    def untimed(self):
         """Context manager: time spent inside is not part of the step time agents see.
 
         Wrap evaluation, checkpointing and logging between steps in it, so GraVAC's
         throughput per CF measures training steps only.
         """
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._untimed += time.perf_counter() - start
+        return self.exchange.untimed()
 
     def skip_synchronize(self):
         """Context manager: ``step()`` inside it does not synchronize (call it yourself)."""
@@ -556,7 +327,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
             else:
                 self.synchronize()
         self._synchronized = False
-        self.step_count += 1
+        self.exchange.step_count += 1
         if self._skip:
             self._skip = False
             return None
@@ -571,15 +342,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # -- state -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
-        state[STATE_KEY] = {
-            "step": self.step_count,
-            "skipped_steps": self.skipped_steps,
-            "memory": self.memory.state_dict(),
-            "compressor": self.compressor.state_dict(),
-            "communication": self.communication.state_dict(),
-            "agent": self.agent.state_dict() if self.agent is not None else None,
-            "decision": self.decision,
-        }
+        state[STATE_KEY] = self.exchange.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -588,23 +351,29 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self.optimizer.load_state_dict(state_dict)
         self._forget_step_in_flight()
         if ours is not None:
-            self.step_count = ours["step"]
-            self.skipped_steps = ours.get("skipped_steps", 0)
-            self.memory.load_state_dict(ours["memory"])
-            self.compressor.load_state_dict(ours["compressor"])
-            self.communication.load_state_dict(ours["communication"])
-            if self.agent is not None and ours.get("agent") is not None:
-                self.agent.load_state_dict(ours["agent"])
-                self.decision = ours["decision"]
+            self.exchange.load_state_dict(ours)
 
     def _forget_step_in_flight(self) -> None:
         """Drop a half-done step (exchanges of a Horovod world that is gone, after elastic)."""
         self._pending.clear()
         self._ready.clear()
         self._passes.clear()
-        self._gain_terms.clear()
-        self._local_finite = []
+        self.exchange.forget_step_in_flight()
         self._synchronized = self._skip = False
+
+    # -- what the exchange keeps, as attributes of the optimizer -------------------------------
+    step_count = property(lambda self: self.exchange.step_count,
+                          lambda self, v: setattr(self.exchange, "step_count", v),
+                          doc="steps taken (skipped ones included)")
+    skipped_steps = property(lambda self: self.exchange.skipped_steps,
+                             doc="steps whose averaged gradient was not finite (not applied)")
+    decision = property(lambda self: self.exchange.decision,
+                        lambda self, v: setattr(self.exchange, "decision", v),
+                        doc="the agent's decision for the next step (None without an agent)")
+    decisions = property(lambda self: self.exchange.decisions,
+                         doc="the decision applied at each of the last RECENT_STEPS steps")
+    uncompressed = property(lambda self: self.exchange.uncompressed,
+                            doc="names of the gradients sent uncompressed")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.optimizer).__name__}, "

@@ -52,6 +52,16 @@ def run_ranks(script: str, np: int, launcher: str, args: Sequence[str] = (),
                 timeout, f"{launcher} -np {np} {script}")
 
 
+def run_torchrun(script: str, np: int, args: Sequence[str] = (),
+                 timeout: float = 180.0) -> list[dict[str, Any]]:
+    """Run ``tests/ranks/<script>`` on ``np`` local ranks under ``torchrun`` (the script
+    initialises torch.distributed itself) and return each rank's report, by rank."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    return _run(lambda path: [str(torchrun), "--standalone", "--nproc_per_node", str(np),
+                              path, *args], script, range(np), timeout,
+                f"torchrun --nproc_per_node {np} {script}")
+
+
 def run_elastic(script: str, np: int, min_np: int, max_np: int, hosts: str,
                 args: Sequence[str] = (), timeout: float = 120.0,
                 reporting: Sequence[int] | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,82 @@
+"""horovod_gravac.ddp: the DDP communication hook under torchrun (Gloo), 2 and 4 ranks."""
+import pytest
+import torch
+
+from tests.multirank import assert_identical_across_ranks, run_torchrun
+
+STEPS, NAN_STEP = 40, 7
+COMPRESSED = ("topk", "dgc", "powersgd", "gravac", "gravac_powersgd", "accordion", "static",
+              "no_sync", "unused")
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def job(request):
+    return run_torchrun("ddp_checks.py", request.param, [str(STEPS)], timeout=600)
+
+
+def runs(job, name):
+    return [r["runs"][name] for r in job]
+
+
+def test_launched_by_torchrun_and_no_compression_equals_plain_ddp_bit_for_bit(job):
+    assert all(r["torchrun"] for r in job)
+    for plain, none in zip(runs(job, "plain"), runs(job, "none")):
+        for key, value in plain["params"].items():
+            assert torch.equal(value, none["params"][key]), key
+    assert_identical_across_ranks(runs(job, "plain"))
+
+
+@pytest.mark.parametrize("name", COMPRESSED)
+def test_compressed_training_ends_identical_on_every_rank(job, name):
+    ranks = runs(job, name)
+    assert_identical_across_ranks(ranks)
+    assert all(torch.isfinite(v).all() for v in ranks[0]["params"].values())
+    assert ranks[0]["bytes"] < ranks[0]["dense"]
+    assert all(r["decisions"] == ranks[0]["decisions"] for r in ranks)
+    assert not torch.equal(ranks[0]["params"]["body.0.weight"],
+                           runs(job, "plain")[0]["params"]["body.0.weight"])
+
+
+def test_a_state_made_before_ddp_wraps_the_model_works_like_register_comm_hook(job):
+    for a, b in zip(runs(job, "topk"), runs(job, "prebuilt_state")):
+        for key, value in a["params"].items():
+            assert torch.equal(value, b["params"][key]), key
+
+
+def test_agents_change_their_minds_identically(job):
+    for name in ("gravac", "gravac_powersgd", "accordion"):
+        decisions = runs(job, name)[0]["decisions"]
+        assert len(decisions) == STEPS and len(set(decisions)) >= 2, (name, decisions[::5])
+
+
+def test_no_sync_exchanges_once_per_accumulated_step(job):
+    assert [r["exchanges"] for r in runs(job, "no_sync")] == [STEPS] * len(job)
+    assert runs(job, "topk")[0]["exchanges"] == STEPS
+
+
+def test_nonfinite_step_is_skipped_on_every_rank_or_raises_on_every_rank(job):
+    for r in runs(job, "nan_skip"):
+        assert r["skipped"] == 1 and r["steps"] == STEPS and r["memory_finite"]
+    assert_identical_across_ranks(runs(job, "nan_skip"))
+    errors = [r["errors"] for r in runs(job, "nan_raise")]
+    assert all(len(e) == 1 and e[0][0] == NAN_STEP for e in errors), errors
+    assert "this rank's gradient of" in errors[-1][0][1]
+    assert "another rank's gradient is non-finite" in errors[0][0][1]
+
+
+def test_state_saved_with_torch_save_resumes_bit_for_bit(job):
+    for whole, resumed in zip(runs(job, "gravac"), runs(job, "resumed_gravac")):
+        for key, value in whole["params"].items():
+            assert torch.equal(value, resumed["params"][key]), key
+        assert resumed["decisions"] == whole["decisions"][-len(resumed["decisions"]):]
+        assert resumed["bytes"] == whole["bytes"]
+
+
+def test_bad_arguments_raise_before_training(job):
+    bad = job[0]["bad"]
+    assert "compression factor" in bad["['compression']"]
+    assert "does not have; use one of" in bad["['agent', 'compression']"]
+    assert "on_nonfinite must be one of" in bad["['on_nonfinite']"]
+    assert "min_compress_numel must be an integer >= 0, got -1" in bad["['min_compress_numel']"]
+    assert "match no parameter name" in bad["['compress_patterns']"]
+    assert "must be a torch.nn.parallel.DistributedDataParallel" in bad["not ddp"]
