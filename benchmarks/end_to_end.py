@@ -9,7 +9,9 @@ at most the job in flight. Configurations: dense Horovod and Horovod fp16
 library's PowerSGD at rank 1 and 4, Accordion (TopK, the paper's 1.01x/10x pair), GraVAC
 with the exponential and the geometric policy at default parameters, GraVAC with the other two
 gain definitions (error-fed, the authors' code), GraVAC with the paper's parameters (error-fed
-gain, one 1% tolerance, EWMA N/100, no settling), and PyTorch DDP with its PowerSGD hook.
+gain, one 1% tolerance, EWMA N/100, no settling, no reopening, every tensor compressed),
+GraVAC and Accordion driving PowerSGD's rank, PyTorch DDP with its PowerSGD hook, and TopK,
+PowerSGD and GraVAC-PowerSGD through DDP with this library's hook.
 
 How time to target is measured (the table says which, per configuration):
 
@@ -94,6 +96,12 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
             ("--compression", "powersgd", "--agent", "accordion", "--low-cf", "40", "--high-cf",
              "160", "--interval", window, "--interval-unit", "steps"), adaptive=True),
         "DDP + PowerSGD (rank 1)": Config(("--baseline", "ddp-powersgd", "--powersgd-rank", "1")),
+        # the same compression through PyTorch DDP and this library's hook (horovod_gravac.ddp)
+        "TopK 100x (DDP hook)": Config((*topk, "100", "--ddp")),
+        "PowerSGD rank 1 (DDP hook)": Config(("--compression", "powersgd:1", "--ddp")),
+        "GraVAC PowerSGD (DDP hook)": Config(
+            ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
+             "--theta-max", "1000", "--policy", "exponential", "--ddp"), adaptive=True),
     }
 
 

@@ -1,4 +1,5 @@
-"""horovod-gravac: communicate less, adaptively, in data-parallel PyTorch on Horovod.
+"""horovod-gravac: communicate less, adaptively, in data-parallel PyTorch on Horovod
+(``DistributedOptimizer``) or PyTorch DDP (``horovod_gravac.ddp``).
 
     import horovod.torch as hvd
     import horovod_gravac as hg
@@ -14,7 +15,7 @@ __version__ = "0.1.0"
 
 _OPTIMIZER = ("DistributedOptimizer", "CommunicationStats", "NonFiniteGradientError",
               "StepReport")
-__all__ = ["agents", "compression", "checkpoint", "elastic", *_OPTIMIZER, "__version__"]
+__all__ = ["agents", "compression", "checkpoint", "ddp", "elastic", *_OPTIMIZER, "__version__"]
 
 
 def __getattr__(name: str):
@@ -23,7 +24,7 @@ def __getattr__(name: str):
         from . import optimizer
         from . import elastic  # noqa: F401  registers the optimizer's state handler
         return getattr(optimizer, name)
-    if name in ("checkpoint", "elastic"):
+    if name in ("checkpoint", "ddp", "elastic"):  # ddp needs torch.distributed, not Horovod
         import importlib
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'horovod_gravac' has no attribute {name!r}")

@@ -73,6 +73,11 @@ def parse(*argv):
     (["--checkpoint-every", "5"], ValueError, "need --checkpoint PATH"),
     (["--checkpoint", "c.pt", "--checkpoint-every", "0"], ValueError, "--checkpoint-every must be >= 1"),
     (["--checkpoint", "/nonexistent/c.pt", "--resume"], FileNotFoundError, "no checkpoint at"),
+    (["--ddp", "--baseline", "horovod"], ValueError, "--ddp takes no --baseline, --checkpoint"),
+    (["--compress-pattern", "decoder.wieght=false"], ValueError, "match no parameter name"),
+    (["--compress-pattern", "decoder"], ValueError, "must be PATTERN=true or PATTERN=false"),
+    (["--agent", "gravac", "--reopen-tolerance", "-1"], ValueError,
+     "reopen_tolerance must be None or a number > 0"),
 ])
 def test_bad_flags_fail_before_training(argv, error, message):
     with pytest.raises(error, match=message):
@@ -149,6 +154,16 @@ def test_short_runs_under_both_launchers(tmp_path, launcher):
                   "--baseline", "ddp-powersgd")
     assert s["compression"] == "ddp-powersgd" and s["final"]["accuracy"] > 0.3
     assert s["total_bytes"] * 5 < s["dense_bytes"]  # PowerSGD rank 1 after 2 dense steps
+
+
+def test_the_ddp_hook_trains_through_gravac_train(tmp_path):
+    s = train_job("gloo", tmp_path / "ddp", "--model", "mlp", "--data", "digits", "--steps", "30",
+                  "--eval-interval", "30", "--compression", "topk", "--agent", "gravac",
+                  "--window", "5", "--epsilon", "0.1", "--ddp")
+    assert s["transport"] == "ddp" and s["replicas_identical"] and s["steps"] == 30
+    assert s["total_bytes"] < s["dense_bytes"] and s["final"]["accuracy"] > 0.3
+    with open(tmp_path / "ddp" / "steps.csv") as f:
+        assert len({r["cf_sent"] for r in csv.DictReader(f)}) >= 2  # GraVAC changed the CF
 
 
 def test_gravac_with_defaults_on_ptb_leaves_theta_min_and_trains_like_dense(tmp_path):

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--baseline", choices=BASELINES, default=None,
                    help="use hvd.DistributedOptimizer (dense or fp16), or PyTorch DDP with its "
                         "PowerSGD communication hook (Gloo), instead of this library")
+    g.add_argument("--ddp", action="store_true",
+                   help="exchange through PyTorch DDP with this library's communication hook "
+                        "(horovod_gravac.ddp: the same --compression/--agent/--memory flags) "
+                        "instead of the Horovod optimizer; Horovod still launches the ranks")
     g.add_argument("--powersgd-rank", type=int, default=1, help="ddp-powersgd's matrix rank")
     g.add_argument("--powersgd-start", type=int, default=2,
                    help="ddp-powersgd: dense allreduce before this step (>= 2)")
@@ -240,6 +244,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.resume and not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--resume: no checkpoint at {args.checkpoint}; run once with "
                                 "--checkpoint to write one, or drop --resume")
+    if args.ddp and (args.baseline or args.checkpoint or args.granularity != "layer"):
+        raise ValueError("--ddp takes no --baseline, --checkpoint or --granularity model (the "
+                         "DDP hook compresses layer by layer; save its state with torch.save)")
     if args.baseline and (args.agent != "none" or args.compression != "none"):
         raise ValueError("--baseline runs hvd.DistributedOptimizer: it takes no --agent or "
                          "--compression")
@@ -418,19 +425,13 @@ def reached(metric: str, value: float, target: float) -> bool:
     return value <= target if metric == "perplexity" else value >= target
 
 
-def ddp_powersgd(model, args: argparse.Namespace, hvd):
-    """PyTorch DDP with its PowerSGD hook on Gloo: the outside baseline.
-
-    torch.distributed is bootstrapped from Horovod's world: rank 0 picks the address
+def init_torch_distributed(hvd) -> None:
+    """torch.distributed (Gloo) bootstrapped from Horovod's world: rank 0 picks the address
     (``MASTER_ADDR``, the emulator's rank-0 address, or its own host's) and a free port and
-    broadcasts them. One bucket larger than the model: PyTorch's PowerSGD hook on Gloo fails
-    with a size mismatch when DDP uses several buckets.
-    """
+    broadcasts them."""
     import socket
 
     import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
-    from torch.nn.parallel import DistributedDataParallel
 
     endpoint = None
     if hvd.rank() == 0:
@@ -445,6 +446,16 @@ def ddp_powersgd(model, args: argparse.Namespace, hvd):
         endpoint = f"tcp://{addr}:{port}"
     endpoint = hvd.broadcast_object(endpoint, root_rank=0, name="ddp.endpoint")
     dist.init_process_group("gloo", init_method=endpoint, rank=hvd.rank(), world_size=hvd.size())
+
+
+def ddp_powersgd(model, args: argparse.Namespace, hvd):
+    """PyTorch DDP with its PowerSGD hook on Gloo: the outside baseline. One bucket larger
+    than the model: PyTorch's PowerSGD hook on Gloo fails with a size mismatch when DDP uses
+    several buckets."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+    from torch.nn.parallel import DistributedDataParallel
+
+    init_torch_distributed(hvd)
     size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     ddp = DistributedDataParallel(model, bucket_cap_mb=size_mb + 1)
     state = powersgd.PowerSGDState(process_group=None, matrix_approximation_rank=args.powersgd_rank,
@@ -506,10 +517,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.agent_obj = hg.agents.GraVAC(**{**agent_params(args), "window": auto_window(total_steps)})
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)
-    ddp = None
+    ddp = hook = None
     if args.baseline == "ddp-powersgd":
         ddp = ddp_powersgd(model, args, hvd)
         work.model = ddp  # forward and backward through DDP; checkpoints keep the plain model
+        opt = base
+    elif args.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        init_torch_distributed(hvd)
+        ddp = DistributedDataParallel(model)
+        hook = hg.ddp.register_comm_hook(
+            ddp, compression=hg.compression.create(args.compression, **compression_params(args)),
+            memory=args.memory, agent=args.agent_obj, on_nonfinite=args.on_nonfinite,
+            min_compress_numel=args.min_compress_numel, compress_patterns=args.compress_patterns,
+            optimizer=base)
+        work.model = ddp
         opt = base
     elif args.baseline:
         compression = hvd.Compression.fp16 if args.baseline == "horovod-fp16" else hvd.Compression.none
@@ -570,7 +592,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     time_to_target = steps_to_target = None
     step, train_s = first_step - 1, resumed["train_s"] if args.resume else 0.0
     # evaluation, checkpoints and logging are not part of a step's time (GraVAC's throughput)
-    untimed = opt.untimed if isinstance(opt, hg.DistributedOptimizer) else contextlib.nullcontext
+    #: this library's exchange (the Horovod optimizer or the DDP hook's): bytes, decisions
+    tracker = opt if isinstance(opt, hg.DistributedOptimizer) else \
+        hook.exchange if hook is not None else None
+    untimed = tracker.untimed if tracker is not None else contextlib.nullcontext
     start = time.perf_counter()
 
     def save_checkpoint() -> None:
@@ -599,9 +624,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         now = time.perf_counter()
         step_time = now - step_start
         train_s += step_time
-        if isinstance(opt, hg.DistributedOptimizer):
-            sent = opt.communication.last_bytes
-            decision = opt.decisions[-1] if opt.decisions else None
+        if tracker is not None:
+            sent = tracker.communication.last_bytes
+            decision = tracker.decisions[-1] if tracker.decisions else None
         else:
             sent = ddp_step_bytes(model, args, step) if ddp is not None else \
                 dense_bytes // (2 if args.baseline == "horovod-fp16" else 1)
@@ -609,13 +634,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         total_bytes += sent
         with untimed():
             if rank == 0:
-                history = opt.agent.history[-1] if getattr(opt, "agent", None) and opt.agent.history else {}
+                agent = getattr(tracker, "agent", None)
+                history = agent.history[-1] if agent is not None and agent.history else {}
                 cf = sent and dense_bytes / sent
                 row = [step, step / work.steps_per_epoch, now - start, step_time, loss.item(),
                        samples_per_step / step_time, cf, decision.sent_cf if decision else "",
                        decision.send if decision else "",
                        history.get("delta_min", ""), history.get("delta_c", ""), sent, total_bytes,
-                       dense_bytes * step, getattr(opt, "skipped_steps", 0)]
+                       dense_bytes * step, getattr(tracker, "skipped_steps", 0)]
                 step_log.writerow(row)
                 if writer:
                     writer.add_scalar("train/loss", loss.item(), step)
@@ -662,7 +688,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps_to_target": steps_to_target, "target_metric": args.target_metric,
         "target": args.target, "final": final, "total_bytes": total_bytes,
         "dense_bytes": dense_bytes * step, "mean_cf": dense_bytes * step / max(total_bytes, 1),
-        "skipped_steps": getattr(opt, "skipped_steps", 0), "evals": evals,
+        "skipped_steps": getattr(tracker, "skipped_steps", 0), "evals": evals,
+        "transport": "ddp" if ddp is not None else "horovod",
         "hosts": hosts, "parameter_digests": digests, "replicas_identical": len(set(digests)) == 1,
     }
     if rank == 0:
