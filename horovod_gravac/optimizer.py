@@ -18,8 +18,7 @@ from torch.utils.hooks import RemovableHandle
 from . import agents as A
 from . import compression as C
 from .communication import Communicator, Pending, hvd  # hvd: a clear error when missing
-from .exchange import (NONFINITE_ACTIONS, CommunicationStats, GradientExchange,
-                       NonFiniteGradientError, StepReport)
+from .exchange import CommunicationStats, GradientExchange, NonFiniteGradientError, StepReport
 from .validation import check_number
 
 __all__ = ["DistributedOptimizer", "CommunicationStats", "NonFiniteGradientError", "StepReport"]
@@ -86,8 +85,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         check_number("gradient_predivide_factor", gradient_predivide_factor, 0, low_open=True)
         if gradient_predivide_factor != 1.0 and op != hvd.Average:
             raise ValueError("gradient_predivide_factor not supported with op != Average")
-        if on_nonfinite not in NONFINITE_ACTIONS:
-            raise ValueError(f"on_nonfinite must be one of {NONFINITE_ACTIONS}, got {on_nonfinite!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
         agent = A.create(agent)
