@@ -95,7 +95,7 @@ class DDPCompressionState:
         #: whether the last step's averaged gradient was non-finite (gradients set to None)
         self.last_step_skipped = False
         self.exchange: GradientExchange | None = None
-        self._saved_exchange: dict[str, Any] | None = None
+        self._saved_progress: dict[str, Any] | None = None
         self._reset_step()
         self.attach(module, process_group, optimizer)
 
@@ -126,9 +126,9 @@ class DDPCompressionState:
         self.exchange = GradientExchange(self.compressor, self.memory, self.agent,
                                          self.communicator, [n for n, _ in named], uncompressed,
                                          self.on_nonfinite)
-        if self._saved_exchange is not None:
-            self.exchange.load_state_dict(self._saved_exchange)
-            self._saved_exchange = None
+        if self._saved_progress is not None:  # unpickled: the objects hold the rest
+            self.exchange.load_progress(self._saved_progress)
+            self._saved_progress = None
 
     def _lr(self) -> float | None:
         return self._optimizer.param_groups[0].get("lr") if self._optimizer is not None else None
@@ -138,8 +138,9 @@ class DDPCompressionState:
         keep = ("compressor", "memory", "agent", "on_nonfinite", "min_compress_numel",
                 "compress_patterns", "last_step_skipped")
         state = {k: getattr(self, k) for k in keep}
-        state["_saved_exchange"] = self.exchange.state_dict() if self.exchange is not None \
-            else self._saved_exchange
+        # the compressor, memory and agent pickle with their state; the exchange adds its own
+        state["_saved_progress"] = self.exchange.progress() if self.exchange is not None \
+            else self._saved_progress
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -332,23 +332,29 @@ class GradientExchange:
         self._local_finite = []
 
     # -- state -----------------------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        """The exchange's own state: step, skipped steps, byte counts, the next decision
+        (not the compressor's, memory's or agent's, which those objects hold)."""
+        return {"step": self.step_count, "skipped_steps": self.skipped_steps,
+                "communication": self.communication.state_dict(), "decision": self.decision}
+
+    def load_progress(self, progress: dict[str, Any]) -> None:
+        self.step_count = progress["step"]
+        self.skipped_steps = progress.get("skipped_steps", 0)
+        self.communication.load_state_dict(progress["communication"])
+        if self.agent is not None and progress.get("decision") is not None:
+            self.decision = progress["decision"]
+
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step_count,
-            "skipped_steps": self.skipped_steps,
-            "memory": self.memory.state_dict(),
-            "compressor": self.compressor.state_dict(),
-            "communication": self.communication.state_dict(),
-            "agent": self.agent.state_dict() if self.agent is not None else None,
-            "decision": self.decision,
-        }
+        return {**self.progress(), "memory": self.memory.state_dict(),
+                "compressor": self.compressor.state_dict(),
+                "agent": self.agent.state_dict() if self.agent is not None else None}
 
     def load_state_dict(self, ours: dict[str, Any]) -> None:
-        self.step_count = ours["step"]
-        self.skipped_steps = ours.get("skipped_steps", 0)
         self.memory.load_state_dict(ours["memory"])
         self.compressor.load_state_dict(ours["compressor"])
-        self.communication.load_state_dict(ours["communication"])
-        if self.agent is not None and ours.get("agent") is not None:
-            self.agent.load_state_dict(ours["agent"])
-            self.decision = ours["decision"]
+        agent_state = ours.get("agent")
+        if self.agent is not None and agent_state is not None:
+            self.agent.load_state_dict(agent_state)
+        # a decision only means something to the agent that made it
+        self.load_progress(ours if agent_state is not None else {**ours, "decision": None})
