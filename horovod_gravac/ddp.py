@@ -178,7 +178,7 @@ class DDPCompressionState:
         for _, pending, compensated in in_flight:  # PowerSGD's Q, in the order P was sent
             if pending.ctx is not None and pending.ctx.exchange is C.Exchange.LOWRANK:
                 exchange.second_phase(pending, compensated)
-        averaged = []
+        averaged = {}
         for members, pending, _ in in_flight:
             reduced = exchange.finish(pending, sum(g.numel() for _, g in members))
             offset = 0
@@ -189,8 +189,8 @@ class DDPCompressionState:
                 if p.grad is not None:
                     if part.data_ptr() != p.grad.data_ptr():
                         p.grad.copy_(part)
-                    averaged.append(p.grad)
-        skip, culprits, _ = exchange.end_step(averaged, self._lr(), self._layer_norms)
+                    averaged[name] = p.grad
+        skip, culprits, _ = exchange.end_step(averaged, self._lr())
         exchange.step_count += 1
         self.last_step_skipped = skip
         if skip:  # optimizer.step() then changes nothing, on every rank
@@ -198,14 +198,6 @@ class DDPCompressionState:
                 p.grad = None
             if self.on_nonfinite == "raise":
                 raise exchange.nonfinite_error(culprits)
-
-    def _layer_norms(self) -> dict[str, float] | None:
-        """Norms of the averaged gradients (identical on all ranks), for Accordion on rank 0."""
-        if not self.agent.needs_layer_norms or self.communicator.rank != 0:
-            return None
-        named = [(n, p.grad) for n, p in self._params.items() if p.grad is not None]
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for _, g in named])
-        return dict(zip((n for n, _ in named), norms.tolist()))
 
 
 def compression_hook(state: DDPCompressionState,

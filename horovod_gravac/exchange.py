@@ -14,7 +14,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import Tensor
@@ -230,13 +230,14 @@ class GradientExchange:
         return reduced
 
     # -- the end of a step -----------------------------------------------------------------
-    def end_step(self, averaged: list[Tensor], lr: float | None,
-                 layer_norms: Callable[[], dict[str, float] | None]) -> tuple[bool, list[str], Any]:
-        """After every gradient of the step is reduced (``averaged``, identical on all
-        ranks): count bytes, decide whether to skip, reset culprits' residuals, let the agent
-        decide. Returns (skip, this rank's culprits, the agent's statistics or None)."""
+    def end_step(self, averaged: dict[str, Tensor],
+                 lr: float | None) -> tuple[bool, list[str], Any]:
+        """After every gradient of the step is reduced (``averaged``: name → gradient,
+        identical on all ranks): count bytes, decide whether to skip, reset culprits'
+        residuals, let the agent decide. Returns (skip, this rank's culprits, the agent's
+        statistics or None)."""
         self.communication.end_step()
-        averaged_finite, culprits = self._finite_verdict(averaged)
+        averaged_finite, culprits = self._finite_verdict(list(averaged.values()))
         skip = not averaged_finite
         self.skipped_steps += skip
         for name in culprits:  # a NaN/Inf never stays in a residual
@@ -251,7 +252,7 @@ class GradientExchange:
                         self.step_count, f" (this rank's {', '.join(culprits)})"
                         if culprits else "")
         elif self.agent is not None:
-            stats = self._consult_agent(lr, layer_norms())
+            stats = self._consult_agent(lr, self._layer_norms(averaged))
             if self.decision.sent_cf != applied.sent_cf:
                 log.info("step %d: %s sends CF %g from the next step (was %g)", self.step_count,
                          self.agent.name, self.decision.sent_cf, applied.sent_cf)
@@ -291,6 +292,14 @@ class GradientExchange:
                                for f in flags]).tolist()
         mine = verdict[len(averaged):]
         return all(verdict[:len(averaged)]), [name for (name, _), ok in zip(local, mine) if not ok]
+
+    def _layer_norms(self, averaged: dict[str, Tensor]) -> dict[str, float] | None:
+        """Norms of the averaged gradients (identical on all ranks), for Accordion on rank 0."""
+        if not self.agent.needs_layer_norms or self.communicator.rank != 0 or not averaged:
+            return None
+        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64)
+                             for g in averaged.values()])
+        return dict(zip(averaged, norms.tolist()))
 
     def _consult_agent(self, lr: float | None,
                        layer_norms: dict[str, float] | None) -> A.StepStats:

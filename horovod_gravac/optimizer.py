@@ -255,8 +255,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._synchronized = True
         # skipped steps are counted here, not in step(): GradScaler skips calling step()
         self._skip, culprits, stats = self.exchange.end_step(
-            [p.grad for p in self._requires_update], self.param_groups[0].get("lr"),
-            self._layer_norms)
+            {self._names[p]: p.grad for p in self._requires_update},
+            self.param_groups[0].get("lr"))
         if self._step_callbacks:
             report = self.exchange.report(self._skip, stats)
             for callback in list(self._step_callbacks.values()):
@@ -272,14 +272,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         handle = RemovableHandle(self._step_callbacks)
         self._step_callbacks[handle.id] = callback
         return handle
-
-    def _layer_norms(self) -> dict[str, float] | None:
-        """Norms of the averaged gradients (identical on all ranks), for Accordion on rank 0."""
-        if not self.agent.needs_layer_norms or self.communicator.rank != 0:
-            return None
-        params = self._requires_update
-        norms = torch.stack([torch.linalg.vector_norm(p.grad, dtype=torch.float64) for p in params])
-        return dict(zip((self._names[p] for p in params), norms.tolist()))
 
     def _start_model(self) -> None:
         grads = [self._gradient(p) for p in self._requires_update]
