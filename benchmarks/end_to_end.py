@@ -10,7 +10,8 @@ library's PowerSGD at rank 1 and 4, Accordion (TopK, the paper's 1.01x/10x pair)
 with the exponential and the geometric policy at default parameters, GraVAC with the other two
 gain definitions (error-fed, the authors' code), GraVAC with the paper's parameters (error-fed
 gain, one 1% tolerance, EWMA N/100, no settling, no reopening, every tensor compressed),
-GraVAC and Accordion driving PowerSGD's rank, PyTorch DDP with its PowerSGD hook, and TopK,
+GraVAC and Accordion driving PowerSGD's rank, GraVAC's cost-model search on TopK and on
+PowerSGD, PyTorch DDP with its PowerSGD hook, and TopK,
 PowerSGD and GraVAC-PowerSGD through DDP with this library's hook.
 
 How time to target is measured (the table says which, per configuration):
@@ -92,6 +93,12 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
         "GraVAC PowerSGD (CF -> rank)": Config(
             ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
              "--theta-max", "1000", "--policy", "exponential"), adaptive=True),
+        # beyond the paper: every CF of the ladder ranked by gain / step time predicted from
+        # the fitted link, instead of a window per candidate
+        "GraVAC cost model (TopK)": Config((*gravac, "--search", "cost_model"), adaptive=True),
+        "GraVAC cost model (PowerSGD)": Config(
+            ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
+             "--theta-max", "1000", "--search", "cost_model"), adaptive=True),
         "Accordion PowerSGD (CF 40/160)": Config(
             ("--compression", "powersgd", "--agent", "accordion", "--low-cf", "40", "--high-cf",
              "160", "--interval", window, "--interval-unit", "steps"), adaptive=True),

@@ -94,6 +94,11 @@ class Pending:
     #: elements per payload tensor when every rank's are the same (no header on the wire)
     counts: list[int] | None = None
 
+    @property
+    def kind(self) -> Exchange:
+        """The collective: the compressor's, or an allgather for Horovod's sparse path."""
+        return self.ctx.exchange if self.ctx is not None else Exchange.ALLGATHER
+
     def wait(self) -> Any:
         """Block until the collective is done and return its output."""
         if isinstance(self.handle, tuple):

@@ -41,6 +41,11 @@ class TorchPending:
     wire_bytes: int = 0
     counts: list[int] | None = None
 
+    @property
+    def kind(self) -> Exchange:
+        """The collective: the compressor's, or an allreduce for uncompressed tensors."""
+        return self.ctx.exchange if self.ctx is not None else Exchange.ALLREDUCE
+
 
 class TorchCommunicator:
     """Starts and finishes the exchange of compressed payloads on a process group.

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import agents as A
 from . import compression as C
+from .packing import link_bytes
 
 NONFINITE_ACTIONS = ("skip", "raise")
 #: skipped steps and changes of the CF sent; the application decides where it goes
@@ -31,15 +32,27 @@ class NonFiniteGradientError(FloatingPointError):
     """Raised on every rank when ``on_nonfinite="raise"`` and a step's gradient is not finite."""
 
 
+class Pending(Protocol):
+    """An exchange in flight, as a communicator returns it."""
+
+    name: str
+    compressor: C.Compressor | None  # None: sent uncompressed by the transport itself
+    wire_bytes: int
+
+    @property
+    def kind(self) -> C.Exchange: ...
+
+
 class Communicator(Protocol):
     """What :class:`GradientExchange` needs from a transport."""
 
     rank: int
     size: int
 
-    def start(self, name: str, compressor: C.Compressor, payload: C.Payload, ctx: C.Ctx) -> Any: ...
-    def start_second_phase(self, pending: Any) -> C.Payload: ...
-    def finish(self, pending: Any) -> Tensor: ...
+    def start(self, name: str, compressor: C.Compressor, payload: C.Payload,
+              ctx: C.Ctx) -> Pending: ...
+    def start_second_phase(self, pending: Pending) -> C.Payload: ...
+    def finish(self, pending: Pending) -> Tensor: ...
     def combine(self, values: list[float]) -> list[float]: ...
     def broadcast_floats(self, values: list[float] | None, length: int) -> list[float]: ...
 
@@ -146,8 +159,13 @@ class GradientExchange:
         self.dense = C.NoCompression()
         self._local_finite: list[tuple[str, Tensor]] = []  # (name, 0-dim bool) this step
         self._gain_terms: list[Tensor] = []
+        #: per tensor, the link bytes of each ladder CF (GraVAC's cost model), this step
+        self._ladder_bytes: list[list[float]] = []
         self._last_sync = time.perf_counter()
         self._untimed = 0.0  # seconds inside untimed() since the last end of step
+        self._wait = 0.0  # seconds blocked on collectives this step
+        #: link bytes this step: all tensors, and those sent uncompressed (no CF changes them)
+        self._link = self._fixed_link = 0.0
 
     # -- one tensor ------------------------------------------------------------------------
     def compress(self, name: str, grad: Tensor):
@@ -202,9 +220,13 @@ class GradientExchange:
                 self._levels(g_o if on_compensated else grad, name, decision)
             reference = g_o if measure.reference == A.COMPENSATED else grad
             c = self.compressor
+            ladder = self._ladder_levels(levels, decision)
             terms = torch.stack([torch.linalg.vector_norm(reference).float().square(),
-                                 c.sent_norm_sq(*levels[0]), c.sent_norm_sq(*levels[1])])
+                                 *(c.sent_norm_sq(*level) for level in (*levels, *ladder))])
             self._gain_terms.append((terms.sqrt() if measure.power == 1 else terms).double())
+            self._ladder_bytes.append([link_bytes(ctx.exchange, c.sent_bytes(payload, ctx),
+                                                  self.communicator.size)
+                                       for payload, ctx in ladder])
         if decision.send == A.SEND_COMPRESSED:
             return (*sent_levels[1], self.compressor)
         if decision.send == A.SEND_MIN:
@@ -212,21 +234,36 @@ class GradientExchange:
         payload, ctx = self.dense.compress(g_o, name)
         return payload, ctx, self.dense
 
+    def _ladder_levels(self, levels, decision: A.Decision) -> list:
+        """The agent's ladder CFs, each within the θmin level (reusing θmin·θs's)."""
+        known = {decision.theta_min: levels[0], decision.cf: levels[1]}
+        return [known.get(cf) or self.compressor.recompress(*levels[0], cf)
+                for cf in self.agent.ladder]
+
     def start(self, name: str, grad: Tensor) -> tuple[Any, Tensor | None]:
         """Compress ``grad`` and start its collective: (pending, PowerSGD's compensated)."""
         compressor, payload, ctx, compensated = self.compress(name, grad)
         return self.communicator.start(name, compressor, payload, ctx), compensated
 
-    def second_phase(self, pending: Any, compensated: Tensor | None) -> None:
+    def second_phase(self, pending: Pending, compensated: Tensor | None) -> None:
         """PowerSGD: send Q once P is reduced; its residual is taken now."""
+        start = time.perf_counter()
         q = self.communicator.start_second_phase(pending)
+        self._wait += time.perf_counter() - start
         if compensated is not None:
             self.memory.update(pending.name, compensated, self.compressor, q, pending.ctx)
 
-    def finish(self, pending: Any, numel: int) -> Tensor:
-        """Wait for one exchange; the reduced gradient (counted in the byte accounting)."""
+    def finish(self, pending: Pending, numel: int) -> Tensor:
+        """Wait for one exchange; the reduced gradient (counted in the byte accounting and
+        the time blocked on collectives)."""
+        start = time.perf_counter()
         reduced = self.communicator.finish(pending)
+        self._wait += time.perf_counter() - start
         self.communication.record(pending.name, pending.wire_bytes, numel)
+        link = link_bytes(pending.kind, pending.wire_bytes, self.communicator.size)
+        self._link += link
+        if pending.compressor is None or pending.name in self.uncompressed:
+            self._fixed_link += link  # sent as is, whatever the CF
         return reduced
 
     # -- the end of a step -----------------------------------------------------------------
@@ -247,7 +284,6 @@ class GradientExchange:
             self.decisions.append(applied)
         stats = None
         if skip:
-            self._gain_terms.clear()
             log.warning("step %d: the averaged gradient is not finite%s; step skipped",
                         self.step_count, f" (this rank's {', '.join(culprits)})"
                         if culprits else "")
@@ -256,6 +292,7 @@ class GradientExchange:
             if self.decision.sent_cf != applied.sent_cf:
                 log.info("step %d: %s sends CF %g from the next step (was %g)", self.step_count,
                          self.agent.name, self.decision.sent_cf, applied.sent_cf)
+        self._reset_step_measurements()
         return skip, culprits, stats
 
     def report(self, skipped: bool, stats: A.StepStats | None) -> StepReport:
@@ -306,18 +343,30 @@ class GradientExchange:
         """Combine statistics, let rank 0 decide, broadcast: every rank applies the same."""
         now = time.perf_counter()
         iter_time, self._last_sync = now - self._last_sync - self._untimed, now
-        self._untimed = 0.0
-        gains = [0.0, 0.0, 0.0]
+        timing = [iter_time, self._wait, self._link]
+        ladder = list(getattr(self.agent, "ladder", ()))
+        gains = [0.0] * (3 + len(ladder))
+        ladder_bytes = [0.0] * len(ladder)
         if self.agent.needs_gain_stats:
             local = torch.stack(self._gain_terms).sum(0).tolist() if self._gain_terms else gains
-            gains = self.communicator.combine(local + [iter_time])
-            iter_time = gains.pop() / self.communicator.size
-        self._gain_terms.clear()
-        stats = A.StepStats(step=self.step_count, iter_time=iter_time,
+            if self._ladder_bytes:
+                ladder_bytes = [sum(b) + self._fixed_link for b in zip(*self._ladder_bytes)]
+            combined = self.communicator.combine(local + ladder_bytes + timing)
+            size = self.communicator.size
+            gains = combined[:len(gains)]
+            ladder_bytes = [b / size for b in combined[len(gains):len(gains) + len(ladder)]]
+            timing = [t / size for t in combined[-len(timing):]]  # means over ranks
+        self._untimed = 0.0
+        measured = self.decision.measure_gain
+        stats = A.StepStats(step=self.step_count, iter_time=timing[0],
                             world_size=self.communicator.size, gain_reference=gains[0],
                             gain_min=gains[1], gain_compressed=gains[2],
-                            gain_measured=self.decision.measure_gain, lr=lr,
-                            sent=self.decision.send, layer_norms=layer_norms or {})
+                            gain_measured=measured, lr=lr,
+                            sent=self.decision.send, layer_norms=layer_norms or {},
+                            wait_time=timing[1], link_bytes=timing[2],
+                            gain_ladder=dict(zip(ladder, gains[3:])) if measured else {},
+                            ladder_link_bytes=dict(zip(ladder, ladder_bytes))
+                            if measured else {})
         if not self.agent.adaptive:
             self.decision = self.agent.decide(stats)
             return stats
@@ -336,8 +385,13 @@ class GradientExchange:
         finally:
             self._untimed += time.perf_counter() - start
 
-    def forget_step_in_flight(self) -> None:
+    def _reset_step_measurements(self) -> None:
         self._gain_terms.clear()
+        self._ladder_bytes.clear()
+        self._wait = self._link = self._fixed_link = 0.0
+
+    def forget_step_in_flight(self) -> None:
+        self._reset_step_measurements()
         self._local_finite = []
 
     # -- state -----------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Payload tensors ↔ one flat uint8 buffer, the unit an allgather moves (both transports)."""
+"""What both transports share: payload tensors ↔ one flat uint8 buffer (the unit an
+allgather moves), and the traffic each kind of collective puts on a rank's link."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .compression import Payload
+from .compression import Exchange, Payload
 
 _ALIGN = 8
 
@@ -51,3 +52,17 @@ def unpack(buffer: Tensor, dtypes: list[torch.dtype], ranks: int,
         payload, offset = _split(buffer, offset, rank_counts, dtypes)
         payloads.append(payload)
     return payloads
+
+
+def link_bytes(exchange: Exchange, payload_bytes: float, world_size: int) -> float:
+    """Bytes one rank's link carries for a collective on ``payload_bytes`` per rank.
+
+    Ring algorithms (Horovod's and Gloo's): an allreduce sends 2(N−1)/N of the buffer
+    (reduce-scatter, then allgather), an allgather (N−1) payloads — the cost of the same
+    payload grows with the world size for allgathers and stays near 2× for allreduces.
+    PowerSGD's two phases are allreduces.
+    """
+    n = world_size
+    if exchange is Exchange.ALLGATHER:
+        return (n - 1) * payload_bytes
+    return 2 * (n - 1) / n * payload_bytes

@@ -338,3 +338,98 @@ def test_decision_travels_as_a_fixed_length_float_vector(decision):
 def test_decision_with_an_unknown_layer_is_refused():
     with pytest.raises(ValueError, match=r"layer_cf names unknown tensors: \['z'\]"):
         A.Decision(cf=4, layer_cf={"z": 2.0}).encode(["a"])
+
+
+# -- GraVAC's cost-model search (beyond the paper) ----------------------------------------------
+def test_link_model_recovers_latency_and_bandwidth_from_two_cfs():
+    from horovod_gravac.agents.costmodel import LinkModel
+
+    model = LinkModel()
+    for cf, link_bytes in ((10, 8e6), (80, 1e6)):
+        for _ in range(5):  # wait = 0.05 s + bytes / (10 MB/s); compute 0.2 s
+            wait = 0.05 + link_bytes / 1e7
+            model.add(cf, link_bytes, wait, 0.2 + wait)
+    fit = model.fit()
+    assert fit.latency == pytest.approx(0.05) and fit.bandwidth == pytest.approx(1e7)
+    assert fit.compute == pytest.approx(0.2)
+    assert fit.step_time(2e6) == pytest.approx(0.2 + 0.05 + 0.2)
+
+
+def test_link_model_with_one_cf_charges_all_waiting_to_bytes_and_ignores_a_negative_slope():
+    from horovod_gravac.agents.costmodel import LinkModel
+
+    model = LinkModel()
+    assert model.fit() is None
+    model.add(10, 4e6, 0.4, 0.6)
+    fit = model.fit()
+    assert (fit.latency, fit.bandwidth, fit.compute) == pytest.approx((0.0, 1e7, 0.2))
+    model.add(20, 2e6, 0.5, 0.7)  # less traffic, longer wait: noise, not a link
+    fit = model.fit()
+    assert fit.seconds_per_byte == 0.0 and fit.latency == pytest.approx(0.45)
+
+
+LADDER = (10, 20, 40, 80, 160, 320, 640, 1000)
+
+
+def simulate(agent, steps, bandwidth, gain=lambda cf: 1.0, compute=0.2, latency=0.01):
+    """A link of ``bandwidth`` bytes/s: a step at CF c carries 8e6 / c bytes."""
+    decision, sent = agent.initial_decision(), []
+    for step in range(steps):
+        cf = decision.sent_cf
+        sent.append(cf)
+        wait = latency + 8e6 / cf / bandwidth
+        decision = agent.decide(StepStats(
+            step=step, iter_time=compute + wait, world_size=4, gain_reference=1.0,
+            gain_min=gain(decision.theta_min), gain_compressed=gain(decision.cf),
+            gain_measured=True, sent=decision.send, wait_time=wait, link_bytes=8e6 / cf,
+            gain_ladder={c: gain(c) for c in LADDER},
+            ladder_link_bytes={c: 8e6 / c for c in LADDER}))
+    return sent, decision
+
+
+def falling_gain(cf):  # 1, 0.85, 0.7, 0.55, 0.4 … at 10, 20, 40, 80, 160 …
+    import math
+    return max(0.05, 1 - 0.15 * math.log2(cf / 10))
+
+
+def test_cost_model_goes_straight_to_the_best_predicted_cf_without_a_window_on_each():
+    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.5, window=20, search="cost_model")
+    assert agent.ladder == LADDER
+    sent, _ = simulate(agent, 60, bandwidth=1e6, gain=falling_gain)
+    # predicted δ/t at 10, 20, 40, 80: 0.99, 1.39, 1.71, 1.77; 160's gain 0.4 is below ε
+    assert distinct(sent) == [10, 80]
+    assert sent.index(80) == 20  # right after the warm-up window
+    assert not agent.searching  # the second window end kept 80: still the best
+    row = agent.history[-1]
+    assert row["link_bandwidth"] == pytest.approx(1e6, rel=0.02)
+    assert row["link_latency"] == pytest.approx(0.01, rel=0.2)
+    assert row["predicted_step_s"] == pytest.approx(0.2 + 0.01 + 0.1, rel=0.02)
+
+
+def test_cost_model_keeps_the_highest_gain_when_the_link_is_fast_and_compresses_when_slow():
+    fast = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.5, window=20, search="cost_model")
+    assert set(simulate(fast, 60, bandwidth=1e12, gain=falling_gain)[0]) == {10}
+    slow = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.5, window=20, search="cost_model")
+    # the same gain at every CF: the cheapest CF on the wire wins
+    assert simulate(slow, 60, bandwidth=1e6)[0][-1] == 1000
+
+
+def test_cost_model_hysteresis_and_state_round_trip():
+    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.5, window=20, search="cost_model",
+                     omega_throughput=0.5)
+    sent, _ = simulate(agent, 60, bandwidth=1e6, gain=falling_gain)
+    assert set(sent) == {10}  # θmin's predicted throughput is within 50% of 80's: kept
+    copy = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.5, window=20, search="cost_model",
+                    omega_throughput=0.5)
+    copy.load_state_dict(agent.state_dict())
+    assert simulate(copy, 30, bandwidth=2e5, gain=falling_gain) == \
+        simulate(agent, 30, bandwidth=2e5, gain=falling_gain)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"search": "grid"}, "search must be one of throughput, cost_model, got 'grid'"),
+    ({"search": "cost_model", "gain": "authors"}, "use gain='fresh' or 'error_fed'"),
+])
+def test_cost_model_bad_parameters(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        A.GraVAC(**kwargs)

@@ -269,6 +269,30 @@ def test_gain_terms_on_constructed_gradients_and_what_is_sent_does_not_depend_on
     assert opt.memory.residuals["w"].tolist() == [0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0, -5.0, 0.0]
 
 
+def test_cost_model_search_measures_every_ladder_cf_within_the_theta_min_selection(single_rank):
+    import horovod_gravac as hg
+
+    class Recording(hg.agents.GraVAC):
+        def decide(self, stats):
+            self.seen = stats
+            return super().decide(stats)
+
+    w = torch.zeros(10, requires_grad=True)
+    b = torch.zeros(2, requires_grad=True)
+    agent = Recording(theta_min=2, theta_max=10, theta_s=2.5, window=100, search="cost_model")
+    assert agent.ladder == (2, 4, 8, 10)
+    opt = hg.DistributedOptimizer(torch.optim.SGD([w, b], lr=1.0), named_parameters=[
+        ("w", w), ("b", b)], compression="topk", agent=agent, min_compress_numel=0)
+    ((w * torch.tensor(GRAD_W)).sum() + (b * torch.tensor(GRAD_B)).sum()).backward()
+    opt.step()
+    s = agent.seen
+    # fresh ‖C(g, c)‖² per ladder CF: w keeps 5, 2, 1, 1 of its 10, b always 1 of its 2
+    assert s.gain_ladder == pytest.approx({2: 247 + 16, 4: 181 + 16, 8: 100 + 16, 10: 100 + 16})
+    # one rank: no link traffic, whatever the CF (a ring of one sends nothing)
+    assert s.ladder_link_bytes == {2: 0.0, 4: 0.0, 8: 0.0, 10: 0.0} and s.link_bytes == 0.0
+    assert s.wait_time >= 0.0 and s.iter_time >= s.wait_time
+
+
 def test_untimed_work_is_not_part_of_the_step_time(single_rank):
     import time
 

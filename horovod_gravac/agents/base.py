@@ -102,6 +102,10 @@ class StepStats:
     decision skipped the measurement. ``iter_time`` excludes time spent in
     ``DistributedOptimizer.untimed()`` (evaluation, checkpoints, logging).
     ``layer_norms`` holds per-layer norms of the averaged gradient (same on every rank).
+    ``wait_time``: seconds blocked on collectives; ``link_bytes``: bytes the rank's link
+    carried (each collective's payload times its ring traffic factor). ``gain_ladder`` and
+    ``ladder_link_bytes``: per CF of the agent's ``ladder`` (GraVAC's cost-model search), the
+    gain term and the link bytes a step at that CF would carry.
     """
 
     step: int
@@ -114,6 +118,10 @@ class StepStats:
     lr: float | None = None
     sent: str = SEND_COMPRESSED
     layer_norms: dict[str, float] = field(default_factory=dict)
+    wait_time: float = 0.0
+    link_bytes: float = 0.0
+    gain_ladder: dict[float, float] = field(default_factory=dict)
+    ladder_link_bytes: dict[float, float] = field(default_factory=dict)
 
 
 class Agent:

@@ -36,6 +36,19 @@ since the search settled (a step decay; slow schedules reopen at most once per s
 The first window is a warm-up at θmin, so the exponential policy from θmin = 10, θs = 2
 explores 10, 20, 40, 160, then θmax.
 
+**A search by cost model** (``search="cost_model"``, beyond the paper). The paper's search
+spends a window on each candidate CF and compares measured throughputs, which on a shared
+machine vary by 2× from step to step. Instead, every measured step also measures the gain of
+every CF of a ladder (θmin, 2θmin, 4θmin, … up to θmax; multi-level compression within the
+θmin selection, as for θmin·θs) and the bytes each would put on the link, while the
+exchange measures the step's compute and waiting time. A :class:`~.costmodel.LinkModel` fits
+the link (latency, bandwidth) from the CFs actually sent, so the step time of every ladder CF
+is predicted. At every window end (after the warm-up at θmin) the CF with the best predicted
+compression throughput δ(c) / t(c) among those with δ(c) ≥ ε is sent from then on; the CF sent
+stays unless the best one scores more than ``omega_throughput`` higher (hysteresis). The
+ranking is redone at every window end, so the choice follows gains that drift (the reopening
+rules are the throughput search's). θmin stays the floor (not raised).
+
 **Which gain** (``gain``; measured, PTB LSTM 2×200, TopK + residual memory, 500 steps):
 
 * ``"fresh"`` (default) — δ = ‖C(g)‖² / ‖g‖² on the fresh gradient g, before error feedback.
@@ -84,6 +97,7 @@ from typing import Any, Callable
 from ..validation import check_number
 from .base import (COMPENSATED, GRADIENT, SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision,
                    GainMeasure, StepStats)
+from .costmodel import LinkFit, LinkModel
 
 SCALING_POLICIES: dict[str, Callable[[float], float]] = {
     "exponential": lambda theta_s: theta_s * theta_s,
@@ -99,6 +113,18 @@ GAINS: dict[str, GainMeasure] = {
 }
 AUTHORS_WINDOW = 25
 LEVELS = ("min", "c")
+SEARCHES = ("throughput", "cost_model")
+#: the cost-model search's candidate CFs: θmin times powers of this, up to θmax
+LADDER_STEP = 2.0
+
+
+def cf_ladder(theta_min: float, theta_max: float) -> tuple[float, ...]:
+    """θmin, 2θmin, 4θmin, … below θmax, then θmax."""
+    ladder, cf = [], theta_min
+    while cf < theta_max:
+        ladder.append(cf)
+        cf *= LADDER_STEP
+    return (*ladder, theta_max)
 
 
 class GraVAC(Agent):
@@ -125,6 +151,9 @@ class GraVAC(Agent):
         reopen_confirmations: consecutive window ends that must see that drift.
         reopen_lr_ratio: a learning-rate change by this factor (either way) since the search
             settled reopens it (``None``: never on the learning rate).
+        search: "throughput" (the paper's: a window per candidate, measured compression
+            throughputs) or "cost_model" (every ladder CF ranked by gain / predicted step
+            time each window; see the module docstring).
     """
 
     name = "gravac"
@@ -136,7 +165,8 @@ class GraVAC(Agent):
                  ewma: float | None = None, batch_size: int = 1, gain: str = "fresh",
                  omega_throughput: float = 0.05, gain_interval: int = 1,
                  settle_steps: int = 3, reopen_tolerance: float | None = 0.1,
-                 reopen_confirmations: int = 2, reopen_lr_ratio: float | None = 2.0) -> None:
+                 reopen_confirmations: int = 2, reopen_lr_ratio: float | None = 2.0,
+                 search: str = "throughput") -> None:
         super().__init__()
         self.theta_min = check_number("theta_min", theta_min, 1)
         self.theta_max = check_number("theta_max", theta_max, 1)
@@ -171,6 +201,18 @@ class GraVAC(Agent):
                                                  1, integer=True)
         self.reopen_lr_ratio = check_number("reopen_lr_ratio", reopen_lr_ratio, 1,
                                             low_open=True, optional=True)
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        if search == "cost_model" and gain == "authors":
+            raise ValueError("search='cost_model' smooths each CF's gain by EWMA; the authors' "
+                             "gain averages its terms instead: use gain='fresh' or 'error_fed'")
+        self.search = search
+        #: CFs whose gain and bytes the exchange measures besides θmin and θmin·θs
+        self.ladder = cf_ladder(self.theta_min, self.theta_max) if search == "cost_model" else ()
+        self.link = LinkModel()
+        self.ladder_gains: dict[float, float] = {}  # CF → smoothed gain (cost model)
+        self.ladder_link_bytes: dict[float, float] = {}  # CF → link bytes of a step at it
+        self._ladder_means: dict[float, list[float]] = {}
         self._initial = (self.theta_min, self.theta_s)
         self.warmup = True
         self.searching = True
@@ -229,7 +271,20 @@ class GraVAC(Agent):
             self._recent[level] = deque(maxlen=AUTHORS_WINDOW)
             setattr(self, f"delta_{level}", None)
 
+    def _smoothed(self, mean: list[float], numerator: float, reference: float,
+                  world_size: int) -> float:
+        """One more measurement into a bias-corrected EWMA; the smoothed gain."""
+        # all-zero gradient: nothing is lost by compressing it
+        x = min(1.0, numerator / reference) if reference > 0 else 1.0
+        a = self.alpha(world_size)
+        mean[0] = (1 - a) * mean[0] + a * x
+        mean[1] = (1 - a) * mean[1] + a  # = 1 − (1−α)^n: the bias correction
+        return mean[0] / mean[1]
+
     def _update_gains(self, stats: StepStats) -> None:
+        if self.ladder:
+            self._update_ladder(stats)
+            return
         for level, numerator in zip(LEVELS, (stats.gain_min, stats.gain_compressed)):
             if self.gain == "authors":
                 recent = self._recent[level]
@@ -237,14 +292,19 @@ class GraVAC(Agent):
                 num, den = (sum(t) for t in zip(*recent))
                 value = num / den if den > 0 else 1.0
             else:
-                # all-zero gradient: nothing is lost by compressing it
-                x = min(1.0, numerator / stats.gain_reference) if stats.gain_reference > 0 else 1.0
-                a = self.alpha(stats.world_size)
-                mean = self._means[level]
-                mean[0] = (1 - a) * mean[0] + a * x
-                mean[1] = (1 - a) * mean[1] + a  # = 1 − (1−α)^n: the bias correction
-                value = mean[0] / mean[1]
+                value = self._smoothed(self._means[level], numerator, stats.gain_reference,
+                                       stats.world_size)
             setattr(self, f"delta_{level}", value)
+
+    def _update_ladder(self, stats: StepStats) -> None:
+        """Cost model: every ladder CF's gain and link bytes; δmin, δc read from them."""
+        for cf, numerator in stats.gain_ladder.items():
+            mean = self._ladder_means.setdefault(cf, [0.0, 0.0])
+            self.ladder_gains[cf] = self._smoothed(mean, numerator, stats.gain_reference,
+                                                   stats.world_size)
+        self.ladder_link_bytes.update(stats.ladder_link_bytes)
+        self.delta_min = self.ladder_gains.get(self.theta_min)
+        self.delta_c = self.ladder_gains.get(self.candidate_cf)
 
     # -- the algorithm ---------------------------------------------------------------------
     def decide(self, stats: StepStats) -> Decision:
@@ -255,6 +315,9 @@ class GraVAC(Agent):
             if stats.gain_measured:
                 self._update_gains(stats)
             self._record_throughput(stats)
+            if self.ladder and stats.iter_time > 0:
+                self.link.add(self.sent_cf(stats.sent), stats.link_bytes, stats.wait_time,
+                              stats.iter_time)
 
         self.steps_in_window += 1
         if self.steps_in_window >= self.window:
@@ -265,16 +328,43 @@ class GraVAC(Agent):
         if (self.candidate_cf, self.theta_min) != before:
             self.settling = self.settle_steps
         decision = self.decision(stats.step + 1)
+        fit = self.link.fit() if self.ladder else None
         self.record(stats, decision, delta_min=self.delta_min, delta_c=self.delta_c,
                     sent=stats.sent, throughput=self.mean_throughput(),
-                    searching=self.searching, reopened=self.reopened)
+                    searching=self.searching, reopened=self.reopened,
+                    wait_s=stats.wait_time, link_bytes=stats.link_bytes,
+                    **({} if fit is None else {
+                        "link_bandwidth": fit.bandwidth, "link_latency": fit.latency,
+                        "compute_s": fit.compute,
+                        "predicted_step_s": self._predicted_time(fit, self.candidate_cf)}))
         return decision
+
+    def sent_cf(self, send: str) -> float:
+        """The CF of what a step with branch ``send`` put on the wire."""
+        return {SEND_COMPRESSED: self.candidate_cf, SEND_MIN: self.theta_min,
+                SEND_DENSE: 1.0}[send]
+
+    def _predicted_time(self, fit: LinkFit, cf: float) -> float | None:
+        link_bytes = self.ladder_link_bytes.get(cf)
+        return None if link_bytes is None else fit.step_time(link_bytes)
+
+    def predicted_throughputs(self) -> dict[float, float]:
+        """Cost model: δ(c) / predicted t(c) of every ladder CF with δ(c) ≥ ε."""
+        fit = self.link.fit()
+        if fit is None:
+            return {}
+        scores = {}
+        for cf, gain in self.ladder_gains.items():
+            t = self._predicted_time(fit, cf)
+            if gain >= self.epsilon and t is not None and t > 0:
+                scores[cf] = gain / t
+        return scores
 
     def _record_throughput(self, stats: StepStats) -> None:
         """T_sys·δ of what was sent at this step, into the running mean of its CF."""
-        sent_cf, gain = {SEND_COMPRESSED: (self.candidate_cf, self.delta_c),
-                         SEND_MIN: (self.theta_min, self.delta_min),
-                         SEND_DENSE: (1.0, 1.0)}[stats.sent]
+        sent_cf = self.sent_cf(stats.sent)
+        gain = {SEND_COMPRESSED: self.delta_c, SEND_MIN: self.delta_min,
+                SEND_DENSE: 1.0}[stats.sent]
         if gain is None or not stats.iter_time > 0:
             return
         t_sys = stats.world_size * self.batch_size / stats.iter_time
@@ -299,6 +389,10 @@ class GraVAC(Agent):
         """CheckGraVAC, every ``window`` steps."""
         if self.warmup:  # θs takes effect: explore θmin·θs, measured since the start
             self.warmup = False
+            if not self.ladder:
+                return
+        if self.ladder:
+            self._choose_by_cost()
             return
         if not self.searching:
             self._watch(lr)
@@ -319,6 +413,20 @@ class GraVAC(Agent):
         self._restart("c")
         if self.theta_min != theta_min:
             self._restart("min")
+
+    def _choose_by_cost(self) -> None:
+        """Send the ladder CF with the best predicted compression throughput from now on."""
+        scores = self.predicted_throughputs()
+        sent = self.sent_cf(self.send)
+        if not scores:  # no CF above ε (or nothing measured): the θmin level, or dense
+            self.theta_s = 1.0
+        elif sent in scores and scores[sent] >= (1 - self.omega_throughput) * max(scores.values()):
+            self.searching = False  # hysteresis: the CF sent is within tolerance of the best
+            self.theta_s = sent / self.theta_min
+        else:
+            self.searching = True
+            self.theta_s = max(scores, key=scores.get) / self.theta_min
+        self.delta_c = self.ladder_gains.get(self.candidate_cf)
 
     def _watch(self, lr: float | None) -> None:
         """Settled: reopen the search when the gain drifts or the learning rate steps."""

@@ -61,6 +61,31 @@ def plot_runs(runs: list[dict], out: Path, metric: str | None = None) -> list[Pa
     plt.close(fig)
     written.append(out / "cf_gain.png")
 
+    modelled = [run for run in runs if any(r.get("link_bandwidth") not in (None, "")
+                                           for r in run["steps"])]
+    if modelled:  # GraVAC's cost model: measured vs predicted step time, the fitted link
+        fig, axes = plt.subplots(len(modelled), 1, figsize=(8, 2.6 * len(modelled)),
+                                 squeeze=False)
+        for ax, run in zip(axes[:, 0], modelled):
+            steps = _floats(run["steps"], "step")
+            ax.plot(steps, _floats(run["steps"], "step_s"), color="C0", alpha=0.5,
+                    label="step time (measured)")
+            ax.plot(steps, _floats(run["steps"], "predicted_step_s"), color="C3",
+                    label="predicted for the CF chosen")
+            ax.set_ylabel("seconds")
+            ax.set_title(run["name"])
+            twin = ax.twinx()
+            twin.plot(steps, [b / 1e6 for b in _floats(run["steps"], "link_bandwidth")],
+                      color="C2", label="fitted link (MB/s)")
+            twin.set_ylabel("MB/s")
+            lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+            ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="upper right")
+        axes[-1, 0].set_xlabel("step")
+        fig.tight_layout()
+        fig.savefig(out / "link_model.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "link_model.png")
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     for run in runs:
         rows = [r for r in run["evals"] if metric is None or r["metric"] == metric]

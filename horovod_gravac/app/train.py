@@ -33,6 +33,11 @@ WORKLOADS = {  # data → (task, models that fit, classes or None)
 }
 METRICS = {"lm": ("perplexity",), "image": ("accuracy", "top5")}
 BASELINES = ("horovod", "horovod-fp16", "ddp-powersgd")
+#: GraVAC's metrics row → steps.csv: time blocked on collectives, link bytes, and with
+#: ``--search cost_model`` the fitted link (bytes/s, seconds per step), mean compute and the
+#: predicted step time of the CF chosen
+LINK_COLUMNS = ("wait_s", "link_bytes", "link_bandwidth", "link_latency", "compute_s",
+                "predicted_step_s")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reopen-lr-ratio", type=float, default=2.0,
                    help="GraVAC: reopen the search when the learning rate changed by this "
                         "factor since it settled; 0 never")
+    g.add_argument("--search", default="throughput", choices=("throughput", "cost_model"),
+                   help="GraVAC: a window per candidate CF, ranked by measured compression "
+                        "throughput (the paper), or every CF ranked by gain / step time "
+                        "predicted from a fitted link model")
     g.add_argument("--theta-s", type=float, default=2.0)
     g.add_argument("--policy", default="exponential", choices=("exponential", "geometric"))
     g.add_argument("--ewma", type=float, default=None,
@@ -303,7 +312,7 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
                 "policy": args.policy, "ewma": args.ewma, "gain": args.gain,
                 "gain_interval": args.gain_interval, "settle_steps": args.settle_steps,
                 "reopen_tolerance": args.reopen_tolerance or None,
-                "reopen_lr_ratio": args.reopen_lr_ratio or None,
+                "reopen_lr_ratio": args.reopen_lr_ratio or None, "search": args.search,
                 "batch_size": args.batch_size or default_batch(args)}
     if args.agent == "accordion":
         return {"low_cf": args.low_cf, "high_cf": args.high_cf, "interval": args.interval,
@@ -579,7 +588,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         step_log.writerow(["step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf",
                            "cf_sent", "send",
                            "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
-                           "skipped_steps"])
+                           "skipped_steps", *LINK_COLUMNS])
         eval_log.writerow(["step", "wall", "train_s", "total_bytes", "loss", "metric", "value"])
     progress = None
     if rank == 0 and not args.no_progress:
@@ -641,7 +650,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        samples_per_step / step_time, cf, decision.sent_cf if decision else "",
                        decision.send if decision else "",
                        history.get("delta_min", ""), history.get("delta_c", ""), sent, total_bytes,
-                       dense_bytes * step, getattr(tracker, "skipped_steps", 0)]
+                       dense_bytes * step, getattr(tracker, "skipped_steps", 0),
+                       *(history.get(c, "") for c in LINK_COLUMNS)]
                 step_log.writerow(row)
                 if writer:
                     writer.add_scalar("train/loss", loss.item(), step)
@@ -651,6 +661,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if history.get("delta_c") is not None:
                         writer.add_scalar("gravac/delta_c", history["delta_c"], step)
                         writer.add_scalar("gravac/delta_min", history["delta_min"], step)
+                    for column in LINK_COLUMNS:
+                        if history.get(column) is not None:
+                            writer.add_scalar(f"link/{column}", history[column], step)
                 if progress:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss.item():.3f}", cf=f"{cf:.0f}")

@@ -165,6 +165,10 @@ class Compressor:
         """‖decompress(payload)‖² as a 0-dim float tensor (GraVAC's compression gain)."""
         return self.decompress(payload, ctx).float().pow(2).sum()
 
+    def sent_bytes(self, payload: Payload, ctx: Ctx) -> int:
+        """Bytes this rank sends for ``payload`` over all phases of its exchange."""
+        return wire_bytes(payload)
+
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
         """``compensated − decompress(payload)``: the error-feedback residual.
 

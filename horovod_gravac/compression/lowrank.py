@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..validation import check_number
-from .base import Ctx, Exchange, Payload, SeededCompressor, is_finite, validate_cf
+from .base import Ctx, Exchange, Payload, SeededCompressor, is_finite, validate_cf, wire_bytes
 
 
 def orthogonalize(p: Tensor) -> Tensor:
@@ -130,6 +130,13 @@ class PowerSGD(SeededCompressor):
         if ctx.exchange is Exchange.ALLREDUCE:
             return payload[0].float().pow(2).sum()
         return (ctx.extra["matrix"].t() @ orthogonalize(payload[0])).pow(2).sum()
+
+    def sent_bytes(self, payload: Payload, ctx: Ctx) -> int:
+        """P (n×r) now and Q (m×r) in the second phase, both float32."""
+        if ctx.exchange is Exchange.ALLREDUCE:
+            return wire_bytes(payload)
+        p = payload[0]
+        return (p.shape[0] + ctx.extra["matrix"].shape[1]) * p.shape[1] * p.element_size()
 
     def compress_second(self, p_sum: Tensor, ctx: Ctx) -> Payload:
         """Phase 2, from the allreduced P: orthogonalize it and send Q = Mᵀ P."""
