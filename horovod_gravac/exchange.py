@@ -158,9 +158,10 @@ class GradientExchange:
         self.decisions: deque[A.Decision] = deque(maxlen=A.RECENT_STEPS)
         self.dense = C.NoCompression()
         self._local_finite: list[tuple[str, Tensor]] = []  # (name, 0-dim bool) this step
-        self._gain_terms: list[Tensor] = []
+        #: per tensor measured this step: [reference, θmin level, sent level, *ladder levels]
+        self._gain_terms: dict[str, Tensor] = {}
         #: per tensor, the link bytes of each ladder CF (GraVAC's cost model), this step
-        self._ladder_bytes: list[list[float]] = []
+        self._ladder_bytes: dict[str, list[float]] = {}
         self._last_sync = time.perf_counter()
         self._untimed = 0.0  # seconds inside untimed() since the last end of step
         self._wait = 0.0  # seconds blocked on collectives this step
@@ -201,7 +202,8 @@ class GradientExchange:
         within that selection."""
         c = self.compressor
         p_min, ctx_min = c.compress(tensor, name, self.step_count, cf=decision.theta_min)
-        return (p_min, ctx_min), c.recompress(p_min, ctx_min, decision.cf) if second else None
+        return (p_min, ctx_min), \
+            c.recompress(p_min, ctx_min, decision.cf_for(name)) if second else None
 
     def _multilevel(self, grad: Tensor, g_o: Tensor, name: str, decision: A.Decision):
         """GraVAC's step: send the decided level of g_o; measure the gain terms if asked.
@@ -220,13 +222,13 @@ class GradientExchange:
                 self._levels(g_o if on_compensated else grad, name, decision)
             reference = g_o if measure.reference == A.COMPENSATED else grad
             c = self.compressor
-            ladder = self._ladder_levels(levels, decision)
+            ladder = self._ladder_levels(levels, name, decision)
             terms = torch.stack([torch.linalg.vector_norm(reference).float().square(),
                                  *(c.sent_norm_sq(*level) for level in (*levels, *ladder))])
-            self._gain_terms.append((terms.sqrt() if measure.power == 1 else terms).double())
-            self._ladder_bytes.append([link_bytes(ctx.exchange, c.sent_bytes(payload, ctx),
-                                                  self.communicator.size)
-                                       for payload, ctx in ladder])
+            self._gain_terms[name] = (terms.sqrt() if measure.power == 1 else terms).double()
+            self._ladder_bytes[name] = [link_bytes(ctx.exchange, c.sent_bytes(payload, ctx),
+                                                   self.communicator.size)
+                                        for payload, ctx in ladder]
         if decision.send == A.SEND_COMPRESSED:
             return (*sent_levels[1], self.compressor)
         if decision.send == A.SEND_MIN:
@@ -234,9 +236,9 @@ class GradientExchange:
         payload, ctx = self.dense.compress(g_o, name)
         return payload, ctx, self.dense
 
-    def _ladder_levels(self, levels, decision: A.Decision) -> list:
-        """The agent's ladder CFs, each within the θmin level (reusing θmin·θs's)."""
-        known = {decision.theta_min: levels[0], decision.cf: levels[1]}
+    def _ladder_levels(self, levels, name: str, decision: A.Decision) -> list:
+        """The agent's ladder CFs, each within the θmin level (reusing the sent level)."""
+        known = {decision.theta_min: levels[0], decision.cf_for(name): levels[1]}
         return [known.get(cf) or self.compressor.recompress(*levels[0], cf)
                 for cf in self.agent.ladder]
 
@@ -345,19 +347,28 @@ class GradientExchange:
         iter_time, self._last_sync = now - self._last_sync - self._untimed, now
         timing = [iter_time, self._wait, self._link]
         ladder = list(getattr(self.agent, "ladder", ()))
-        gains = [0.0] * (3 + len(ladder))
-        ladder_bytes = [0.0] * len(ladder)
+        width = 3 + len(ladder)
+        # one row per tensor (GraVAC's per-layer CFs) or the sum over tensors
+        names = self.layers if self.agent.needs_gain_stats and self.agent.per_layer else [None]
+        terms = [[0.0] * width for _ in names]
+        sizes = [[0.0] * len(ladder) for _ in names]
+        fixed = 0.0
         if self.agent.needs_gain_stats:
-            local = torch.stack(self._gain_terms).sum(0).tolist() if self._gain_terms else gains
-            if self._ladder_bytes:
-                ladder_bytes = [sum(b) + self._fixed_link for b in zip(*self._ladder_bytes)]
-            combined = self.communicator.combine(local + ladder_bytes + timing)
-            size = self.communicator.size
-            gains = combined[:len(gains)]
-            ladder_bytes = [b / size for b in combined[len(gains):len(gains) + len(ladder)]]
+            local = self._measured_rows(names, width)
+            combined = self.communicator.combine(
+                [x for row in local[0] for x in row] + [x for row in local[1] for x in row]
+                + [self._fixed_link] + timing)
+            size, cut, k = self.communicator.size, len(names) * width, len(ladder)
+            terms = [combined[i * width:(i + 1) * width] for i in range(len(names))]
+            sizes = [[b / size for b in combined[cut + i * k:cut + (i + 1) * k]]
+                     for i in range(len(names))]
+            fixed = combined[-len(timing) - 1] / size
             timing = [t / size for t in combined[-len(timing):]]  # means over ranks
         self._untimed = 0.0
+        gains = [sum(column) for column in zip(*terms)]
+        ladder_bytes = [sum(column) + fixed for column in zip(*sizes)] if ladder else []
         measured = self.decision.measure_gain
+        layered = names != [None] and measured
         stats = A.StepStats(step=self.step_count, iter_time=timing[0],
                             world_size=self.communicator.size, gain_reference=gains[0],
                             gain_min=gains[1], gain_compressed=gains[2],
@@ -366,7 +377,12 @@ class GradientExchange:
                             wait_time=timing[1], link_bytes=timing[2],
                             gain_ladder=dict(zip(ladder, gains[3:])) if measured else {},
                             ladder_link_bytes=dict(zip(ladder, ladder_bytes))
-                            if measured else {})
+                            if measured else {},
+                            layer_ladder={name: (row[0], *row[3:]) for name, row in
+                                          zip(names, terms) if any(row)} if layered else {},
+                            layer_link_bytes={name: tuple(b) for name, row, b in
+                                              zip(names, terms, sizes) if any(row)}
+                            if layered else {})
         if not self.agent.adaptive:
             self.decision = self.agent.decide(stats)
             return stats
@@ -384,6 +400,20 @@ class GradientExchange:
             yield
         finally:
             self._untimed += time.perf_counter() - start
+
+    def _measured_rows(self, names: list[str | None], width: int):
+        """This rank's gain terms and ladder bytes: one row per name (zeros for tensors not
+        measured here), or with ``[None]`` the sums over tensors. One host read."""
+        ladder_width = width - 3
+        if not self._gain_terms:
+            return [[0.0] * width for _ in names], [[0.0] * ladder_width for _ in names]
+        if names == [None]:
+            terms = [torch.stack(list(self._gain_terms.values())).sum(0).tolist()]
+            return terms, [[sum(b) for b in zip(*self._ladder_bytes.values())]
+                           if ladder_width else []]
+        zeros = next(iter(self._gain_terms.values())).new_zeros(width)
+        terms = torch.stack([self._gain_terms.get(name, zeros) for name in names]).tolist()
+        return terms, [self._ladder_bytes.get(name, [0.0] * ladder_width) for name in names]
 
     def _reset_step_measurements(self) -> None:
         self._gain_terms.clear()

@@ -433,3 +433,49 @@ def test_cost_model_hysteresis_and_state_round_trip():
 def test_cost_model_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
         A.GraVAC(**kwargs)
+
+
+def test_allocate_spends_the_bytes_where_they_keep_the_most_energy():
+    from horovod_gravac.agents.costmodel import allocate
+
+    # a big sparse-gradient layer (energy barely falls with the CF), a small dense one
+    energy = {"embedding": [1.0, 1.0, 0.99, 0.97], "lstm": [1.0, 0.6, 0.35, 0.2]}
+    sizes = {"embedding": [8000, 4000, 2000, 1000], "lstm": [800, 400, 200, 100]}
+    choice = allocate(energy, sizes, budget=2000 + 200)  # both at the ladder's third CF
+    assert choice == {"embedding": 3, "lstm": 0}  # 1.97 of energy instead of 1.34
+    assert sizes["embedding"][3] + sizes["lstm"][0] <= 2200
+    # steps that add no bytes (PowerSGD at rank 1 for several CFs) are always taken
+    assert allocate({"w": [1.0, 0.9, 0.8]}, {"w": [300, 100, 100]}, budget=100) == {"w": 1}
+
+
+def test_per_layer_cost_model_gives_each_tensor_its_own_cf_within_the_global_bytes():
+    ladder = (10, 20, 40, 80)
+    energy = {"embedding": (1.0, 1.0, 0.99, 0.97), "lstm": (1.0, 0.6, 0.35, 0.2)}
+    nbytes = {"embedding": (8e5, 4e5, 2e5, 1e5), "lstm": (8e4, 4e4, 2e4, 1e4)}
+    agent = A.GraVAC(theta_min=10, theta_max=80, epsilon=0.5, window=10, search="cost_model",
+                     per_layer=True)
+    decision = agent.initial_decision()
+    for step in range(30):
+        sent = decision.sent_cf
+        link = sum(nbytes[n][ladder.index(sent)] for n in nbytes) if decision.layer_cf is None \
+            else sum(nbytes[n][ladder.index(cf)] for n, cf in decision.layer_cf.items())
+        decision = agent.decide(StepStats(
+            step=step, iter_time=0.2 + link / 1e6, world_size=4, gain_reference=2.0,
+            gain_min=0.0, gain_compressed=0.0, gain_measured=True, sent=decision.send,
+            wait_time=link / 1e6, link_bytes=link,
+            gain_ladder={c: sum(energy[n][i] for n in energy) for i, c in enumerate(ladder)},
+            ladder_link_bytes={c: sum(nbytes[n][i] for n in nbytes) for i, c in enumerate(ladder)},
+            layer_ladder={n: (1.0, *energy[n]) for n in energy},
+            layer_link_bytes=dict(nbytes)))
+    assert decision.layer_cf is not None
+    assert decision.layer_cf["embedding"] > decision.layer_cf["lstm"]
+    chosen = ladder.index(decision.cf)
+    spent = sum(nbytes[n][ladder.index(cf)] for n, cf in decision.layer_cf.items())
+    assert spent <= sum(nbytes[n][chosen] for n in nbytes)  # within that CF's bytes
+    uniform = sum(energy[n][chosen] for n in energy) / 2
+    assert agent.delta_c > uniform  # the allocation keeps more than one CF for all
+
+
+def test_per_layer_needs_the_cost_model():
+    with pytest.raises(ValueError, match="per_layer=True needs search='cost_model'"):
+        A.GraVAC(per_layer=True)

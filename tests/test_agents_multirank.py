@@ -16,8 +16,8 @@ def test_broadcast_goes_over_mpi_exactly_when_horovod_runs_on_mpi(job, request):
     assert all(r["mpi"] == (launcher == "mpirun") for r in job)
 
 
-@pytest.mark.parametrize("run", ["gravac_exp", "gravac_geo_dgc", "gravac_powersgd", "accordion",
-                                 "static"])
+@pytest.mark.parametrize("run", ["gravac_exp", "gravac_geo_dgc", "gravac_powersgd",
+                                 "gravac_cost_per_layer", "accordion", "static"])
 def test_identical_decisions_and_parameters_on_all_ranks(job, run):
     runs = [r["runs"][run] for r in job]
     assert len(runs[0]["decisions"]) == STEPS
@@ -35,3 +35,11 @@ def test_gravac_metrics_stream(job):
     row = history[-1]
     assert {"step", "cf", "delta_min", "delta_c", "throughput", "send"} <= set(row)
     assert 0 < row["delta_c"] <= row["delta_min"] <= 1
+
+
+def test_cost_model_metrics_stream_has_the_fitted_link_and_per_tensor_cfs(job):
+    history = job[0]["runs"]["gravac_cost_per_layer"]["history"]
+    row = history[-1]
+    assert row["link_bytes"] > 0 and row["wait_s"] >= 0  # 4 ranks: the link carries bytes
+    assert row["link_bandwidth"] > 0 and row["predicted_step_s"] > 0
+    assert "layer_cf" in row

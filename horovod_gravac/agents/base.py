@@ -105,7 +105,9 @@ class StepStats:
     ``wait_time``: seconds blocked on collectives; ``link_bytes``: bytes the rank's link
     carried (each collective's payload times its ring traffic factor). ``gain_ladder`` and
     ``ladder_link_bytes``: per CF of the agent's ``ladder`` (GraVAC's cost-model search), the
-    gain term and the link bytes a step at that CF would carry.
+    gain term and the link bytes a step at that CF would carry. With per-layer CFs,
+    ``layer_ladder`` holds per measured tensor (reference, *ladder gain terms) and
+    ``layer_link_bytes`` its link bytes per ladder CF.
     """
 
     step: int
@@ -122,6 +124,8 @@ class StepStats:
     link_bytes: float = 0.0
     gain_ladder: dict[float, float] = field(default_factory=dict)
     ladder_link_bytes: dict[float, float] = field(default_factory=dict)
+    layer_ladder: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    layer_link_bytes: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 class Agent:

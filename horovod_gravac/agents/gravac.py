@@ -49,6 +49,14 @@ stays unless the best one scores more than ``omega_throughput`` higher (hysteres
 ranking is redone at every window end, so the choice follows gains that drift (the reopening
 rules are the throughput search's). θmin stays the floor (not raised).
 
+**Per-layer CFs** (``per_layer=True``, with the cost model). Gains differ by layer (an
+embedding's gradient is sparse, an LSTM's dense), so one CF for all wastes bytes. The gain
+terms and bytes are then kept per tensor; for every ladder CF c the bytes that c would cost
+on every tensor are re-spent per tensor (greedy by energy kept per byte, never below the
+uniform allocation's gain, :func:`~.costmodel.allocate`), c is ranked by that allocation's
+gain over its predicted step time, and the decision carries the chosen per-tensor CFs
+(``Decision.layer_cf``).
+
 **Which gain** (``gain``; measured, PTB LSTM 2×200, TopK + residual memory, 500 steps):
 
 * ``"fresh"`` (default) — δ = ‖C(g)‖² / ‖g‖² on the fresh gradient g, before error feedback.
@@ -97,7 +105,7 @@ from typing import Any, Callable
 from ..validation import check_number
 from .base import (COMPENSATED, GRADIENT, SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision,
                    GainMeasure, StepStats)
-from .costmodel import LinkFit, LinkModel
+from .costmodel import LinkFit, LinkModel, allocate
 
 SCALING_POLICIES: dict[str, Callable[[float], float]] = {
     "exponential": lambda theta_s: theta_s * theta_s,
@@ -154,6 +162,7 @@ class GraVAC(Agent):
         search: "throughput" (the paper's: a window per candidate, measured compression
             throughputs) or "cost_model" (every ladder CF ranked by gain / predicted step
             time each window; see the module docstring).
+        per_layer: with the cost model, a CF per tensor within the chosen CF's bytes.
     """
 
     name = "gravac"
@@ -166,7 +175,7 @@ class GraVAC(Agent):
                  omega_throughput: float = 0.05, gain_interval: int = 1,
                  settle_steps: int = 3, reopen_tolerance: float | None = 0.1,
                  reopen_confirmations: int = 2, reopen_lr_ratio: float | None = 2.0,
-                 search: str = "throughput") -> None:
+                 search: str = "throughput", per_layer: bool = False) -> None:
         super().__init__()
         self.theta_min = check_number("theta_min", theta_min, 1)
         self.theta_max = check_number("theta_max", theta_max, 1)
@@ -207,6 +216,14 @@ class GraVAC(Agent):
             raise ValueError("search='cost_model' smooths each CF's gain by EWMA; the authors' "
                              "gain averages its terms instead: use gain='fresh' or 'error_fed'")
         self.search = search
+        if per_layer and search != "cost_model":
+            raise ValueError("per_layer=True needs search='cost_model' (per-tensor gains and "
+                             f"bytes per ladder CF), got search={search!r}")
+        self.per_layer = bool(per_layer)
+        #: per tensor: EWMA of (reference, *ladder gain terms), latest link bytes per ladder CF
+        self._layer_means: dict[str, list[float]] = {}
+        self.layer_link_bytes: dict[str, tuple[float, ...]] = {}
+        self.layer_cf: dict[str, float] | None = None
         #: CFs whose gain and bytes the exchange measures besides θmin and θmin·θs
         self.ladder = cf_ladder(self.theta_min, self.theta_max) if search == "cost_model" else ()
         self.link = LinkModel()
@@ -253,7 +270,7 @@ class GraVAC(Agent):
 
     def decision(self, next_step: int = 0) -> Decision:
         return Decision(cf=self.candidate_cf, theta_min=self.theta_min, send=self.send,
-                        measure_gain=next_step % self.gain_interval == 0)
+                        layer_cf=self.layer_cf, measure_gain=next_step % self.gain_interval == 0)
 
     def initial_decision(self) -> Decision:
         return self.decision()
@@ -303,12 +320,40 @@ class GraVAC(Agent):
             self.ladder_gains[cf] = self._smoothed(mean, numerator, stats.gain_reference,
                                                    stats.world_size)
         self.ladder_link_bytes.update(stats.ladder_link_bytes)
+        a = self.alpha(stats.world_size)
+        for name, terms in stats.layer_ladder.items():
+            mean = self._layer_means.setdefault(name, list(terms))
+            mean[:] = [(1 - a) * m + a * x for m, x in zip(mean, terms)]
+        self.layer_link_bytes.update(stats.layer_link_bytes)
         self.delta_min = self.ladder_gains.get(self.theta_min)
-        self.delta_c = self.ladder_gains.get(self.candidate_cf)
+        self.delta_c = self._allocated_gain(self.layer_cf) if self.layer_cf else \
+            self.ladder_gains.get(self.candidate_cf)
+
+    def _allocated_gain(self, layer_cf: dict[str, float]) -> float | None:
+        """Σ energy kept at the per-tensor CFs over Σ reference (per-tensor means)."""
+        reference = sum(m[0] for m in self._layer_means.values())
+        if reference <= 0:
+            return None
+        kept = sum(m[1 + self.ladder.index(layer_cf[name])]
+                   for name, m in self._layer_means.items() if name in layer_cf)
+        return min(1.0, kept / reference)
+
+    def _allocation(self, cf: float) -> dict[str, float] | None:
+        """Per-tensor CFs that keep the most energy within the bytes of ``cf`` everywhere."""
+        names = [n for n in self._layer_means if n in self.layer_link_bytes]
+        if not names:
+            return None
+        k = self.ladder.index(cf)
+        energy = {n: self._layer_means[n][1:] for n in names}
+        sizes = {n: self.layer_link_bytes[n] for n in names}
+        choice = allocate(energy, sizes, sum(sizes[n][k] for n in names))
+        if sum(energy[n][i] for n, i in choice.items()) < sum(energy[n][k] for n in names):
+            choice = dict.fromkeys(names, k)  # greedy fell short of the uniform CF
+        return {n: self.ladder[i] for n, i in choice.items()}
 
     # -- the algorithm ---------------------------------------------------------------------
     def decide(self, stats: StepStats) -> Decision:
-        before = (self.candidate_cf, self.theta_min)
+        before = (self.candidate_cf, self.theta_min, self.layer_cf)
         if self.settling > 0:
             self.settling -= 1
         else:
@@ -325,7 +370,7 @@ class GraVAC(Agent):
             self._check(stats.lr)
 
         self._choose_send()
-        if (self.candidate_cf, self.theta_min) != before:
+        if (self.candidate_cf, self.theta_min, self.layer_cf) != before:
             self.settling = self.settle_steps
         decision = self.decision(stats.step + 1)
         fit = self.link.fit() if self.ladder else None
@@ -333,6 +378,7 @@ class GraVAC(Agent):
                     sent=stats.sent, throughput=self.mean_throughput(),
                     searching=self.searching, reopened=self.reopened,
                     wait_s=stats.wait_time, link_bytes=stats.link_bytes,
+                    **({"layer_cf": self.layer_cf} if self.per_layer else {}),
                     **({} if fit is None else {
                         "link_bandwidth": fit.bandwidth, "link_latency": fit.latency,
                         "compute_s": fit.compute,
@@ -348,16 +394,20 @@ class GraVAC(Agent):
         link_bytes = self.ladder_link_bytes.get(cf)
         return None if link_bytes is None else fit.step_time(link_bytes)
 
-    def predicted_throughputs(self) -> dict[float, float]:
-        """Cost model: δ(c) / predicted t(c) of every ladder CF with δ(c) ≥ ε."""
+    def predicted_throughputs(self) -> dict[float, tuple[float, dict[str, float] | None]]:
+        """Cost model: per ladder CF c with δ(c) ≥ ε, (δ(c) / predicted t(c), its per-tensor
+        CFs or None); with ``per_layer`` δ(c) is the gain of c's bytes allocated per tensor."""
         fit = self.link.fit()
         if fit is None:
             return {}
         scores = {}
         for cf, gain in self.ladder_gains.items():
+            layer_cf = self._allocation(cf) if self.per_layer else None
+            if layer_cf:
+                gain = self._allocated_gain(layer_cf) or gain
             t = self._predicted_time(fit, cf)
             if gain >= self.epsilon and t is not None and t > 0:
-                scores[cf] = gain / t
+                scores[cf] = (gain / t, layer_cf)
         return scores
 
     def _record_throughput(self, stats: StepStats) -> None:
@@ -418,15 +468,20 @@ class GraVAC(Agent):
         """Send the ladder CF with the best predicted compression throughput from now on."""
         scores = self.predicted_throughputs()
         sent = self.sent_cf(self.send)
-        if not scores:  # no CF above ε (or nothing measured): the θmin level, or dense
-            self.theta_s = 1.0
-        elif sent in scores and scores[sent] >= (1 - self.omega_throughput) * max(scores.values()):
+        best = max(scores, key=lambda cf: scores[cf][0]) if scores else None
+        if best is None:  # no CF above ε (or nothing measured): the θmin level, or dense
+            self.theta_s, self.layer_cf = 1.0, None
+        elif sent in scores and scores[sent][0] >= (1 - self.omega_throughput) * scores[best][0]:
             self.searching = False  # hysteresis: the CF sent is within tolerance of the best
             self.theta_s = sent / self.theta_min
+            if self.layer_cf is None:
+                self.layer_cf = scores[sent][1]
         else:
             self.searching = True
-            self.theta_s = max(scores, key=scores.get) / self.theta_min
-        self.delta_c = self.ladder_gains.get(self.candidate_cf)
+            self.theta_s = best / self.theta_min
+            self.layer_cf = scores[best][1]
+        self.delta_c = self._allocated_gain(self.layer_cf) if self.layer_cf else \
+            self.ladder_gains.get(self.candidate_cf)
 
     def _watch(self, lr: float | None) -> None:
         """Settled: reopen the search when the gain drifts or the learning rate steps."""

@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GraVAC: a window per candidate CF, ranked by measured compression "
                         "throughput (the paper), or every CF ranked by gain / step time "
                         "predicted from a fitted link model")
+    g.add_argument("--per-layer-cf", action="store_true",
+                   help="GraVAC with --search cost_model: a CF per tensor, spending the chosen "
+                        "CF's bytes where they keep the most gradient energy")
     g.add_argument("--theta-s", type=float, default=2.0)
     g.add_argument("--policy", default="exponential", choices=("exponential", "geometric"))
     g.add_argument("--ewma", type=float, default=None,
@@ -313,6 +316,7 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
                 "gain_interval": args.gain_interval, "settle_steps": args.settle_steps,
                 "reopen_tolerance": args.reopen_tolerance or None,
                 "reopen_lr_ratio": args.reopen_lr_ratio or None, "search": args.search,
+                "per_layer": args.per_layer_cf,
                 "batch_size": args.batch_size or default_batch(args)}
     if args.agent == "accordion":
         return {"low_cf": args.low_cf, "high_cf": args.high_cf, "interval": args.interval,

@@ -23,13 +23,14 @@ noisy = torch.rand(len(Y), generator=torch.Generator().manual_seed(RANK)) < 0.1 
 Y[noisy] = torch.randint(0, 10, (int(noisy.sum()),), generator=torch.Generator().manual_seed(RANK))
 
 
-def train(agent, compression="topk", memory=None):
+def train(agent, compression="topk", memory=None, **options):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
                                   named_parameters=model.named_parameters(),
-                                  compression=compression, agent=agent, memory=memory)
+                                  compression=compression, agent=agent, memory=memory,
+                                  **options)
     for step in range(STEPS):
         idx = torch.randint(0, len(X), (32,), generator=torch.Generator().manual_seed(step * 97 + RANK))
         opt.zero_grad()
@@ -50,6 +51,10 @@ runs = {
     # PowerSGD's rank chosen by GraVAC: CF 2 → rank 16 on the 64×64 layer, … CF 32 → rank 1
     "gravac_powersgd": train(hg.agents.GraVAC(theta_min=2, theta_max=32, epsilon=0.3, window=25,
                                               policy="geometric"), compression="powersgd"),
+    # the cost-model search with a CF per tensor (every tensor compressed: two weights)
+    "gravac_cost_per_layer": train(hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3,
+                                                    window=25, search="cost_model",
+                                                    per_layer=True), min_compress_numel=0),
     "accordion": train(hg.agents.Accordion(low_cf=2, high_cf=20, interval=50)),
     "static": train(hg.agents.Static(cf=20)),
 }
