@@ -11,7 +11,7 @@ with the exponential and the geometric policy at default parameters, GraVAC with
 gain definitions (error-fed, the authors' code), GraVAC with the paper's parameters (error-fed
 gain, one 1% tolerance, EWMA N/100, no settling, no reopening, every tensor compressed),
 GraVAC and Accordion driving PowerSGD's rank, GraVAC's cost-model search on TopK and on
-PowerSGD, PyTorch DDP with its PowerSGD hook, and TopK,
+PowerSGD (also with a CF per tensor), PyTorch DDP with its PowerSGD hook, and TopK,
 PowerSGD and GraVAC-PowerSGD through DDP with this library's hook.
 
 How time to target is measured (the table says which, per configuration):
@@ -99,6 +99,12 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
         "GraVAC cost model (PowerSGD)": Config(
             ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
              "--theta-max", "1000", "--search", "cost_model"), adaptive=True),
+        # … and a CF per tensor, the chosen CF's bytes spent where they keep the most energy
+        "GraVAC cost model, per-layer CF (TopK)": Config(
+            (*gravac, "--search", "cost_model", "--per-layer-cf"), adaptive=True),
+        "GraVAC cost model, per-layer CF (PowerSGD)": Config(
+            ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
+             "--theta-max", "1000", "--search", "cost_model", "--per-layer-cf"), adaptive=True),
         "Accordion PowerSGD (CF 40/160)": Config(
             ("--compression", "powersgd", "--agent", "accordion", "--low-cf", "40", "--high-cf",
              "160", "--interval", window, "--interval-unit", "steps"), adaptive=True),

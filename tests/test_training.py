@@ -78,6 +78,9 @@ def parse(*argv):
     (["--compress-pattern", "decoder"], ValueError, "must be PATTERN=true or PATTERN=false"),
     (["--agent", "gravac", "--reopen-tolerance", "-1"], ValueError,
      "reopen_tolerance must be None or a number > 0"),
+    (["--agent", "gravac", "--per-layer-cf"], ValueError, "per_layer=True needs search='cost_model'"),
+    (["--agent", "gravac", "--search", "cost_model", "--gain", "authors"], ValueError,
+     "use gain='fresh' or 'error_fed'"),
 ])
 def test_bad_flags_fail_before_training(argv, error, message):
     with pytest.raises(error, match=message):

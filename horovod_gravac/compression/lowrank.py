@@ -113,8 +113,10 @@ class PowerSGD(SeededCompressor):
         n, m, rank = dims
         matrix = tensor.reshape(n, m).float()
         q = orthogonalize(self._start_q(name, m, rank, matrix.device))
+        # "energies": ‖Mᵀ P̂‖² per column, shared with the truncations of this level
         return (matrix @ q,), Ctx(tensor.shape, tensor.dtype, self.exchange,
-                                  {"matrix": matrix, "name": name, "q_start": q})
+                                  {"matrix": matrix, "name": name, "q_start": q,
+                                   "energies": [None]})
 
     def recompress(self, payload: Payload, ctx: Ctx, cf: float) -> tuple[Payload, Ctx]:
         """The level at ``cf`` from the level at a lower CF: the first columns of P and Q."""
@@ -126,10 +128,18 @@ class PowerSGD(SeededCompressor):
                                             {**ctx.extra, "q_start": ctx.extra["q_start"][:, :rank]})
 
     def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:
-        """‖P̂ Qᵀ‖² = ‖Mᵀ P̂‖² with this rank's P̂ = orth(P) (before any exchange)."""
+        """‖P̂ Qᵀ‖² = ‖Mᵀ P̂‖² with this rank's P̂ = orth(P) (before any exchange).
+
+        A truncation keeps P's first r columns, and a QR's first r columns span those, so
+        ‖Mᵀ P̂_r‖² is the sum of the first r column energies of Mᵀ P̂: computed once per level
+        and shared by its truncations (every ladder CF of the cost-model search).
+        """
         if ctx.exchange is Exchange.ALLREDUCE:
             return payload[0].float().pow(2).sum()
-        return (ctx.extra["matrix"].t() @ orthogonalize(payload[0])).pow(2).sum()
+        rank, energies = payload[0].shape[1], ctx.extra["energies"]
+        if energies[0] is None or energies[0].numel() < rank:
+            energies[0] = (ctx.extra["matrix"].t() @ orthogonalize(payload[0])).pow(2).sum(0)
+        return energies[0][:rank].sum()
 
     def sent_bytes(self, payload: Payload, ctx: Ctx) -> int:
         """P (n×r) now and Q (m×r) in the second phase, both float32."""
