@@ -346,10 +346,10 @@ class GradientExchange:
         now = time.perf_counter()
         iter_time, self._last_sync = now - self._last_sync - self._untimed, now
         timing = [iter_time, self._wait, self._link]
-        ladder = list(getattr(self.agent, "ladder", ()))
+        ladder = list(self.agent.ladder)
         width = 3 + len(ladder)
         # one row per tensor (GraVAC's per-layer CFs) or the sum over tensors
-        names = self.layers if self.agent.needs_gain_stats and self.agent.per_layer else [None]
+        names = self.layers if self.agent.per_layer_terms else [None]
         terms = [[0.0] * width for _ in names]
         sizes = [[0.0] * len(ladder) for _ in names]
         fixed = 0.0

@@ -138,6 +138,10 @@ class Agent:
     needs_layer_norms: ClassVar[bool] = False
     #: False when the decision never depends on statistics (no broadcast needed)
     adaptive: ClassVar[bool] = True
+    #: CFs whose gain terms and link bytes the exchange measures besides the decision's two
+    #: levels (GraVAC's cost-model search), and whether it keeps them per tensor
+    ladder: tuple[float, ...] = ()
+    per_layer_terms: bool = False
 
     def __init__(self) -> None:
         self.history: deque[dict[str, Any]] = deque(maxlen=RECENT_STEPS)

@@ -255,6 +255,11 @@ class GraVAC(Agent):
         """What the optimizer measures for this agent's gain definition."""
         return GAINS[self.gain]
 
+    @property
+    def per_layer_terms(self) -> bool:
+        """Per-tensor gain terms and ladder bytes: needed for per-layer CFs."""
+        return self.per_layer
+
     def policy(self, theta_s: float) -> float:
         if self.policy_name is None:
             return float(self._policy(theta_s))

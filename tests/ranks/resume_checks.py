@@ -36,6 +36,11 @@ CONFIGS = {  # name → (compression, memory, agent factory, momentum of the wra
     "topk_gravac": ("topk", None, lambda: gravac("exponential"), 0.9),
     "dgc_gravac": ("dgc", "dgc", lambda: gravac("geometric"), 0.0),
     "powersgd_gravac": ("powersgd", None, lambda: gravac("geometric"), 0.9),  # CF → rank
+    # the cost-model search with per-tensor CFs; omega_throughput=1 keeps the CF sent (θmin)
+    # whatever the measured times, so only gains and bytes set the per-tensor CFs
+    "topk_gravac_cost_per_layer": ("topk", None, lambda: hg.agents.GraVAC(
+        theta_min=2, theta_max=64, epsilon=0.3, window=8, omega_throughput=1.0,
+        search="cost_model", per_layer=True), 0.9),
 }
 
 
@@ -63,7 +68,8 @@ def train(model, opt, start, stop):
 
 def summary(model, opt):
     return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "decisions": [(d.cf, d.theta_min, d.send) for d in opt.decisions]}
+            "decisions": [(d.cf, d.theta_min, d.send, tuple(sorted((d.layer_cf or {}).items())))
+                          for d in opt.decisions]}
 
 
 def expect_error(kind, fn):
