@@ -214,7 +214,12 @@ class GradientExchange:
         measure = self.agent.gain_measure if decision.measure_gain else None
         on_compensated = measure is not None and measure.compressed == A.COMPENSATED
         sent_levels = None
-        if decision.send != A.SEND_DENSE:
+        if decision.send == A.SEND_COMPRESSED and self.agent.ladder and not on_compensated:
+            # the cost-model search: what is sent is not measured, so one compression at the
+            # CF sent (for TopK and PowerSGD the same as its level within θmin's, cheaper)
+            sent_levels = (None, self.compressor.compress(g_o, name, self.step_count,
+                                                          cf=decision.cf_for(name)))
+        elif decision.send != A.SEND_DENSE:
             sent_levels = self._levels(g_o, name, decision,
                                        second=on_compensated or decision.send == A.SEND_COMPRESSED)
         if measure is not None:

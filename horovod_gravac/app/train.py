@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GraVAC's window (default: a tenth of the run, at least 10 steps)")
     g.add_argument("--gain", default="fresh", choices=("fresh", "error_fed", "authors"),
                    help="GraVAC's compression-gain definition")
-    g.add_argument("--gain-interval", type=int, default=1, help="measure the gain every k steps")
+    g.add_argument("--gain-interval", type=int, default=None,
+                   help="measure the gain every k steps (default: every step; with --search "
+                        "cost_model ten times per window)")
     g.add_argument("--settle-steps", type=int, default=3,
                    help="GraVAC: steps after a CF change that are neither measured nor timed")
     g.add_argument("--reopen-tolerance", type=float, default=0.1,
