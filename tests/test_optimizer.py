@@ -315,12 +315,17 @@ def test_per_layer_cost_model_measures_each_tensor_and_sends_each_at_its_cf(sing
                               "b": pytest.approx((25, 16, 16, 16, 16))}
     assert set(s.layer_link_bytes) == {"w", "b"}
     assert s.gain_ladder == pytest.approx({2: 263, 4: 197, 8: 116, 10: 116})
-    # a decision with per-tensor CFs: w is sent at CF 5 (2 of 10 kept), b at its θmin level
-    opt.exchange.decision = hg.agents.Decision(cf=2, theta_min=2, layer_cf={"w": 5.0})
-    w.grad = torch.tensor(GRAD_W)
-    b.grad = torch.tensor(GRAD_B)
-    opt.synchronize()
-    assert int((w.grad != 0).sum()) == 2 and int((b.grad != 0).sum()) == 1
+    # a decision with per-tensor CFs: w is sent at CF 5 (2 of 10 kept), b at the decision's 2
+    # — measured (levels within θmin's) or not (one compression at the CF sent): the same
+    for measure in (True, False):
+        opt.exchange.decision = hg.agents.Decision(cf=2, theta_min=2, layer_cf={"w": 5.0},
+                                                   measure_gain=measure)
+        opt.memory.reset("w")
+        opt.memory.reset("b")
+        w.grad = torch.tensor(GRAD_W)
+        b.grad = torch.tensor(GRAD_B)
+        opt.synchronize()
+        assert w.grad.tolist() == [10.0, -9.0] + [0.0] * 8 and b.grad.tolist() == [0.0, 4.0]
 
 
 def test_untimed_work_is_not_part_of_the_step_time(single_rank):
