@@ -100,9 +100,9 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
             ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
              "--theta-max", "1000", "--search", "cost_model"), adaptive=True),
         # … and a CF per tensor, the chosen CF's bytes spent where they keep the most energy
-        "GraVAC cost model, per-layer CF (TopK)": Config(
+        "GraVAC cost model per-layer CF (TopK)": Config(
             (*gravac, "--search", "cost_model", "--per-layer-cf"), adaptive=True),
-        "GraVAC cost model, per-layer CF (PowerSGD)": Config(
+        "GraVAC cost model per-layer CF (PowerSGD)": Config(
             ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
              "--theta-max", "1000", "--search", "cost_model", "--per-layer-cf"), adaptive=True),
         "Accordion PowerSGD (CF 40/160)": Config(
