@@ -242,9 +242,9 @@ EXPECTED_GAIN_TERMS = {
 }
 
 
-@pytest.mark.parametrize("gain", sorted(EXPECTED_GAIN_TERMS))
-def test_gain_terms_on_constructed_gradients_and_what_is_sent_does_not_depend_on_them(
-        single_rank, gain):
+def step_on_constructed_gradients(residual_w=None, **gravac):
+    """One step of w (10 elements) and b (2) with gradients GRAD_W and GRAD_B under a GraVAC
+    made with ``gravac``: (the statistics its agent saw, the optimizer, w, b)."""
     import horovod_gravac as hg
 
     class Recording(hg.agents.GraVAC):
@@ -254,13 +254,21 @@ def test_gain_terms_on_constructed_gradients_and_what_is_sent_does_not_depend_on
 
     w = torch.zeros(10, requires_grad=True)
     b = torch.zeros(2, requires_grad=True)
-    agent = Recording(theta_min=2, theta_max=10, theta_s=2.5, window=100, gain=gain)
+    agent = Recording(**gravac)
     opt = hg.DistributedOptimizer(torch.optim.SGD([w, b], lr=1.0), named_parameters=[
         ("w", w), ("b", b)], compression="topk", agent=agent, min_compress_numel=0)
-    opt.memory.residuals["w"] = torch.tensor(RESIDUAL_W)
+    if residual_w is not None:
+        opt.memory.residuals["w"] = torch.tensor(residual_w)
     ((w * torch.tensor(GRAD_W)).sum() + (b * torch.tensor(GRAD_B)).sum()).backward()
     opt.step()
-    s = agent.seen
+    return agent.seen, opt, w, b
+
+
+@pytest.mark.parametrize("gain", sorted(EXPECTED_GAIN_TERMS))
+def test_gain_terms_on_constructed_gradients_and_what_is_sent_does_not_depend_on_them(
+        single_rank, gain):
+    s, opt, w, _ = step_on_constructed_gradients(RESIDUAL_W, theta_min=2, theta_max=10,
+                                                 theta_s=2.5, window=100, gain=gain)
     assert s.gain_measured
     assert (s.gain_reference, s.gain_min, s.gain_compressed) == pytest.approx(
         EXPECTED_GAIN_TERMS[gain], rel=1e-6)
@@ -270,22 +278,9 @@ def test_gain_terms_on_constructed_gradients_and_what_is_sent_does_not_depend_on
 
 
 def test_cost_model_search_measures_every_ladder_cf_within_the_theta_min_selection(single_rank):
-    import horovod_gravac as hg
-
-    class Recording(hg.agents.GraVAC):
-        def decide(self, stats):
-            self.seen = stats
-            return super().decide(stats)
-
-    w = torch.zeros(10, requires_grad=True)
-    b = torch.zeros(2, requires_grad=True)
-    agent = Recording(theta_min=2, theta_max=10, theta_s=2.5, window=100, search="cost_model")
-    assert agent.ladder == (2, 4, 8, 10)
-    opt = hg.DistributedOptimizer(torch.optim.SGD([w, b], lr=1.0), named_parameters=[
-        ("w", w), ("b", b)], compression="topk", agent=agent, min_compress_numel=0)
-    ((w * torch.tensor(GRAD_W)).sum() + (b * torch.tensor(GRAD_B)).sum()).backward()
-    opt.step()
-    s = agent.seen
+    s, opt, _, _ = step_on_constructed_gradients(theta_min=2, theta_max=10, theta_s=2.5,
+                                                 window=100, search="cost_model")
+    assert opt.agent.ladder == (2, 4, 8, 10)
     # fresh ‖C(g, c)‖² per ladder CF: w keeps 5, 2, 1, 1 of its 10, b always 1 of its 2
     assert s.gain_ladder == pytest.approx({2: 247 + 16, 4: 181 + 16, 8: 100 + 16, 10: 100 + 16})
     # one rank: no link traffic, whatever the CF (a ring of one sends nothing)
@@ -297,19 +292,8 @@ def test_cost_model_search_measures_every_ladder_cf_within_the_theta_min_selecti
 def test_per_layer_cost_model_measures_each_tensor_and_sends_each_at_its_cf(single_rank):
     import horovod_gravac as hg
 
-    class Recording(hg.agents.GraVAC):
-        def decide(self, stats):
-            self.seen = stats
-            return super().decide(stats)
-
-    w = torch.zeros(10, requires_grad=True)
-    b = torch.zeros(2, requires_grad=True)
-    agent = Recording(theta_min=2, theta_max=10, window=100, search="cost_model", per_layer=True)
-    opt = hg.DistributedOptimizer(torch.optim.SGD([w, b], lr=1.0), named_parameters=[
-        ("w", w), ("b", b)], compression="topk", agent=agent, min_compress_numel=0)
-    ((w * torch.tensor(GRAD_W)).sum() + (b * torch.tensor(GRAD_B)).sum()).backward()
-    opt.step()
-    s = agent.seen
+    s, opt, w, b = step_on_constructed_gradients(theta_min=2, theta_max=10, window=100,
+                                                 search="cost_model", per_layer=True)
     # per tensor: (‖g‖², ‖C(g, c)‖² per ladder CF 2, 4, 8, 10)
     assert s.layer_ladder == {"w": pytest.approx((252, 247, 181, 100, 100)),
                               "b": pytest.approx((25, 16, 16, 16, 16))}

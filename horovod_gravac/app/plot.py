@@ -33,58 +33,61 @@ def _floats(rows: list[dict], key: str) -> list[float]:
     return [float(r[key]) if r.get(key) not in (None, "") else float("nan") for r in rows]
 
 
+def _per_run_panels(plt, runs: list[dict], draw, path: Path, legend_loc: str) -> Path:
+    """One panel per run, stacked, each drawn by ``draw(ax, run, steps) -> twin axis``."""
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.6 * len(runs)), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs):
+        twin = draw(ax, run, _floats(run["steps"], "step"))
+        ax.set_title(run["name"])
+        lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc=legend_loc)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _draw_cf_gain(ax, run: dict, steps: list[float]):
+    """The CF achieved and sent (log scale), the gains on a twin axis."""
+    ax.semilogy(steps, _floats(run["steps"], "cf"), label="dense bytes / bytes", color="C0")
+    if run["steps"] and run["steps"][0].get("cf_sent") not in (None, ""):
+        ax.semilogy(steps, _floats(run["steps"], "cf_sent"), label="CF sent", color="C3")
+    ax.set_ylabel("CF (dense bytes / bytes)")
+    twin = ax.twinx()
+    twin.plot(steps, _floats(run["steps"], "delta_c"), color="C1", label="δc (gain)")
+    twin.plot(steps, _floats(run["steps"], "delta_min"), color="C2", label="δmin", alpha=0.7)
+    twin.set_ylim(0, 1.05)
+    twin.set_ylabel("compression gain")
+    return twin
+
+
+def _draw_link_model(ax, run: dict, steps: list[float]):
+    """Measured and predicted step time, the fitted link bandwidth on a twin axis."""
+    ax.plot(steps, _floats(run["steps"], "step_s"), color="C0", alpha=0.5,
+            label="step time (measured)")
+    ax.plot(steps, _floats(run["steps"], "predicted_step_s"), color="C3",
+            label="predicted for the CF chosen")
+    ax.set_ylabel("seconds")
+    twin = ax.twinx()
+    twin.plot(steps, [b / 1e6 for b in _floats(run["steps"], "link_bandwidth")], color="C2",
+              label="fitted link (MB/s)")
+    twin.set_ylabel("MB/s")
+    return twin
+
+
 def plot_runs(runs: list[dict], out: Path, metric: str | None = None) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.6 * len(runs)), squeeze=False)
-    for ax, run in zip(axes[:, 0], runs):
-        steps = _floats(run["steps"], "step")
-        ax.semilogy(steps, _floats(run["steps"], "cf"), label="dense bytes / bytes", color="C0")
-        if run["steps"] and run["steps"][0].get("cf_sent") not in (None, ""):
-            ax.semilogy(steps, _floats(run["steps"], "cf_sent"), label="CF sent", color="C3")
-        ax.set_ylabel("CF (dense bytes / bytes)")
-        ax.set_title(run["name"])
-        twin = ax.twinx()
-        twin.plot(steps, _floats(run["steps"], "delta_c"), color="C1", label="δc (gain)")
-        twin.plot(steps, _floats(run["steps"], "delta_min"), color="C2", label="δmin", alpha=0.7)
-        twin.set_ylim(0, 1.05)
-        twin.set_ylabel("compression gain")
-        lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="lower right")
-    axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(out / "cf_gain.png", dpi=110)
-    plt.close(fig)
-    written.append(out / "cf_gain.png")
-
+    written = [_per_run_panels(plt, runs, _draw_cf_gain, out / "cf_gain.png", "lower right")]
     modelled = [run for run in runs if any(r.get("link_bandwidth") not in (None, "")
                                            for r in run["steps"])]
     if modelled:  # GraVAC's cost model: measured vs predicted step time, the fitted link
-        fig, axes = plt.subplots(len(modelled), 1, figsize=(8, 2.6 * len(modelled)),
-                                 squeeze=False)
-        for ax, run in zip(axes[:, 0], modelled):
-            steps = _floats(run["steps"], "step")
-            ax.plot(steps, _floats(run["steps"], "step_s"), color="C0", alpha=0.5,
-                    label="step time (measured)")
-            ax.plot(steps, _floats(run["steps"], "predicted_step_s"), color="C3",
-                    label="predicted for the CF chosen")
-            ax.set_ylabel("seconds")
-            ax.set_title(run["name"])
-            twin = ax.twinx()
-            twin.plot(steps, [b / 1e6 for b in _floats(run["steps"], "link_bandwidth")],
-                      color="C2", label="fitted link (MB/s)")
-            twin.set_ylabel("MB/s")
-            lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-            ax.legend(lines, [l.get_label() for l in lines], fontsize=7, loc="upper right")
-        axes[-1, 0].set_xlabel("step")
-        fig.tight_layout()
-        fig.savefig(out / "link_model.png", dpi=110)
-        plt.close(fig)
-        written.append(out / "link_model.png")
+        written.append(_per_run_panels(plt, modelled, _draw_link_model, out / "link_model.png",
+                                       "upper right"))
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     for run in runs:
