@@ -5,8 +5,8 @@ import torch
 from tests.multirank import assert_identical_across_ranks, run_torchrun
 
 STEPS, NAN_STEP = 40, 7
-COMPRESSED = ("topk", "dgc", "powersgd", "gravac", "gravac_powersgd", "accordion", "static",
-              "no_sync", "unused")
+COMPRESSED = ("topk", "dgc", "powersgd", "gravac", "gravac_powersgd", "gravac_cost_per_layer",
+              "accordion", "static", "no_sync", "unused")
 
 
 @pytest.fixture(scope="module", params=[2, 4])

@@ -85,7 +85,8 @@ def result(model, state, errors=()):
         out.update(steps=ex.step_count, skipped=ex.skipped_steps,
                    bytes=ex.communication.total_bytes, dense=ex.communication.total_dense_bytes,
                    exchanges=ex.communication.steps,
-                   decisions=[(d.cf, d.theta_min, d.send) for d in ex.decisions],
+                   decisions=[(d.cf, d.theta_min, d.send,
+                               tuple(sorted((d.layer_cf or {}).items()))) for d in ex.decisions],
                    memory_finite=all(bool(torch.isfinite(r).all())
                                      for r in getattr(ex.memory, "residuals", {}).values()))
     return out
@@ -110,6 +111,11 @@ runs = {
     "powersgd": run(compression="powersgd"),
     "gravac": run(compression="topk", agent=gravac()),
     "gravac_powersgd": run(compression="powersgd", agent=gravac()),
+    # the cost-model search with per-tensor ranks, every tensor compressed
+    "gravac_cost_per_layer": run(compression="powersgd", min_compress_numel=0,
+                                 agent=hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3,
+                                                        window=10, settle_steps=1,
+                                                        search="cost_model", per_layer=True)),
     "accordion": run(compression="topk", agent=hg.agents.Accordion(low_cf=2, high_cf=20,
                                                                     interval=10)),
     "static": run(compression="topk", agent="static"),
