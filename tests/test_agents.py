@@ -446,6 +446,10 @@ def test_allocate_spends_the_bytes_where_they_keep_the_most_energy():
     assert sizes["embedding"][3] + sizes["lstm"][0] <= 2200
     # steps that add no bytes (PowerSGD at rank 1 for several CFs) are always taken
     assert allocate({"w": [1.0, 0.9, 0.8]}, {"w": [300, 100, 100]}, budget=100) == {"w": 1}
+    # every layer from its start (its own gain ≥ ε): the rest of the bytes by energy per byte
+    assert allocate(energy, sizes, budget=2200, start={"embedding": 3, "lstm": 1}) == \
+        {"embedding": 3, "lstm": 0}
+    assert allocate(energy, sizes, budget=1100, start={"embedding": 3, "lstm": 1}) is None
 
 
 def test_per_layer_cost_model_gives_each_tensor_its_own_cf_within_the_global_bytes():
@@ -468,7 +472,8 @@ def test_per_layer_cost_model_gives_each_tensor_its_own_cf_within_the_global_byt
             layer_ladder={n: (1.0, *energy[n]) for n in energy},
             layer_link_bytes=dict(nbytes)))
     assert decision.layer_cf is not None
-    assert decision.layer_cf["embedding"] > decision.layer_cf["lstm"]
+    # CF 80 cannot keep the LSTM's own gain ≥ 0.5 within its bytes: 40, LSTM at 10
+    assert decision.cf == 40 and decision.layer_cf == {"embedding": 80, "lstm": 10}
     chosen = ladder.index(decision.cf)
     spent = sum(nbytes[n][ladder.index(cf)] for n, cf in decision.layer_cf.items())
     assert spent <= sum(nbytes[n][chosen] for n in nbytes)  # within that CF's bytes
