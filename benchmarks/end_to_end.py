@@ -269,11 +269,11 @@ def write_tables(rows: list[dict], target: float | None, metric: str,
               "| × fewer bytes | mean CF |", "|---" * 12 + "|"]
     for r in rows:
         ttt = r["time_to_target_s"]
-        fewer = dense["MB_sent"] / max(r["MB_sent"], 1e-9) if dense else float("nan")
+        fewer = f"{dense['MB_sent'] / max(r['MB_sent'], 1e-9):.1f}" if dense else "—"
         lines.append(f"| {r['config']} | {r['timed']} | {r['reached']}/{r['seeds']} | "
                      f"{'not reached' if ttt is None else f'{ttt:.1f}'} | {ratio(dense, r)} | "
                      f"{ratio(topk10, r)} | {ratio(best, r)} | {r['final']:.4g} | "
-                     f"{r['step_s']:.3f} | {r['MB_sent']:.1f} | {fewer:.1f} | {r['mean_cf']:.1f} |")
+                     f"{r['step_s']:.3f} | {r['MB_sent']:.1f} | {fewer} | {r['mean_cf']:.1f} |")
     table = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "end_to_end.md").write_text(table + "\n")
