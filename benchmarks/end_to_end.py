@@ -24,8 +24,8 @@ How time to target is measured (the table says which, per configuration):
   unshaped for the quality curve; time to target = the steps to reach the target × the
   median step time of a short run (``--timing-steps``) on the shaped link. With
   ``--all-on-link`` they are trained and timed on the link like the adaptive ones, so every
-  row is measured the same way (a short timing run's median step was 10–20% below that of a
-  whole 200-step run on the link for the same static configuration).
+  row is measured the same way (on PTB the two methods' median steps of the same static
+  configuration differed by up to 8%, either way).
 
 The target, unless given, follows one rule for every workload: dense's validation metric at
 75% of the run (mean over its seeds), so dense reaches it inside the run. The GraVAC window
