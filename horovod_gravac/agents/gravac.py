@@ -342,7 +342,11 @@ class GraVAC(Agent):
             mean[:] = [(1 - a) * m + a * x for m, x in zip(mean, terms)]
         self.layer_link_bytes.update(stats.layer_link_bytes)
         self.delta_min = self.ladder_gains.get(self.theta_min)
-        self.delta_c = self._allocated_gain(self.layer_cf) if self.layer_cf else \
+        self.delta_c = self._candidate_gain()
+
+    def _candidate_gain(self) -> float | None:
+        """Cost model: the gain of the compressed level — its per-tensor CFs' or its CF's."""
+        return self._allocated_gain(self.layer_cf) if self.layer_cf else \
             self.ladder_gains.get(self.candidate_cf)
 
     def _allocated_gain(self, layer_cf: dict[str, float]) -> float | None:
@@ -506,8 +510,7 @@ class GraVAC(Agent):
             self.searching = True
             self.theta_s = best / self.theta_min
             self.layer_cf = scores[best][1]
-        self.delta_c = self._allocated_gain(self.layer_cf) if self.layer_cf else \
-            self.ladder_gains.get(self.candidate_cf)
+        self.delta_c = self._candidate_gain()
 
     def _watch(self, lr: float | None) -> None:
         """Settled: reopen the search when the gain drifts or the learning rate steps."""
