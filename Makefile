@@ -3,12 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 
-.PHONY: install test demo clean
+.PHONY: install test test-all demo clean
 
 install:
 	bash launch/install.sh
 
 test: install
+	$(PY) -m pytest tests -m "not slow"
+
+test-all: install
 	$(PY) -m pytest tests
 
 demo: install

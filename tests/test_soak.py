@@ -1,4 +1,6 @@
 """Soak: 4 ranks × 2,000 steps with GraVAC changing the CF — no memory growth, no open handles."""
+import pytest
+
 from tests.multirank import assert_identical_across_ranks, run_ranks
 
 from horovod_gravac.agents import RECENT_STEPS
@@ -6,6 +8,7 @@ from horovod_gravac.agents import RECENT_STEPS
 STEPS, WARMUP = 2000, 200
 
 
+@pytest.mark.slow  # `make test-all`
 def test_four_ranks_two_thousand_steps_memory_stable_and_no_pending_handles():
     reports = run_ranks("soak.py", 4, "mpirun", [str(STEPS)], timeout=900)
     assert_identical_across_ranks(reports)
