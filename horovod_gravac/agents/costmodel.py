@@ -77,12 +77,12 @@ class LinkModel:
         mean_b = sum(n * b for n, b, _ in points) / total
         mean_w = sum(n * w for n, _, w in points) / total
         var = sum(n * (b - mean_b) ** 2 for n, b, _ in points)
-        slope = sum(n * (b - mean_b) * (w - mean_w) for n, b, w in points) / var \
-            if var > 0 else -1.0
-        if slope >= 0 and mean_w - slope * mean_b >= 0:
-            return LinkFit(mean_w - slope * mean_b, slope, compute)
-        if var > 0 and slope < 0:  # waiting fell as bytes grew: noise, bytes cost nothing seen
-            return LinkFit(max(mean_w, 0.0), 0.0, compute)
+        if var > 0:
+            slope = sum(n * (b - mean_b) * (w - mean_w) for n, b, w in points) / var
+            if slope < 0:  # waiting fell as bytes grew: noise, bytes cost nothing seen
+                return LinkFit(max(mean_w, 0.0), 0.0, compute)
+            if mean_w - slope * mean_b >= 0:
+                return LinkFit(mean_w - slope * mean_b, slope, compute)
         # one byte level, or a negative intercept: through the origin, all waiting is bytes
         square = sum(n * b * b for n, b, _ in points)
         if square <= 0:
