@@ -1,0 +1,285 @@
+"""PyTorch Lightning: compress the gradients of ``Trainer(strategy="ddp")`` on any device.
+
+    import lightning.pytorch as pl
+    from horovod_gravac.agents import GraVAC
+    from horovod_gravac.lightning import CompressionCallback
+
+    compression = CompressionCallback("topk:100", agent=GraVAC(window=100))
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", callbacks=[compression])
+    trainer.fit(lit_module, loader)
+    stats = compression.communication          # bytes this rank sent, and the dense equivalent
+    print(stats.total_bytes, stats.total_dense_bytes)
+
+Why a callback and not ``DDPStrategy(ddp_comm_state=..., ddp_comm_hook=...)``: Lightning
+(2.6) registers that hook only when the strategy's device is CUDA, so on CPU (Gloo) the
+model trains uncompressed and nothing says so. The callback registers
+:func:`horovod_gravac.ddp.register_comm_hook` on ``trainer.strategy.model`` — the
+``DistributedDataParallel`` model Lightning has made — in ``on_fit_start``, whatever the
+device and backend, and fails loudly where it cannot: a strategy that is not Lightning's
+``DDPStrategy`` (single device, FSDP, DeepSpeed) or a model that has a hook already.
+
+Checkpoints: the compression state (every rank's residuals, the compressor's state, the
+agent and its decision, the step and byte counters) is written into Lightning's checkpoint
+— gathered from every rank, because residuals differ per rank — and a fit resumed with
+``trainer.fit(..., ckpt_path=...)`` continues from it. The checkpoint holds it as bytes, so
+Lightning's default ``weights_only`` loading reads the file; the callback then unpickles its
+own entry allowing only horovod_gravac's classes, tensors and standard containers. A
+checkpoint written with another number of processes is refused (residuals are per rank).
+
+Needs ``lightning`` (``pip install lightning``, or ``pip install 'horovod-gravac[test]'``),
+the package that provides ``lightning.pytorch``.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import io
+import logging
+import pickle
+import types
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import DDPStrategy
+except ImportError as exc:  # pragma: no cover - exercised only without lightning
+    raise ImportError("horovod_gravac.lightning needs PyTorch Lightning's `lightning.pytorch`: "
+                      "pip install lightning (or pip install 'horovod-gravac[test]')") from exc
+
+from . import agents as A
+from . import compression as C
+from .ddp import DDPCompressionState, register_comm_hook
+
+__all__ = ["CHECKPOINT_KEY", "CompressionCallback", "communication", "load_state_bytes",
+           "state_bytes"]
+
+log = logging.getLogger(__name__)
+
+#: the key of the compression state in a Lightning checkpoint dict
+CHECKPOINT_KEY = "horovod_gravac"
+FORMAT = "horovod_gravac.lightning/1"
+
+
+def communication(state: DDPCompressionState) -> Any:
+    """The byte counters of ``state`` (``total_bytes``: what this rank sent;
+    ``total_dense_bytes``: what float32 allreduce of the same gradients would have sent)."""
+    stats = getattr(state, "communication", None)
+    return stats if stats is not None else state.exchange.communication
+
+
+# -- the state as bytes, read back with an allowlist --------------------------------------------
+_BUILTINS = frozenset(("set", "frozenset", "list", "dict", "tuple", "int", "float", "complex",
+                       "bool", "str", "bytes", "bytearray", "slice", "range"))
+_ALLOWED = frozenset({
+    ("collections", "OrderedDict"), ("collections", "deque"), ("collections", "Counter"),
+    ("torch", "device"), ("torch", "Size"), ("torch", "Generator"), ("torch._C", "Generator"),
+    ("torch._utils", "_rebuild_tensor"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"), ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+})
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    """Finds only what a compression state is made of: horovod_gravac's own classes (not its
+    application's), tensors, torch dtypes/devices/generators, NumPy arrays and scalars, and
+    builtin and ``collections`` containers. Anything else is refused by name."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module == "builtins" and name in _BUILTINS) or (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        obj = None
+        if "." not in name:
+            if module.split(".")[0] == "horovod_gravac" and module.split(".")[:2] != \
+                    ["horovod_gravac", "app"]:
+                obj = getattr(importlib.import_module(module), name, None)
+                if not (isinstance(obj, type) and obj.__module__ == module):
+                    obj = None
+            elif module == "torch":
+                obj = getattr(torch, name, None)
+                if not isinstance(obj, (torch.dtype, torch.layout, torch.memory_format)):
+                    obj = None
+            elif module == "numpy.dtypes":
+                obj = getattr(importlib.import_module(module), name, None)
+                if not (isinstance(obj, type) and obj.__module__ == module):
+                    obj = None
+        if obj is None:
+            raise pickle.UnpicklingError(
+                f"the compression state in this checkpoint refers to {module}.{name}, which "
+                "horovod_gravac.lightning does not load (only horovod_gravac's classes, "
+                "tensors and standard containers): the checkpoint was not written by this "
+                "callback, or comes from another version of horovod_gravac")
+        return obj
+
+
+def _allowlist_load(file: Any, **kwargs: Any) -> Any:
+    return _AllowlistUnpickler(file, **kwargs).load()
+
+
+# what torch.load(pickle_module=...) uses: the zip format's Unpickler, the legacy format's load
+_allowlist_pickle = types.ModuleType("horovod_gravac_allowlist_pickle")
+_allowlist_pickle.Unpickler = _AllowlistUnpickler  # type: ignore[attr-defined]
+_allowlist_pickle.load = _allowlist_load  # type: ignore[attr-defined]
+
+
+def state_bytes(state: DDPCompressionState) -> bytes:
+    """``state`` as ``torch.save`` writes it, in memory."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def load_state_bytes(blob: bytes,
+                     map_location: str | torch.device | None = None) -> DDPCompressionState:
+    """A state from :func:`state_bytes`, unpickled with the allowlist above (not attached to
+    a model: ``register_comm_hook(model, state=...)`` does that)."""
+    state = torch.load(io.BytesIO(blob), map_location=map_location, weights_only=False,
+                       pickle_module=_allowlist_pickle)
+    if not isinstance(state, DDPCompressionState):
+        raise ValueError(f"expected a DDPCompressionState, got {type(state).__name__}")
+    return state
+
+
+class CompressionCallback(pl.Callback):
+    """Register horovod_gravac's DDP communication hook on the model Lightning trains.
+
+    Arguments:
+        compression: a compressor, registry name or ``"name:value"`` string
+            (``"topk:100"``, ``"powersgd"``).
+        memory: the error-feedback memory (default: the compressor's own).
+        agent: ``"static"``, ``"gravac"``, ``"accordion"``, an agent object, or None (the
+            compressor's fixed factor). Rank 0 decides; the decision is broadcast.
+        on_nonfinite: ``"skip"`` (a non-finite step's gradients become None on every rank,
+            so the optimizer step changes nothing) or ``"raise"``.
+        min_compress_numel: gradients with fewer elements are sent uncompressed
+            (0 compresses every tensor).
+        compress_patterns: name patterns → always (True) / never (False) compress.
+
+    Compressor, memory and agent objects are copied, so one object can serve several
+    callbacks. The agents see the learning rate of the trainer's first optimizer. On a fit
+    resumed from a checkpoint that holds a compression state, that state is used and these
+    arguments are not (the state carries its own compressor, memory and agent). A second
+    ``fit`` with the same callback continues from the state the first ended with.
+
+    ``state`` is the :class:`~horovod_gravac.ddp.DDPCompressionState` (None before the first
+    fit); ``communication`` its byte counters.
+    """
+
+    def __init__(self, compression: str | C.Compressor = "topk:100",
+                 memory: str | C.Memory | None = None, agent: str | A.Agent | None = None, *,
+                 on_nonfinite: str = "skip",
+                 min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
+                 compress_patterns: Mapping[str, bool] | None = None) -> None:
+        super().__init__()
+        # copies: an agent or compressor object keeps state, and the same object in two
+        # callbacks (or trainers) would start ranks from different decisions
+        compression, memory, agent = (copy.deepcopy(x) for x in (compression, memory, agent))
+        C.create_memory(memory, C.create(compression))  # bad names fail here, not at fit
+        A.create(agent)
+        self._hook_args: dict[str, Any] = dict(
+            compression=compression, memory=memory, agent=agent, on_nonfinite=on_nonfinite,
+            min_compress_numel=min_compress_numel, compress_patterns=compress_patterns)
+        self._state: DDPCompressionState | None = None
+        self._hooked: DistributedDataParallel | None = None  # the model of the running fit
+
+    @property
+    def state(self) -> DDPCompressionState | None:
+        """The compression state: residuals, compressor, agent, step and byte counters."""
+        return self._state
+
+    @property
+    def communication(self) -> Any:
+        """Byte counters of :attr:`state` (``total_bytes``, ``total_dense_bytes``, ...)."""
+        if self._state is None:
+            raise ValueError("no compression state yet: it is made when trainer.fit starts")
+        return communication(self._state)
+
+    # -- registering ---------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        strategy = trainer.strategy
+        if not isinstance(strategy, DDPStrategy):
+            raise ValueError(
+                f"CompressionCallback needs Lightning's DDPStrategy (Trainer(strategy='ddp') "
+                f"or strategy=DDPStrategy(...)), which trains a torch DistributedDataParallel "
+                f"model; this trainer's strategy is {type(strategy).__name__}")
+        model = strategy.model
+        if not isinstance(model, DistributedDataParallel):
+            raise ValueError(
+                f"CompressionCallback needs the model of {type(strategy).__name__} to be a "
+                f"torch DistributedDataParallel, got {type(model).__name__}")
+        others = [cb for cb in trainer.callbacks
+                  if isinstance(cb, CompressionCallback) and cb is not self]
+        if others:
+            raise ValueError(
+                f"the trainer has {len(others) + 1} CompressionCallback instances; a DDP model "
+                "takes one communication hook: pass one CompressionCallback")
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        try:
+            if self._state is None:
+                state = register_comm_hook(model, optimizer=optimizer, **self._hook_args)
+            else:
+                # a state loaded from a checkpoint, or the one a previous fit ended with
+                # (re-read from its bytes: binding keeps the progress of an unbound state)
+                state = register_comm_hook(model, state=load_state_bytes(
+                    state_bytes(self._state), strategy.root_device), optimizer=optimizer)
+        except RuntimeError as exc:
+            if "only be called once" not in str(exc):
+                raise
+            raise ValueError(
+                "the DDP model already has a communication hook (another callback, the "
+                "LightningModule, or DDPStrategy(ddp_comm_hook=...) on CUDA registered one); "
+                "DDP takes one: use CompressionCallback alone") from exc
+        self._state, self._hooked = state, model
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._hooked = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        self._hooked = None
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Every rank's state, gathered to global rank 0 (which writes the file). Lightning
+        calls this on every rank, as it must: ``trainer.save_checkpoint`` is collective."""
+        if self._state is None:
+            return
+        mine = state_bytes(self._state)
+        size = trainer.world_size
+        if size > 1 and dist.is_available() and dist.is_initialized():
+            everyone: list[Any] | None = [None] * size if trainer.global_rank == 0 else None
+            dist.gather_object(mine, everyone, dst=0)
+        else:
+            everyone = [mine]
+        if trainer.global_rank == 0:
+            checkpoint[CHECKPOINT_KEY] = {"format": FORMAT, "world_size": size,
+                                          "ranks": everyone}
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        entry = checkpoint.get(CHECKPOINT_KEY)
+        if entry is None:
+            log.info("the checkpoint holds no compression state: compression starts afresh")
+            self._state = None
+            return
+        if self._hooked is not None:
+            raise RuntimeError("this strategy restores checkpoints after the fit has started; "
+                               "CompressionCallback needs them restored before (DDPStrategy)")
+        if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+            raise ValueError(f"checkpoint[{CHECKPOINT_KEY!r}] is not a compression state "
+                             f"written by horovod_gravac.lightning ({FORMAT})")
+        if entry["world_size"] != trainer.world_size:
+            raise ValueError(
+                f"the checkpoint's compression state was written by {entry['world_size']} "
+                f"processes, this fit has {trainer.world_size}: error-feedback residuals are "
+                "per rank, so resume with the same number of processes (or delete "
+                f"checkpoint[{CHECKPOINT_KEY!r}] from the file to start compression afresh)")
+        self._state = load_state_bytes(entry["ranks"][trainer.global_rank],
+                                       trainer.strategy.root_device)
