@@ -186,6 +186,7 @@ class CompressionCallback(pl.Callback):
             compression=compression, memory=memory, agent=agent, on_nonfinite=on_nonfinite,
             min_compress_numel=min_compress_numel, compress_patterns=compress_patterns)
         self._state: DDPCompressionState | None = None
+        self._loaded: bytes | None = None  # this rank's state from a checkpoint, until the fit
         self._hooked: DistributedDataParallel | None = None  # the model of the running fit
 
     @property
@@ -220,14 +221,16 @@ class CompressionCallback(pl.Callback):
                 f"the trainer has {len(others) + 1} CompressionCallback instances; a DDP model "
                 "takes one communication hook: pass one CompressionCallback")
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        # the state of the checkpoint, or the one a previous fit ended with (a copy: binding
+        # a state to a model keeps the progress of an unbound one only), or a new one
+        blob = self._loaded if self._loaded is not None else \
+            state_bytes(self._state) if self._state is not None else None
         try:
-            if self._state is None:
+            if blob is None:
                 state = register_comm_hook(model, optimizer=optimizer, **self._hook_args)
             else:
-                # a state loaded from a checkpoint, or the one a previous fit ended with
-                # (re-read from its bytes: binding keeps the progress of an unbound state)
                 state = register_comm_hook(model, state=load_state_bytes(
-                    state_bytes(self._state), strategy.root_device), optimizer=optimizer)
+                    blob, strategy.root_device), optimizer=optimizer)
         except RuntimeError as exc:
             if "only be called once" not in str(exc):
                 raise
@@ -235,7 +238,7 @@ class CompressionCallback(pl.Callback):
                 "the DDP model already has a communication hook (another callback, the "
                 "LightningModule, or DDPStrategy(ddp_comm_hook=...) on CUDA registered one); "
                 "DDP takes one: use CompressionCallback alone") from exc
-        self._state, self._hooked = state, model
+        self._state, self._loaded, self._hooked = state, None, model
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hooked = None
@@ -267,7 +270,7 @@ class CompressionCallback(pl.Callback):
         entry = checkpoint.get(CHECKPOINT_KEY)
         if entry is None:
             log.info("the checkpoint holds no compression state: compression starts afresh")
-            self._state = None
+            self._state = self._loaded = None
             return
         if self._hooked is not None:
             raise RuntimeError("this strategy restores checkpoints after the fit has started; "
@@ -281,5 +284,6 @@ class CompressionCallback(pl.Callback):
                 f"processes, this fit has {trainer.world_size}: error-feedback residuals are "
                 "per rank, so resume with the same number of processes (or delete "
                 f"checkpoint[{CHECKPOINT_KEY!r}] from the file to start compression afresh)")
-        self._state = load_state_bytes(entry["ranks"][trainer.global_rank],
-                                       trainer.strategy.root_device)
+        blob = entry["ranks"][trainer.global_rank]
+        load_state_bytes(blob, trainer.strategy.root_device)  # a bad entry fails here
+        self._loaded = blob  # registered with the hook when the fit starts

@@ -62,6 +62,18 @@ def gravac():
                   omega_throughput=0.0, settle_steps=1, policy="geometric")
 
 
+class BytesSoFar(pl.Callback):
+    """The cumulative bytes this rank has sent, after each step."""
+
+    def __init__(self):
+        self.totals = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for cb in trainer.callbacks:
+            if isinstance(cb, CompressionCallback):
+                self.totals.append(cb.communication.total_bytes)
+
+
 def trainer(callbacks, **kw):
     return pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=EPOCHS,
                       callbacks=callbacks, logger=False, enable_progress_bar=False,
@@ -74,18 +86,12 @@ def full_loss(module):
         return torch.nn.functional.cross_entropy(module(X), Y).item()
 
 
-def decisions(state):
-    made = getattr(state, "decisions", None)
-    made = made if made is not None else state.exchange.decisions
-    return [d.cf for d in made]
-
-
-def outcome(module, callback):
+def outcome(module, callback, spy):
     stats = callback.communication
     return {"params": {k: v.detach().clone() for k, v in module.state_dict().items()},
             "loss": full_loss(module), "bytes": stats.total_bytes,
             "dense": stats.total_dense_bytes, "exchanges": stats.steps,
-            "cfs": decisions(callback.state)}
+            "bytes_so_far": spy.totals}
 
 
 results = {}
@@ -101,16 +107,18 @@ for name, compression in (("topk", "topk:100"), ("powersgd", "powersgd")):
     callback = CompressionCallback(**hook())
     every_epoch = ModelCheckpoint(dirpath=ckpt_dir, filename="{epoch}", save_top_k=-1,
                                   every_n_epochs=1, save_on_train_epoch_end=True)
-    fit = trainer([callback, every_epoch])
+    spy = BytesSoFar()
+    fit = trainer([callback, every_epoch, spy])
     fit.fit(module, loader())
-    whole = outcome(module, callback)
+    whole = outcome(module, callback, spy)
 
     torch.manual_seed(1)  # a different start: everything must come from the checkpoint
     module = Net()
     callback = CompressionCallback(**hook())
-    resume = trainer([callback], enable_checkpointing=False)
+    spy = BytesSoFar()
+    resume = trainer([callback, spy], enable_checkpointing=False)
     resume.fit(module, loader(), ckpt_path=os.path.join(ckpt_dir, "epoch=0.ckpt"))
-    resumed = outcome(module, callback)
+    resumed = outcome(module, callback, spy)
 
     # control: the same resume from a checkpoint without the compression state
     stripped = torch.load(os.path.join(ckpt_dir, "epoch=0.ckpt"), weights_only=True)
@@ -118,9 +126,10 @@ for name, compression in (("topk", "topk:100"), ("powersgd", "powersgd")):
     torch.save(stripped, os.path.join(ckpt_dir, f"stripped{os.environ['RANK']}.ckpt"))
     module = Net()
     callback = CompressionCallback(**hook())
-    trainer([callback], enable_checkpointing=False).fit(
+    spy = BytesSoFar()
+    trainer([callback, spy], enable_checkpointing=False).fit(
         module, loader(), ckpt_path=os.path.join(ckpt_dir, f"stripped{os.environ['RANK']}.ckpt"))
-    afresh = outcome(module, callback)
+    afresh = outcome(module, callback, spy)
 
     first_epoch = torch.load(os.path.join(ckpt_dir, "epoch=0.ckpt"), weights_only=True)
     results[name] = {"whole": whole, "resumed": resumed, "afresh": afresh,
