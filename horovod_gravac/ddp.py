@@ -15,27 +15,28 @@ communication hook.
 
 How a step goes (Vogels et al.'s PowerSGD hook is the model for the state object):
 
-1. DDP calls :func:`compression_hook` for each bucket, in the same order on every rank. For
-   each parameter of the bucket — layer-wise, not the flat bucket — the gradient gets error
-   feedback (g + residual) and is compressed at the agent's current CF; its collective starts
-   at once (``all_reduce`` for fixed-size payloads, ``all_gather`` for sparse ones, two
-   ``all_reduce`` for PowerSGD). Tensors below ``min_compress_numel`` (biases, norms) get a
-   dense ``all_reduce`` each — sums that do not depend on how DDP buckets them, so a resumed
-   run equals an uninterrupted one bit for bit —; with ``compression="none"`` each bucket is
-   one ``all_reduce``, exactly DDP's own.
-2. The hook returns at once, so backprop and communication overlap. Results are written
-   after DDP's end of backward, by a callback the hook queues on the autograd engine:
-   PowerSGD's second phase (in bucket order: every rank issues the same collectives in the
-   same order, which PyTorch's own PowerSGD hook does not guarantee on Gloo with several
-   buckets), then each averaged gradient into ``p.grad``.
-3. Then the end of the step, as in the Horovod optimizer (shared code,
-   :class:`~horovod_gravac.exchange.GradientExchange`): one host read decides whether the
-   averaged gradient is finite. If not, every rank sets the gradients of this step to
-   ``None`` — ``optimizer.step()`` then changes nothing — and counts a skipped step
-   (``on_nonfinite="skip"``), or raises :class:`NonFiniteGradientError` out of
-   ``backward()`` (``"raise"``); the rank whose gradient it was restarts that residual at
-   zero. Otherwise the agent's statistics are combined across ranks, rank 0 decides, the
-   decision is broadcast, and every rank applies it from the next step.
+1. DDP calls :func:`compression_hook` for each of its buckets, in the same order on every
+   rank. Each parameter's gradient — layer-wise, not DDP's flat bucket — is handed to the
+   step engine (:class:`~horovod_gravac.engine.StepEngine`, shared with the Horovod
+   optimizer): error feedback (g + residual), compression at the agent's current CF, and
+   the engine's own buckets (consecutive parameters in backward order up to
+   ``bucket_cap_mb``, a pure function of the model: DDP rebuilds its buckets after the first
+   step, and Gloo's sums depend on the buffer layout, so a resumed run would not match an
+   uninterrupted one bit for bit on DDP's) leave in one collective per kind as they complete.
+   The hook returns a future at once, so backprop and communication overlap.
+2. A callback the first hook queues on the autograd engine runs when backward is done,
+   before DDP's own end of backward: the engine runs the compressors' further rounds
+   (PowerSGD's Q, one allreduce per bucket, in one order on every rank), averages, writes
+   the averaged gradients into each DDP bucket and completes its future with it — DDP then
+   writes ``p.grad`` from it, once, as with its built-in hooks.
+3. The end of the step, as in the Horovod optimizer (the same engine): one host read
+   decides whether the averaged gradient is finite. If not, every rank sets the gradients of
+   this step to ``None`` after DDP wrote them — ``optimizer.step()`` then changes nothing —
+   and counts a skipped step (``on_nonfinite="skip"``), or raises
+   :class:`NonFiniteGradientError` out of ``backward()`` (``"raise"``); the rank whose
+   gradient it was restarts that residual at zero. The agent's statistics rode in the last
+   bucket's collective; rank 0 decides and the decision is broadcast without blocking, to
+   be applied from the next step.
 
 ``model.no_sync()`` accumulation needs nothing: DDP calls no hook inside it, and the next
 synchronised backward exchanges the accumulated gradients. Unused parameters
@@ -43,17 +44,19 @@ synchronised backward exchanges the accumulated gradients. Unused parameters
 """
 # No "from __future__ import annotations": DDP checks the hook's annotations are the real
 # dist.GradBucket and torch.futures.Future[torch.Tensor].
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd import Variable
+from torch.utils.hooks import RemovableHandle
 
 from . import agents as A
 from . import compression as C
-from .communication_torch import TorchCommunicator, TorchPending
-from .exchange import GradientExchange, NonFiniteGradientError
+from .communication_torch import TorchTransport
+from .engine import (DEFAULT_BUCKET_CAP_MB, CommunicationStats, EngineConfig,
+                     NonFiniteGradientError, StepEngine, StepOutcome, StepReport)
 
 __all__ = ["DDPCompressionState", "NonFiniteGradientError", "compression_hook",
            "register_comm_hook"]
@@ -65,12 +68,12 @@ class DDPCompressionState:
     Arguments:
         module: the model (or the DDP model around it) whose parameters the hook will see;
             DDP keeps the same parameter objects, so the state can be made before DDP wraps
-            the model (Lightning's ``DDPStrategy(ddp_comm_state=...)``).
+            the model.
         compression, memory, agent, process_group, on_nonfinite, min_compress_numel,
-        compress_patterns, optimizer: as for :func:`register_comm_hook`.
+        compress_patterns, optimizer, bucket_cap_mb: as for :func:`register_comm_hook`.
 
-    ``exchange`` holds the compressor, the error-feedback memory, the agent and its decision,
-    byte counts (``state.exchange.communication``) and the step counter. The state pickles
+    ``engine`` holds the compressor, the error-feedback memory, the agent and its decision,
+    byte counts (``state.communication``) and the step counter. The state pickles
     (``torch.save(state, f)``) without its process group and model, like PyTorch's
     ``PowerSGDState``; ``register_comm_hook(model, state=torch.load(f, weights_only=False))``
     (or ``state.attach(module)``) binds it to a model again and training continues bit for
@@ -83,25 +86,28 @@ class DDPCompressionState:
                  on_nonfinite: str = "skip",
                  min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
                  compress_patterns: Mapping[str, bool] | None = None,
-                 optimizer: torch.optim.Optimizer | None = None) -> None:
-        self.compressor = C.create(compression)
-        self.memory = C.create_memory(memory, self.compressor)
-        self.agent = A.create(agent)
-        if self.agent is not None:
-            C.check_adjustable(self.compressor, self.agent.name)
-        self.on_nonfinite = on_nonfinite
-        self.min_compress_numel = min_compress_numel
-        self.compress_patterns = dict(compress_patterns or {})
+                 optimizer: torch.optim.Optimizer | None = None,
+                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> None:
+        self.config = EngineConfig.create(compression, memory, agent, on_nonfinite=on_nonfinite,
+                                          min_compress_numel=min_compress_numel,
+                                          compress_patterns=dict(compress_patterns or {}),
+                                          bucket_cap_mb=bucket_cap_mb)
         #: whether the last step's averaged gradient was non-finite (gradients set to None)
         self.last_step_skipped = False
-        self.exchange: GradientExchange | None = None
+        self.engine: StepEngine | None = None
         self._saved_progress: dict[str, Any] | None = None
         self._reset_step()
         self.attach(module, process_group, optimizer)
 
+    compressor = property(lambda self: self.config.compressor)
+    memory = property(lambda self: self.config.memory)
+    agent = property(lambda self: self.config.agent)
+    communication: CommunicationStats = property(lambda self: self.engine.communication)
+
     def _reset_step(self) -> None:
         self._queued = False
-        self._in_flight: list[tuple[list[tuple[str, Tensor]], TorchPending, Tensor | None]] = []
+        self._views: dict[str, Tensor] = {}  # name → its gradient inside DDP's bucket
+        self._futures: list[tuple[torch.futures.Future, Tensor]] = []
 
     def attach(self, module: torch.nn.Module, process_group: dist.ProcessGroup | None = None,
                optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -118,113 +124,89 @@ class DDPCompressionState:
         self._names = {p: n for n, p in named}
         self._params = dict(named)
         self._optimizer = optimizer
-        self.communicator = TorchCommunicator(process_group)
-        uncompressed = C.uncompressed_tensors(((n, p.numel()) for n, p in named),
-                                              self.min_compress_numel, self.compress_patterns)
-        if isinstance(self.compressor, C.NoCompression):  # all of a bucket in one allreduce
-            uncompressed = frozenset(self._params)
-        self.exchange = GradientExchange(self.compressor, self.memory, self.agent,
-                                         self.communicator, [n for n, _ in named], uncompressed,
-                                         self.on_nonfinite)
+        self.engine = StepEngine(self.config, TorchTransport(process_group),
+                                 [(n, p.shape, p.element_size()) for n, p in named])
         if self._saved_progress is not None:  # unpickled: the objects hold the rest
-            self.exchange.load_progress(self._saved_progress)
+            self.engine.load_progress(self._saved_progress)
             self._saved_progress = None
+
+    def register_step_callback(self, callback: Callable[[StepReport], None]) -> RemovableHandle:
+        """Call ``callback(report)`` on every rank after each step (a
+        :class:`~horovod_gravac.engine.StepReport`); ``remove()`` on the handle unregisters."""
+        return self.engine.register_step_callback(callback)
+
+    def untimed(self):
+        """Context manager: time spent inside is not part of the step time agents see."""
+        return self.engine.untimed()
 
     def _lr(self) -> float | None:
         return self._optimizer.param_groups[0].get("lr") if self._optimizer is not None else None
 
     # -- pickling (torch.save / torch.load) --------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
-        keep = ("compressor", "memory", "agent", "on_nonfinite", "min_compress_numel",
-                "compress_patterns", "last_step_skipped")
-        state = {k: getattr(self, k) for k in keep}
-        # the compressor, memory and agent pickle with their state; the exchange adds its own
-        state["_saved_progress"] = self.exchange.progress() if self.exchange is not None \
-            else self._saved_progress
-        return state
+        # the compressor, memory and agent pickle with their state; the engine adds its own
+        return {"config": self.config, "last_step_skipped": self.last_step_skipped,
+                "_saved_progress": self.engine.progress() if self.engine is not None
+                else self._saved_progress}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self.exchange = None
+        self.engine = None
         self._reset_step()
 
     # -- the step ------------------------------------------------------------------------------
-    def _start_bucket(self, bucket: dist.GradBucket) -> None:
-        exchange, dense = self.exchange, []
+    def _start_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
         for p, grad in zip(bucket.parameters(), bucket.gradients()):
             name = self._names.get(p)
             if name is None:
                 raise ValueError("a bucket holds a parameter that is not in the model this "
                                  "state was attached to: call register_comm_hook(ddp_model) "
                                  "with the DDP model itself")
-            if name in exchange.uncompressed:
-                dense.append((name, grad))
-                continue
-            pending, compensated = exchange.start(name, grad)
-            self._in_flight.append(([(name, grad)], pending, compensated))
-        if dense and len(dense) == len(bucket.parameters()) and \
-                isinstance(self.compressor, C.NoCompression):  # DDP's own allreduce, exactly
-            self._in_flight.append((dense, self.communicator.start_dense(
-                dense[0][0], bucket.buffer()), None))
-        else:  # one tensor at a time: the sums do not depend on DDP's bucketing (resume)
-            for name, grad in dense:
-                self._in_flight.append(([(name, grad)], self.communicator.start_dense(
-                    name, grad), None))
+            self._views[name] = grad
+            self.engine.begin(name, grad)
+        future: torch.futures.Future[Tensor] = torch.futures.Future()
+        self._futures.append((future, bucket.buffer()))
+        return future
 
-    def _end_step(self) -> None:
-        """After DDP's end of backward: finish every exchange, write ``p.grad``, end the step."""
-        exchange, in_flight = self.exchange, self._in_flight
+    def _end_of_backward(self) -> None:
+        """Before DDP's end of backward: finish the step, complete every bucket's future with
+        its averaged gradients."""
+        views, futures = self._views, self._futures
         self._reset_step()
-        for _, pending, compensated in in_flight:  # PowerSGD's Q, in the order P was sent
-            if pending.ctx is not None and pending.ctx.exchange is C.Exchange.LOWRANK:
-                exchange.second_phase(pending, compensated)
-        averaged = {}
-        for members, pending, _ in in_flight:
-            reduced = exchange.finish(pending, sum(g.numel() for _, g in members))
-            offset = 0
-            for name, grad in members:
-                part = reduced.reshape(-1)[offset:offset + grad.numel()].view_as(grad)
-                offset += grad.numel()
-                p = self._params[name]
-                if p.grad is not None:
-                    if part.data_ptr() != p.grad.data_ptr():
-                        p.grad.copy_(part)
-                    averaged[name] = p.grad
-        skip, culprits, _ = exchange.end_step(averaged, self._lr())
-        exchange.step_count += 1
-        self.last_step_skipped = skip
-        if skip:  # optimizer.step() then changes nothing, on every rank
-            for p in self._params.values():
-                p.grad = None
-            if self.on_nonfinite == "raise":
-                raise exchange.nonfinite_error(culprits)
+        outcome = self.engine.finish(lambda name, averaged: views[name].copy_(
+            averaged.view_as(views[name])), self._lr())
+        for future, buffer in futures:
+            future.set_result(buffer)
+        self.last_step_skipped = outcome.skipped
+        if outcome.skipped:  # after DDP has written p.grad from the futures
+            Variable._execution_engine.queue_callback(lambda: self._skip(outcome))
+
+    def _skip(self, outcome: StepOutcome) -> None:
+        for p in self._params.values():  # optimizer.step() then changes nothing, on every rank
+            p.grad = None
+        if outcome.error is not None:
+            raise outcome.error
 
 
 def compression_hook(state: DDPCompressionState,
                      bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """DDP communication hook: compress each parameter of ``bucket`` with error feedback and
-    start its exchange; the averaged gradients are written at the end of backward.
+    """DDP communication hook: hand each parameter of ``bucket`` to the state's engine
+    (error feedback, compression, fused collectives); the future holds the averaged bucket
+    once backward is done.
 
     Register it with :func:`register_comm_hook` (which builds ``state``), or directly:
     ``model.register_comm_hook(state, compression_hook)`` with an attached state.
     """
-    if state.exchange is None:
+    if state.engine is None:
         raise ValueError("this DDPCompressionState is not attached to a model (it was "
                          "loaded): state.attach(model) or register_comm_hook(ddp_model, "
                          "state=state)")
     if not state._queued:
-        # DDP queues its own end of backward (which copies each bucket's future value into
-        # p.grad) when its last bucket is ready, i.e. after this; a callback queued from a
-        # callback runs after every callback queued before it, so the averaged gradients
-        # are written after DDP's copy, whatever the order of the first two.
-        Variable._execution_engine.queue_callback(
-            lambda: Variable._execution_engine.queue_callback(state._end_step))
+        # DDP queues its own end of backward (which waits for every bucket's future and
+        # writes p.grad from it) after its last bucket's hook, i.e. after this one
+        Variable._execution_engine.queue_callback(state._end_of_backward)
         state._queued = True
-    state.communicator.device = bucket.buffer().device
-    state._start_bucket(bucket)
-    future: torch.futures.Future[Tensor] = torch.futures.Future()
-    future.set_result(bucket.buffer())  # overwritten in p.grad by state._end_step
-    return future
+    return state._start_bucket(bucket)
 
 
 def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
@@ -236,7 +218,8 @@ def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
                        min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
                        compress_patterns: Mapping[str, bool] | None = None,
                        optimizer: torch.optim.Optimizer | None = None,
-                       state: DDPCompressionState | None = None) -> DDPCompressionState:
+                       state: DDPCompressionState | None = None,
+                       bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> DDPCompressionState:
     """Compress ``ddp_model``'s gradients layer by layer, with error feedback and an agent.
 
     Arguments:
@@ -254,6 +237,8 @@ def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
             a learning-rate decay); optional.
         state: a state from ``torch.load`` to continue from (then give no compression,
             memory or agent: the state carries its own).
+        bucket_cap_mb: gradient megabytes whose payloads travel in one fused collective per
+            kind (this library's buckets, not DDP's); > 0.
 
     Returns the :class:`DDPCompressionState`; save it with ``torch.save`` to resume.
     """
@@ -264,7 +249,8 @@ def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
         state = DDPCompressionState(ddp_model, compression, memory, agent, process_group,
                                     on_nonfinite=on_nonfinite,
                                     min_compress_numel=min_compress_numel,
-                                    compress_patterns=compress_patterns, optimizer=optimizer)
+                                    compress_patterns=compress_patterns, optimizer=optimizer,
+                                    bucket_cap_mb=bucket_cap_mb)
     elif not isinstance(state, DDPCompressionState):
         raise ValueError(f"state must be a DDPCompressionState, got {type(state).__name__}")
     elif compression != "topk:100" or memory is not None or agent is not None:

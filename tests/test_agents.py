@@ -32,14 +32,16 @@ def distinct(seq):
 
 
 def test_exponential_policy_visits_10_20_40_160_then_theta_max():
-    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, omega=0.01, window=5,
+    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, omega=0.01,
+                     search="throughput", window=5,
                      policy="exponential", ewma=1.0, settle_steps=0)
     cfs, _ = run(agent, 40)
     assert distinct(cfs) == [10, 20, 40, 160, 1000]
 
 
 def test_geometric_policy_doubles():
-    agent = A.GraVAC(theta_min=10, theta_max=2000, window=3, policy="geometric", ewma=1.0,
+    agent = A.GraVAC(theta_min=10, theta_max=2000, window=3, policy="geometric",
+                     search="throughput", ewma=1.0,
                      settle_steps=0)
     cfs, _ = run(agent, 30)
     assert distinct(cfs)[:6] == [10, 20, 40, 80, 160, 320]
@@ -48,7 +50,8 @@ def test_geometric_policy_doubles():
 def test_saturation_example_from_the_paper_stays_at_1280x():
     """Throughput 1029.9 at 1280x vs 1035.4 at 2000x, ω = 1% → the lower CF, 1280x."""
     table = {1280: 1029.9, 2000: 1035.4}
-    agent = A.GraVAC(theta_min=10, theta_max=2000, epsilon=0.7, omega=0.01, window=4,
+    agent = A.GraVAC(theta_min=10, theta_max=2000, epsilon=0.7, omega=0.01,
+                     search="throughput", window=4,
                      policy="geometric", ewma=1.0, omega_throughput=0.01, settle_steps=0)
     cfs, decision = run(agent, 80, throughput=lambda cf: table.get(cf, 2 * cf / 10 + 100))
     assert distinct(cfs)[-3:] == [1280, 2000, 1280]
@@ -57,21 +60,24 @@ def test_saturation_example_from_the_paper_stays_at_1280x():
 
 
 def test_sends_theta_min_when_only_the_floor_keeps_enough_gain():
-    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, window=2, ewma=1.0,
+    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, window=2,
+                     search="throughput", ewma=1.0,
                      settle_steps=0)
     _, decision = run(agent, 10, d_min=0.8, d_c=0.5)  # δc < ε ≤ δmin
     assert decision.send == "min" and decision.theta_min == 10
 
 
 def test_sends_dense_when_both_gains_are_below_epsilon():
-    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, window=2, ewma=1.0,
+    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, window=2,
+                     search="throughput", ewma=1.0,
                      settle_steps=0)
     _, decision = run(agent, 10, d_min=0.5, d_c=0.3)
     assert decision.send == "dense"
 
 
 def test_theta_min_scales_up_when_gains_are_within_omega():
-    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, omega=0.05, window=3,
+    agent = A.GraVAC(theta_min=10, theta_max=1000, epsilon=0.7, omega=0.05,
+                     search="throughput", window=3,
                      policy="geometric", ewma=1.0, settle_steps=0)
     run(agent, 3, d_min=1.0, d_c=0.98)  # warm-up ends: explore 20
     assert agent.theta_min == 10
@@ -83,7 +89,7 @@ def test_theta_min_scales_up_when_gains_are_within_omega():
 def test_ewma_is_bias_corrected_with_world_size_over_100():
     """α = N/100 = 0.04 (window 1000: 5/window = 0.005 is smaller). Bias-corrected, the first
     value counts once, not as if it had been seen forever: (1 − α)·1 + α·0 over 1 − (1 − α)²."""
-    agent = A.GraVAC(window=1000, settle_steps=0)
+    agent = A.GraVAC(search="throughput", window=1000, settle_steps=0)
     agent.decide(stats(0, d_min=1.0, d_c=1.0, world=4))
     assert agent.delta_min == pytest.approx(1.0)  # one value: exactly it, not α·it
     agent.decide(stats(1, d_min=0.0, d_c=0.0, world=4))
@@ -105,13 +111,13 @@ def test_default_smoothing_fits_five_time_constants_into_a_window():
     # terms: reference (denominator) and the numerators of the two levels, as measured
     ("fresh", (0.8, 0.5)), ("error_fed", (0.8, 0.5)), ("authors", (0.8, 0.5))])
 def test_each_gain_definition_divides_its_terms(gain, expected):
-    agent = A.GraVAC(window=100, gain=gain, ewma=1.0, settle_steps=0)
+    agent = A.GraVAC(search="throughput", window=100, gain=gain, ewma=1.0, settle_steps=0)
     agent.decide(stats(0, d_min=4.0, d_c=2.5, reference=5.0))
     assert (agent.delta_min, agent.delta_c) == pytest.approx(expected)
 
 
 def test_authors_gain_averages_numerator_and_denominator_over_25_steps_and_may_exceed_1():
-    agent = A.GraVAC(window=1000, gain="authors", settle_steps=0)
+    agent = A.GraVAC(search="throughput", window=1000, gain="authors", settle_steps=0)
     for step in range(30):  # 5 old steps drop out of the 25-step window
         num, ref = (100.0, 1.0) if step < 5 else (3.0, 2.0 + step % 2)
         agent.decide(stats(step, d_min=num, d_c=num / 2, reference=ref))
@@ -125,11 +131,11 @@ def test_gain_measures_name_what_the_optimizer_measures():
     assert A.GAINS["fresh"] == A.GainMeasure(compressed="gradient", reference="gradient", power=2)
     assert A.GAINS["error_fed"] == A.GainMeasure("compensated", "compensated", 2)
     assert A.GAINS["authors"] == A.GainMeasure("compensated", "gradient", 1)
-    assert A.GraVAC(gain="authors").gain_measure.power == 1
+    assert A.GraVAC(search="throughput", gain="authors").gain_measure.power == 1
 
 
 def test_unmeasured_steps_leave_the_gain_alone_and_gain_interval_marks_decisions():
-    agent = A.GraVAC(window=100, gain_interval=4, ewma=1.0, settle_steps=0)
+    agent = A.GraVAC(search="throughput", window=100, gain_interval=4, ewma=1.0, settle_steps=0)
     assert agent.initial_decision().measure_gain
     marks = []
     for step in range(8):
@@ -143,7 +149,8 @@ def test_unmeasured_steps_leave_the_gain_alone_and_gain_interval_marks_decisions
 
 
 def test_candidate_gain_restarts_and_settles_when_the_candidate_changes():
-    agent = A.GraVAC(theta_min=10, theta_max=1000, window=4, ewma=0.5, settle_steps=2,
+    agent = A.GraVAC(theta_min=10, theta_max=1000, window=4, ewma=0.5,
+                     search="throughput", settle_steps=2,
                      policy="geometric")
     seen = []
     for step in range(12):
@@ -160,7 +167,8 @@ def test_candidate_gain_restarts_and_settles_when_the_candidate_changes():
 def test_two_tolerances_scale_up_by_gain_gap_and_saturate_by_throughput():
     # gap 3%: within omega=5% → θmin scales up; the paper's 1% would not
     for omega, theta_min in ((0.05, 20), (0.01, 10)):
-        agent = A.GraVAC(theta_min=10, theta_max=1000, omega=omega, window=3, ewma=1.0,
+        agent = A.GraVAC(theta_min=10, theta_max=1000, omega=omega, window=3,
+                         search="throughput", ewma=1.0,
                          policy="geometric", settle_steps=0, omega_throughput=0.0)
         run(agent, 6, d_min=1.0, d_c=0.97)
         assert agent.theta_min == theta_min
@@ -168,7 +176,8 @@ def test_two_tolerances_scale_up_by_gain_gap_and_saturate_by_throughput():
     # still searching under 1%
     table = {10: 100.0, 20: 104.0}
     for omega_t, searching in ((0.05, False), (0.01, True)):
-        agent = A.GraVAC(theta_min=10, theta_max=1000, omega=0.0, window=3, ewma=1.0,
+        agent = A.GraVAC(theta_min=10, theta_max=1000, omega=0.0, window=3,
+                         search="throughput", ewma=1.0,
                          policy="geometric", settle_steps=0, omega_throughput=omega_t)
         cfs, decision = run(agent, 6, throughput=lambda cf: table.get(cf, 1.0), d_c=1.0)
         assert agent.searching is searching
@@ -180,7 +189,8 @@ def test_search_that_reaches_theta_max_settles_at_the_best_throughput():
     """Candidates above 40x lose too much gain to be sent; at θmax the search is over and
     GraVAC stays at the CF with the best compression throughput instead of θmin."""
     table = {10: 50.0, 20: 90.0, 40: 100.0, 160: 60.0}
-    agent = A.GraVAC(theta_min=10, theta_max=1000, window=5, ewma=1.0, settle_steps=0,
+    agent = A.GraVAC(theta_min=10, theta_max=1000, window=5, ewma=1.0,
+                     search="throughput", settle_steps=0,
                      omega=0.0, omega_throughput=0.01)
     decision, sent = agent.initial_decision(), []
     for step in range(60):
@@ -210,7 +220,8 @@ def settle_then(agent, gains, lrs=None, steps_per_phase=20):
 
 
 def gravac_that_settles(**kw):
-    return A.GraVAC(theta_min=10, theta_max=1000, window=5, ewma=1.0, settle_steps=0,
+    return A.GraVAC(theta_min=10, theta_max=1000, window=5, ewma=1.0,
+                    search="throughput", settle_steps=0,
                     omega=0.0, omega_throughput=0.01, **kw)
 
 
@@ -245,10 +256,12 @@ def test_a_learning_rate_step_reopens_the_search_a_small_change_does_not():
 
 
 def test_cf_never_exceeds_theta_max_and_state_round_trips():
-    agent = A.GraVAC(theta_min=10, theta_max=50, window=2, ewma=1.0, settle_steps=0)
+    agent = A.GraVAC(theta_min=10, theta_max=50, window=2, ewma=1.0,
+                     search="throughput", settle_steps=0)
     cfs, _ = run(agent, 30)
     assert max(cfs) == 50
-    clone = A.GraVAC(theta_min=10, theta_max=50, window=2, ewma=1.0, settle_steps=0)
+    clone = A.GraVAC(theta_min=10, theta_max=50, window=2, ewma=1.0,
+                     search="throughput", settle_steps=0)
     clone.load_state_dict(agent.state_dict())
     a, _ = run(agent, 10)
     b, _ = run(clone, 10)
@@ -275,7 +288,7 @@ def test_cf_never_exceeds_theta_max_and_state_round_trips():
 ])
 def test_gravac_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        A.GraVAC(**kwargs)
+        A.GraVAC(search="throughput", **kwargs)
 
 
 def test_accordion_low_in_critical_regimes_high_otherwise():
@@ -308,12 +321,12 @@ def test_static_and_registry():
 
 
 def test_metrics_stream_keeps_only_the_recent_steps():
-    agent = A.GraVAC(theta_min=2, theta_max=100, window=10)
+    agent = A.GraVAC(search="throughput", theta_min=2, theta_max=100, window=10)
     for i in range(RECENT_STEPS + 5):
         agent.decide(stats(i, d_min=0.9, d_c=0.8, iter_time=0.1, world=2,
                                sent=agent.send))
     assert len(agent.history) == RECENT_STEPS and agent.history[0]["step"] == 5
-    restored = A.GraVAC(theta_min=2, theta_max=100, window=10)
+    restored = A.GraVAC(search="throughput", theta_min=2, theta_max=100, window=10)
     restored.load_state_dict(agent.state_dict())
     restored.decide(stats(RECENT_STEPS + 5, d_min=0.9, d_c=0.8, iter_time=0.1, world=2,
                               sent=restored.send))
@@ -483,4 +496,4 @@ def test_per_layer_cost_model_gives_each_tensor_its_own_cf_within_the_global_byt
 
 def test_per_layer_needs_the_cost_model():
     with pytest.raises(ValueError, match="per_layer=True needs search='cost_model'"):
-        A.GraVAC(per_layer=True)
+        A.GraVAC(search="throughput", per_layer=True)

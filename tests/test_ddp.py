@@ -18,12 +18,16 @@ def runs(job, name):
     return [r["runs"][name] for r in job]
 
 
-def test_launched_by_torchrun_and_no_compression_equals_plain_ddp_bit_for_bit(job):
+def test_launched_by_torchrun_and_no_compression_equals_plain_ddp(job):
+    """The same averages as DDP's own allreduce; not bit for bit: this library's buckets (a
+    function of the model, so that resuming is exact) are not DDP's (rebuilt after the
+    first step), and Gloo's ring sums each element in an order that depends on the buffer."""
     assert all(r["torchrun"] for r in job)
     for plain, none in zip(runs(job, "plain"), runs(job, "none")):
         for key, value in plain["params"].items():
-            assert torch.equal(value, none["params"][key]), key
+            torch.testing.assert_close(value, none["params"][key], rtol=1e-5, atol=1e-6)
     assert_identical_across_ranks(runs(job, "plain"))
+    assert_identical_across_ranks(runs(job, "none"))
 
 
 @pytest.mark.parametrize("name", COMPRESSED)

@@ -165,31 +165,74 @@ def test_embedding_gradients_sparse_or_dense(single_rank, sparse, sparse_as_dens
         assert not opt.memory.residuals or "weight" in opt.memory.residuals
 
 
-def test_groups_start_as_horovod_grouped_collectives(single_rank, monkeypatch):
-    import horovod_gravac as hg
+def record_collectives(monkeypatch):
+    """Every Horovod collective the optimizer starts, as (function, name, elements)."""
     calls = []
-    for fn in ("grouped_allreduce_async_", "grouped_allgather_async"):
+    for fn in ("allreduce_async_", "allgather_async", "broadcast_async_", "allreduce",
+               "allgather", "broadcast", "grouped_allreduce_async_", "grouped_allgather_async"):
         real = getattr(hvd, fn)
-        monkeypatch.setattr(hvd, fn, lambda tensors, *a, _real=real, _fn=fn, **kw: (
-            calls.append((_fn, len(tensors), kw["name"])), _real(tensors, *a, **kw))[1])
+        monkeypatch.setattr(hvd, fn, lambda tensor, *a, _real=real, _fn=fn, **kw: (
+            calls.append((_fn, kw.get("name"), tensor.numel())), _real(tensor, *a, **kw))[1])
+    return calls
+
+
+def test_groups_travel_as_one_fused_collective_per_kind(single_rank, monkeypatch):
+    import horovod_gravac as hg
+    calls = record_collectives(monkeypatch)
     model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Linear(8, 2))
-    for compression, kind in (("none", "grouped_allreduce_async_"),
-                              ("topk:4", "grouped_allgather_async")):
+    for compression, kind in (("none", "allreduce_async_"), ("topk:4", "allgather_async")):
         calls.clear()
         opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                       named_parameters=model.named_parameters(),
                                       compression=compression, groups=[list(model[0].parameters())],
                                       min_compress_numel=0)  # tiny layers: compress them too
+        # backward order: the last layer's tensors first
+        assert opt.engine.layout.buckets == (("1.bias",), ("1.weight",), ("0.weight", "0.bias"))
         model(torch.randn(3, 6)).sum().backward()
         opt.step()
-        # layer 0's weight and bias as one grouped collective; layer 1's tensors alone
-        assert calls == [(kind, 2, f"gravac.group.{kind.split('_')[1]}.0.weight")], calls
+        # layer 0's weight and bias in one collective; layer 1's tensors alone
+        assert [c[0] for c in calls] == [kind] * 3, calls
+        assert calls[-1][1].startswith("gravac.0.weight.r0")
+        if compression == "none":
+            assert sorted(c[2] for c in calls) == [2, 16, 48 + 8]
         for h in opt._hooks:
             h.remove()
     with pytest.warns(DeprecationWarning, match="num_groups is deprecated"):
         opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                       named_parameters=model.named_parameters(), num_groups=2)
-    assert len(set(opt._group_of.values())) == 2
+    assert len(opt.engine.layout.buckets) == 2
+
+
+@pytest.mark.parametrize("compression,rounds", [("topk", 1), ("powersgd", 2)])
+def test_collectives_per_step_are_buckets_times_rounds_and_statistics_ride_along(
+        single_rank, monkeypatch, compression, rounds):
+    """B buckets, a compressor of R rounds: B·R data collectives a step and none for the
+    agent's statistics (they ride in the last bucket's); the decision's broadcast is the
+    only other one (over MPI when Horovod runs on MPI)."""
+    import horovod_gravac as hg
+    calls = record_collectives(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(),
+                                torch.nn.Linear(300, 300), torch.nn.ReLU(),
+                                torch.nn.Linear(300, 40))
+    opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                  named_parameters=model.named_parameters(),
+                                  compression=compression, min_compress_numel=0,
+                                  agent=hg.agents.GraVAC(theta_min=2, theta_max=20, window=3,
+                                                         settle_steps=0),
+                                  bucket_cap_mb=0.1)
+    buckets = len(opt.engine.layout.buckets)
+    assert buckets == 3
+    for _ in range(5):
+        calls.clear()
+        opt.zero_grad()
+        model(torch.randn(16, 64)).pow(2).mean().backward()
+        opt.step()
+        control = [c for c in calls if c[1].startswith("gravac.decision")]
+        data = [c for c in calls if c not in control]
+        assert len(data) == buckets * rounds, calls
+        assert all(c[0] in ("allreduce_async_", "allgather_async") for c in data), calls
+        assert all(c[0] == "broadcast_async_" for c in control) and len(control) <= 1
 
 
 HOST_SYNCS = ("item", "tolist", "__bool__", "cpu", "numpy")
@@ -268,7 +311,8 @@ def step_on_constructed_gradients(residual_w=None, **gravac):
 def test_gain_terms_on_constructed_gradients_and_what_is_sent_does_not_depend_on_them(
         single_rank, gain):
     s, opt, w, _ = step_on_constructed_gradients(RESIDUAL_W, theta_min=2, theta_max=10,
-                                                 theta_s=2.5, window=100, gain=gain)
+                                                 theta_s=2.5, window=100, gain=gain,
+                                                 search="throughput")
     assert s.gain_measured
     assert (s.gain_reference, s.gain_min, s.gain_compressed) == pytest.approx(
         EXPECTED_GAIN_TERMS[gain], rel=1e-6)
@@ -302,8 +346,8 @@ def test_per_layer_cost_model_measures_each_tensor_and_sends_each_at_its_cf(sing
     # a decision with per-tensor CFs: w is sent at CF 5 (2 of 10 kept), b at the decision's 2
     # — measured (levels within θmin's) or not (one compression at the CF sent): the same
     for measure in (True, False):
-        opt.exchange.decision = hg.agents.Decision(cf=2, theta_min=2, layer_cf={"w": 5.0},
-                                                   measure_gain=measure)
+        opt.decision = hg.agents.Decision(cf=2, theta_min=2, layer_cf={"w": 5.0},
+                                          measure_gain=measure)
         opt.memory.reset("w")
         opt.memory.reset("b")
         w.grad = torch.tensor(GRAD_W)
@@ -391,7 +435,8 @@ def test_skipped_steps_and_cf_changes_are_logged(single_rank, caplog):
     opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
                                   named_parameters=model.named_parameters(), compression="topk",
                                   agent=hg.agents.GraVAC(theta_min=2, theta_max=64, window=2,
-                                                         settle_steps=0, epsilon=0.01),
+                                                         settle_steps=0, epsilon=0.01,
+                                                         search="throughput"),
                                   min_compress_numel=0)
     with caplog.at_level(logging.INFO, logger="horovod_gravac"):
         for step in range(8):

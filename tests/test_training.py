@@ -78,7 +78,8 @@ def parse(*argv):
     (["--compress-pattern", "decoder"], ValueError, "must be PATTERN=true or PATTERN=false"),
     (["--agent", "gravac", "--reopen-tolerance", "-1"], ValueError,
      "reopen_tolerance must be None or a number > 0"),
-    (["--agent", "gravac", "--per-layer-cf"], ValueError, "per_layer=True needs search='cost_model'"),
+    (["--agent", "gravac", "--per-layer-cf", "--search", "throughput"], ValueError,
+     "per_layer=True needs search='cost_model'"),
     (["--agent", "gravac", "--search", "cost_model", "--gain", "authors"], ValueError,
      "use gain='fresh' or 'error_fed'"),
 ])
@@ -162,7 +163,7 @@ def test_short_runs_under_both_launchers(tmp_path, launcher):
 def test_the_ddp_hook_trains_through_gravac_train(tmp_path):
     s = train_job("gloo", tmp_path / "ddp", "--model", "mlp", "--data", "digits", "--steps", "30",
                   "--eval-interval", "30", "--compression", "topk", "--agent", "gravac",
-                  "--window", "5", "--epsilon", "0.1", "--ddp")
+                  "--window", "5", "--epsilon", "0.1", "--search", "throughput", "--ddp")
     assert s["transport"] == "ddp" and s["replicas_identical"] and s["steps"] == 30
     assert s["total_bytes"] < s["dense_bytes"] and s["final"]["accuracy"] > 0.3
     with open(tmp_path / "ddp" / "steps.csv") as f:
@@ -190,7 +191,7 @@ def test_interrupted_training_resumed_from_its_checkpoint_ends_like_an_uninterru
     flags = [*PTB_FLAGS, "--eval-interval", "10", "--compression", "topk", "--agent", "gravac",
              "--theta-min", "4", "--window", "3", "--omega", "0", "--omega-throughput", "0",
              "--settle-steps", "0", "--policy", "geometric", "--epsilon", "0.3",
-             "--lr-decay-steps", "12", "--seed", "3"]
+             "--search", "throughput", "--lr-decay-steps", "12", "--seed", "3"]
     whole = train_job("mpirun", tmp_path / "whole", *flags, "--steps", "20")
     ckpt = str(tmp_path / "ckpt.pt")
     first = train_job("mpirun", tmp_path / "first", *flags, "--steps", "10", "--checkpoint", ckpt)

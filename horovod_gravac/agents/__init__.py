@@ -8,7 +8,7 @@ from typing import Any
 
 from .accordion import Accordion
 from .base import (COMPENSATED, GRADIENT, RECENT_STEPS, SEND_CHOICES, SEND_COMPRESSED, SEND_DENSE,
-                   SEND_MIN, Agent, Decision, GainMeasure, StepStats)
+                   SEND_MIN, Agent, Decision, GainMeasure, ProbeSpec, StepStats)
 from .gravac import GAINS, SCALING_POLICIES, GraVAC
 from .static import Static
 
@@ -31,6 +31,6 @@ def create(spec: str | Agent | None, **params: Any) -> Agent | None:
 
 
 __all__ = ["AGENTS", "Agent", "Accordion", "COMPENSATED", "Decision", "GAINS", "GRADIENT",
-           "GainMeasure", "GraVAC", "RECENT_STEPS", "SCALING_POLICIES",
+           "GainMeasure", "GraVAC", "ProbeSpec", "RECENT_STEPS", "SCALING_POLICIES",
            "SEND_CHOICES", "SEND_COMPRESSED", "SEND_DENSE", "SEND_MIN", "Static", "StepStats",
            "create"]

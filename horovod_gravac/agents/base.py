@@ -1,9 +1,12 @@
 """The agent interface: statistics in, a decision for the next step out. No tensors here.
 
-Each step the optimizer combines cheap per-rank statistics across ranks (one tiny allreduce),
-hands them to the agent on rank 0, and broadcasts the returned :class:`Decision`; every rank
-applies it from the next step on. Agents are deterministic functions of the statistics they
-saw, and their state is in ``state_dict()``, so a resumed job continues the same schedule.
+An agent tells the engine what to measure (:class:`ProbeSpec`, or None); the engine measures
+it on each rank, sums it over ranks inside the step's last fused collective (no collective of
+its own), and hands the agent on rank 0 the :class:`StepStats`. The returned
+:class:`Decision` is broadcast without blocking and every rank applies it from the next step
+on (the broadcast is waited for where that step first needs it). Agents are deterministic
+functions of the statistics they saw, and their state is in ``state_dict()``, so a resumed
+job continues the same schedule.
 """
 from __future__ import annotations
 
@@ -42,7 +45,14 @@ class Decision:
         return {SEND_COMPRESSED: self.cf, SEND_MIN: self.theta_min, SEND_DENSE: 1.0}[self.send]
 
     def cf_for(self, name: str) -> float:
+        """The compressed level's CF for tensor ``name`` (per-tensor override or ``cf``)."""
         return self.layer_cf.get(name, self.cf) if self.layer_cf else self.cf
+
+    def sent_cf_for(self, name: str) -> float:
+        """The CF tensor ``name`` is sent at: its compressed level, θmin, or 1 (dense)."""
+        if self.send == SEND_COMPRESSED:
+            return self.cf_for(name)
+        return self.theta_min if self.send == SEND_MIN else 1.0
 
     # A fixed-length vector of floats, so the decision travels as one small broadcast
     # (no pickling, no size exchange): [cf, θmin, send, measure_gain, has layer_cf, per layer].
@@ -92,6 +102,52 @@ class GainMeasure:
     power: int
 
 
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What the engine measures for an agent's gain, at the steps its decision marks
+    (``Decision.measure_gain``): per tensor x (see :class:`GainMeasure`), ‖x_ref‖^p and
+    ‖C(x, c)‖^p for each CF c — the decision's (θmin, cf), or a fixed ``ladder`` of CFs.
+
+    ``per_tensor`` keeps one row per tensor instead of the sums over tensors; ``sample``
+    bounds the elements a compressor may estimate each energy from (None: exact, by
+    multi-level compression within the lowest CF's selection, as the paper defines it).
+    The terms travel as one float vector (:meth:`encoded_length`, :meth:`decode`), summed
+    over ranks.
+    """
+
+    measure: GainMeasure
+    ladder: tuple[float, ...] = ()
+    per_tensor: bool = False
+    sample: int | None = None
+
+    def cfs(self, decision: Decision) -> tuple[float, ...]:
+        """The CFs measured under ``decision``, ascending."""
+        if self.ladder:
+            return self.ladder
+        low = decision.theta_min if decision.theta_min is not None else decision.cf
+        return (min(low, decision.cf), decision.cf)
+
+    @property
+    def width(self) -> int:
+        """Terms per row: the reference, then one per CF measured."""
+        return 1 + (len(self.ladder) or 2)
+
+    def encoded_length(self, names: list[str]) -> int:
+        return self.width * (len(names) if self.per_tensor else 1)
+
+    def decode(self, values: list[float], names: list[str]) -> dict[str, Any]:
+        """The summed terms as :class:`StepStats` fields (rows of zeros: not measured)."""
+        w = self.width
+        rows = [values[i:i + w] for i in range(0, len(values), w)]
+        total = [sum(column) for column in zip(*rows)]
+        if not self.ladder:
+            return {"gain_reference": total[0], "gain_min": total[1],
+                    "gain_compressed": total[2]}
+        return {"gain_reference": total[0], "gain_ladder": dict(zip(self.ladder, total[1:])),
+                "layer_ladder": {name: tuple(row) for name, row in zip(names, rows) if any(row)}
+                if self.per_tensor else {}}
+
+
 @dataclass
 class StepStats:
     """Statistics of one step, already combined across ranks.
@@ -132,16 +188,15 @@ class Agent:
     """Base class. Subclasses implement ``initial_decision`` and ``decide``."""
 
     name: ClassVar[str] = ""
-    #: the optimizer computes δ statistics (two-level compression + norms) only when asked
-    needs_gain_stats: ClassVar[bool] = False
-    #: the optimizer hands per-layer norms of the averaged gradient
+    #: the engine hands per-layer norms of the averaged gradient (on rank 0)
     needs_layer_norms: ClassVar[bool] = False
     #: False when the decision never depends on statistics (no broadcast needed)
     adaptive: ClassVar[bool] = True
-    #: CFs whose gain terms and link bytes the exchange measures besides the decision's two
-    #: levels (GraVAC's cost-model search), and whether it keeps them per tensor
-    ladder: tuple[float, ...] = ()
-    per_layer_terms: bool = False
+
+    @property
+    def probe(self) -> ProbeSpec | None:
+        """What the engine measures for this agent on marked steps; None: nothing."""
+        return None
 
     def __init__(self) -> None:
         self.history: deque[dict[str, Any]] = deque(maxlen=RECENT_STEPS)
@@ -159,11 +214,33 @@ class Agent:
         self.history.append(row)
 
     def state_dict(self) -> dict[str, Any]:
-        """A copy: later steps never change a state that was saved (elastic commits)."""
-        return copy.deepcopy({k: v for k, v in vars(self).items() if k != "history"}) | {
-            "history": list(self.history)}
+        """A copy in plain containers (dicts, lists, numbers): later steps never change a
+        state that was saved (elastic commits), and ``torch.load`` reads it with its default
+        ``weights_only=True``. The agent's parts (a search, a tracker) become dicts."""
+        return copy.deepcopy(plain(vars(self)))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, value in copy.deepcopy(state).items():
-            setattr(self, key, value)
+        restore(self, copy.deepcopy(state))
         self.history = deque(self.history, maxlen=RECENT_STEPS)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every object (its ``vars``) and deque turned into dicts and lists."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, deque)):
+        return (tuple if isinstance(value, tuple) else list)(plain(v) for v in value)
+    if hasattr(value, "__dict__") and not isinstance(value, type) and not callable(value):
+        return {k: plain(v) for k, v in vars(value).items()}
+    return value
+
+
+def restore(target: Any, state: dict[str, Any]) -> None:
+    """Load :func:`plain`'s dict of ``target`` back into it (its parts in place)."""
+    for key, value in state.items():
+        current = getattr(target, key, None)
+        if isinstance(value, dict) and hasattr(current, "__dict__") and \
+                not isinstance(current, (dict, type)) and not callable(current):
+            restore(current, value)
+        else:
+            setattr(target, key, value)

@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="topk/dgc: send the kept values in this dtype (default: the gradient's)")
     g.add_argument("--memory", default=None, help="error-feedback memory (default: the compressor's)")
     g.add_argument("--granularity", default="layer", choices=("layer", "model"))
+    g.add_argument("--bucket-cap-mb", type=float, default=None,
+                   help="gradient megabytes whose payloads travel in one fused collective "
+                        "(default: the library's)")
     g.add_argument("--min-compress-numel", type=int, default=None,
                    help="gradients with fewer elements are sent uncompressed (default: the "
                         "library's, 1024; 0 compresses all)")
@@ -97,8 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gain", default="fresh", choices=("fresh", "error_fed", "authors"),
                    help="GraVAC's compression-gain definition")
     g.add_argument("--gain-interval", type=int, default=None,
-                   help="measure the gain every k steps (default: every step; with --search "
-                        "cost_model ten times per window)")
+                   help="measure the gain every k steps (default: every step)")
     g.add_argument("--settle-steps", type=int, default=3,
                    help="GraVAC: steps after a CF change that are neither measured nor timed")
     g.add_argument("--reopen-tolerance", type=float, default=0.1,
@@ -107,10 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reopen-lr-ratio", type=float, default=2.0,
                    help="GraVAC: reopen the search when the learning rate changed by this "
                         "factor since it settled; 0 never")
-    g.add_argument("--search", default="throughput", choices=("throughput", "cost_model"),
-                   help="GraVAC: a window per candidate CF, ranked by measured compression "
-                        "throughput (the paper), or every CF ranked by gain / step time "
-                        "predicted from a fitted link model")
+    g.add_argument("--search", default="cost_model", choices=("cost_model", "throughput"),
+                   help="GraVAC: every CF ranked by gain / step time predicted from a fitted "
+                        "link model (default), or a window per candidate CF ranked by measured "
+                        "compression throughput (the paper's)")
+    g.add_argument("--gain-sample", type=int, default=16384,
+                   help="GraVAC: elements per tensor each gain is estimated from; 0 measures "
+                        "it exactly (a second compression of every gradient, the paper's)")
     g.add_argument("--per-layer-cf", action="store_true",
                    help="GraVAC with --search cost_model: a CF per tensor, spending the chosen "
                         "CF's bytes where they keep the most gradient energy")
@@ -268,6 +273,13 @@ def validate(args: argparse.Namespace) -> None:
     args.compress_patterns = parse_patterns(args.compress_pattern)
     if args.min_compress_numel is None:
         args.min_compress_numel = compression.DEFAULT_MIN_COMPRESS_NUMEL
+    from horovod_gravac.engine import DEFAULT_BUCKET_CAP_MB
+    if args.bucket_cap_mb is None:
+        args.bucket_cap_mb = DEFAULT_BUCKET_CAP_MB
+    if not args.bucket_cap_mb > 0:
+        raise ValueError(f"--bucket-cap-mb must be > 0, got {args.bucket_cap_mb!r}")
+    if args.gain_sample < 0:
+        raise ValueError(f"--gain-sample must be >= 0 (0: exact), got {args.gain_sample!r}")
     if not args.torchvision and not args.baseline:  # names known without building the model
         from .models import parameter_shapes
         compression.uncompressed_tensors(((n, s.numel()) for n, s in parameter_shapes(args.model)),
@@ -318,6 +330,7 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
                 "gain_interval": args.gain_interval, "settle_steps": args.settle_steps,
                 "reopen_tolerance": args.reopen_tolerance or None,
                 "reopen_lr_ratio": args.reopen_lr_ratio or None, "search": args.search,
+                "gain_sample": args.gain_sample or None,
                 "per_layer": args.per_layer_cf,
                 "batch_size": args.batch_size or default_batch(args)}
     if args.agent == "accordion":
@@ -512,6 +525,110 @@ def parameter_digest(model) -> str:
     return digest.hexdigest()
 
 
+#: where a step's time went: forward, backward (with this library's hooks), the optimizer
+#: call (with the Horovod optimizer's exchange), and the engine's own part of those: begin
+#: (error feedback, compression, starting collectives), finish (decoding, verdict, agent)
+PHASE_COLUMNS = ("forward_s", "backward_s", "update_s", "begin_s", "finish_s")
+STEP_COLUMNS = ("step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf", "cf_sent",
+                "send", "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
+                "skipped_steps", *LINK_COLUMNS, *PHASE_COLUMNS)
+
+
+class RunLog:
+    """Rank 0's records of a run: ``steps.csv``, ``evals.csv``, TensorBoard, the progress
+    bar; on the other ranks it writes nothing."""
+
+    def __init__(self, out: Path, rank: int, args: argparse.Namespace, total_steps: int,
+                 first_step: int) -> None:
+        self.active = rank == 0
+        self.writer = self.progress = None
+        if not self.active:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(flags(args), indent=1))
+        self._files = [open(out / "steps.csv", "w", newline=""),
+                       open(out / "evals.csv", "w", newline="")]
+        self.steps, self.evals = (csv.writer(f) for f in self._files)
+        self.steps.writerow(STEP_COLUMNS)
+        self.evals.writerow(["step", "wall", "train_s", "total_bytes", "loss", "metric", "value"])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(out / "tensorboard"))
+        except ImportError:
+            self.writer = None
+        if not args.no_progress:
+            from tqdm import tqdm
+            self.progress = tqdm(total=total_steps, initial=first_step - 1,
+                                 desc=f"{args.model}/{args.agent}", dynamic_ncols=True)
+
+    def step(self, row: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        self.steps.writerow([row.get(c, "") for c in STEP_COLUMNS])
+        if self.writer:
+            step = row["step"]
+            for tag, key in (("train/loss", "loss"), ("train/samples_per_s", "samples_per_s"),
+                             ("comm/cf", "cf"), ("comm/bytes", "total_bytes"),
+                             ("gravac/delta_c", "delta_c"), ("gravac/delta_min", "delta_min"),
+                             *((f"link/{c}", c) for c in LINK_COLUMNS)):
+                if row.get(key) not in (None, ""):
+                    self.writer.add_scalar(tag, row[key], step)
+        if self.progress:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{row['loss']:.3f}", cf=f"{row['cf']:.0f}")
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        for k, v in record.items():
+            if k in ("step", "wall", "train_s", "total_bytes"):
+                continue
+            self.evals.writerow([record["step"], record["wall"], record["train_s"],
+                                 record["total_bytes"], record["loss"], k, v])
+            if self.writer:
+                self.writer.add_scalar(f"eval/{k}", v, record["step"])
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        for f in self._files:
+            f.close()
+        if self.writer:
+            self.writer.close()
+        if self.progress:
+            self.progress.close()
+
+
+def build_exchange(args: argparse.Namespace, work: "Workload", base, hvd):
+    """The optimizer to step, and the front-end of this library's engine (the Horovod
+    optimizer or the DDP hook's state; None for the baselines)."""
+    import horovod_gravac as hg
+
+    model = work.model
+    compression = None if args.baseline else \
+        hg.compression.create(args.compression, **compression_params(args))
+    settings = dict(memory=args.memory, agent=args.agent_obj, on_nonfinite=args.on_nonfinite,
+                    min_compress_numel=args.min_compress_numel,
+                    compress_patterns=args.compress_patterns, bucket_cap_mb=args.bucket_cap_mb)
+    if args.baseline == "ddp-powersgd":
+        work.model = ddp_powersgd(model, args, hvd)  # checkpoints keep the plain model
+        return base, None
+    if args.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        init_torch_distributed(hvd)
+        work.model = DistributedDataParallel(model)
+        return base, hg.ddp.register_comm_hook(work.model, compression=compression,
+                                               optimizer=base, **settings)
+    if args.baseline:
+        wire = hvd.Compression.fp16 if args.baseline == "horovod-fp16" else hvd.Compression.none
+        return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                        compression=wire), None
+    opt = hg.DistributedOptimizer(base, named_parameters=model.named_parameters(),
+                                  compression=compression, granularity=args.granularity,
+                                  **settings)
+    return opt, opt
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import horovod.torch as hvd
     import torch
@@ -532,35 +649,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.agent_obj = hg.agents.GraVAC(**{**agent_params(args), "window": auto_window(total_steps)})
     base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                            weight_decay=args.weight_decay)
-    ddp = hook = None
-    if args.baseline == "ddp-powersgd":
-        ddp = ddp_powersgd(model, args, hvd)
-        work.model = ddp  # forward and backward through DDP; checkpoints keep the plain model
-        opt = base
-    elif args.ddp:
-        from torch.nn.parallel import DistributedDataParallel
-        init_torch_distributed(hvd)
-        ddp = DistributedDataParallel(model)
-        hook = hg.ddp.register_comm_hook(
-            ddp, compression=hg.compression.create(args.compression, **compression_params(args)),
-            memory=args.memory, agent=args.agent_obj, on_nonfinite=args.on_nonfinite,
-            min_compress_numel=args.min_compress_numel, compress_patterns=args.compress_patterns,
-            optimizer=base)
-        work.model = ddp
-        opt = base
-    elif args.baseline:
-        compression = hvd.Compression.fp16 if args.baseline == "horovod-fp16" else hvd.Compression.none
-        opt = hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
-                                       compression=compression)
-    else:
-        opt = hg.DistributedOptimizer(base, named_parameters=model.named_parameters(),
-                                      compression=hg.compression.create(
-                                          args.compression, **compression_params(args)),
-                                      memory=args.memory,
-                                      granularity=args.granularity, agent=args.agent_obj,
-                                      on_nonfinite=args.on_nonfinite,
-                                      min_compress_numel=args.min_compress_numel,
-                                      compress_patterns=args.compress_patterns)
+    opt, frontend = build_exchange(args, work, base, hvd)
+    through_ddp = work.model is not model
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(base, root_rank=0)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(base, args.decay_steps, args.lr_decay_factor) \
@@ -575,42 +665,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             next(batches)
         work.state = resumed["rank_state"]  # this rank's LSTM state on its shard
     samples_per_step = work.batch * (work.bptt if work.task == "lm" else 1) * size
-
-    out = Path(args.out)
-    writer = steps_file = evals_file = None
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(flags(args), indent=1))
-        steps_file = open(out / "steps.csv", "w", newline="")
-        evals_file = open(out / "evals.csv", "w", newline="")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            writer = None
-    step_log = csv.writer(steps_file) if steps_file else None
-    eval_log = csv.writer(evals_file) if evals_file else None
-    if step_log:
-        step_log.writerow(["step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf",
-                           "cf_sent", "send",
-                           "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
-                           "skipped_steps", *LINK_COLUMNS])
-        eval_log.writerow(["step", "wall", "train_s", "total_bytes", "loss", "metric", "value"])
-    progress = None
-    if rank == 0 and not args.no_progress:
-        from tqdm import tqdm
-        progress = tqdm(total=total_steps, desc=f"{args.model}/{args.agent}", dynamic_ncols=True)
-
-    if progress:
-        progress.update(first_step - 1)
+    log = RunLog(Path(args.out), rank, args, total_steps, first_step)
     dense_bytes = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
+    # what this library's engine reported for the step that just ended
+    reports: list[hg.StepReport] = []
+    if frontend is not None:
+        frontend.register_step_callback(reports.append)
+    untimed = frontend.untimed if frontend is not None else contextlib.nullcontext
     time_to_target = steps_to_target = None
     step, train_s = first_step - 1, resumed["train_s"] if args.resume else 0.0
-    # evaluation, checkpoints and logging are not part of a step's time (GraVAC's throughput)
-    #: this library's exchange (the Horovod optimizer or the DDP hook's): bytes, decisions
-    tracker = opt if isinstance(opt, hg.DistributedOptimizer) else \
-        hook.exchange if hook is not None else None
-    untimed = tracker.untimed if tracker is not None else contextlib.nullcontext
+    skipped = frontend.engine.skipped_steps if frontend is not None else 0
     start = time.perf_counter()
 
     def save_checkpoint() -> None:
@@ -623,8 +687,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         inputs, targets = next(batches)
         opt.zero_grad()
         loss = work.loss(inputs, targets)
+        forward_end = time.perf_counter()
         loss.backward()
-        if args.clip and ddp is not None:  # DDP averaged the gradients during backward
+        backward_end = time.perf_counter()
+        if args.clip and through_ddp:  # DDP averaged the gradients during backward
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             opt.step()
         elif args.clip:
@@ -639,50 +705,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         now = time.perf_counter()
         step_time = now - step_start
         train_s += step_time
-        if tracker is not None:
-            sent = tracker.communication.last_bytes
-            decision = tracker.decisions[-1] if tracker.decisions else None
+        report = reports.pop() if reports else None
+        if report is not None:
+            sent, skipped = report.bytes, skipped + report.skipped
         else:
-            sent = ddp_step_bytes(model, args, step) if ddp is not None else \
+            sent = ddp_step_bytes(model, args, step) if through_ddp else \
                 dense_bytes // (2 if args.baseline == "horovod-fp16" else 1)
-            decision = None
         total_bytes += sent
         with untimed():
-            if rank == 0:
-                agent = getattr(tracker, "agent", None)
-                history = agent.history[-1] if agent is not None and agent.history else {}
-                cf = sent and dense_bytes / sent
-                row = [step, step / work.steps_per_epoch, now - start, step_time, loss.item(),
-                       samples_per_step / step_time, cf, decision.sent_cf if decision else "",
-                       decision.send if decision else "",
-                       history.get("delta_min", ""), history.get("delta_c", ""), sent, total_bytes,
-                       dense_bytes * step, getattr(tracker, "skipped_steps", 0),
-                       *(history.get(c, "") for c in LINK_COLUMNS)]
-                step_log.writerow(row)
-                if writer:
-                    writer.add_scalar("train/loss", loss.item(), step)
-                    writer.add_scalar("train/samples_per_s", samples_per_step / step_time, step)
-                    writer.add_scalar("comm/cf", cf, step)
-                    writer.add_scalar("comm/bytes", total_bytes, step)
-                    if history.get("delta_c") is not None:
-                        writer.add_scalar("gravac/delta_c", history["delta_c"], step)
-                        writer.add_scalar("gravac/delta_min", history["delta_min"], step)
-                    for column in LINK_COLUMNS:
-                        if history.get(column) is not None:
-                            writer.add_scalar(f"link/{column}", history[column], step)
-                if progress:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{loss.item():.3f}", cf=f"{cf:.0f}")
+            row = report.agent_row if report is not None else {}
+            decision = report.decision if report is not None else None
+            measured = {"wait_s": report.wait_s, "link_bytes": report.link_bytes,
+                        "begin_s": report.begin_s, "finish_s": report.finish_s} \
+                if report is not None else {}
+            log.step({**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS)},
+                      **measured, "forward_s": forward_end - step_start,
+                      "backward_s": backward_end - forward_end, "update_s": now - backward_end,
+                      "step": step, "epoch": step / work.steps_per_epoch, "wall": now - start,
+                      "step_s": step_time, "loss": loss.item(),
+                      "samples_per_s": samples_per_step / step_time,
+                      "cf": sent and dense_bytes / sent,
+                      "cf_sent": decision.sent_cf if decision else "",
+                      "send": decision.send if decision else "", "bytes": sent,
+                      "total_bytes": total_bytes, "dense_bytes": dense_bytes * step,
+                      "skipped_steps": skipped})
             if step % args.eval_interval == 0 or step == total_steps:
                 metrics = work.evaluate(hvd)
-                wall = time.perf_counter() - start
-                evals.append({"step": step, "wall": wall, "train_s": train_s,
-                              "total_bytes": total_bytes, **metrics})
-                if rank == 0:
-                    for k, v in metrics.items():
-                        eval_log.writerow([step, wall, train_s, total_bytes, metrics["loss"], k, v])
-                        if writer:
-                            writer.add_scalar(f"eval/{k}", v, step)
+                evals.append({"step": step, "wall": time.perf_counter() - start,
+                              "train_s": train_s, "total_bytes": total_bytes, **metrics})
+                log.evaluation(evals[-1])
                 if args.target is not None and time_to_target is None and \
                         reached(args.target_metric, metrics[args.target_metric], args.target):
                     time_to_target, steps_to_target = train_s, step
@@ -695,28 +746,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - start
     digests = hvd.allgather_object(parameter_digest(model))
     hosts = hvd.allgather_object(socket.gethostname())
-    if ddp is not None:
+    if through_ddp:
         torch.distributed.destroy_process_group()
-    if progress:
-        progress.close()
-    final = evals[-1] if evals else {}
+    log.close()
     summary = {
         "model": args.model, "data": args.data, "ranks": size, "steps": step,
         "agent": args.agent, "compression": args.baseline or args.compression,
         "wall_s": wall, "train_s": train_s, "time_to_target_s": time_to_target,
         "steps_to_target": steps_to_target, "target_metric": args.target_metric,
-        "target": args.target, "final": final, "total_bytes": total_bytes,
+        "target": args.target, "final": evals[-1] if evals else {}, "total_bytes": total_bytes,
         "dense_bytes": dense_bytes * step, "mean_cf": dense_bytes * step / max(total_bytes, 1),
-        "skipped_steps": getattr(tracker, "skipped_steps", 0), "evals": evals,
-        "transport": "ddp" if ddp is not None else "horovod",
+        "skipped_steps": skipped, "evals": evals,
+        "transport": "ddp" if through_ddp else "horovod",
         "hosts": hosts, "parameter_digests": digests, "replicas_identical": len(set(digests)) == 1,
     }
     if rank == 0:
-        steps_file.close()
-        evals_file.close()
-        if writer:
-            writer.close()
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 

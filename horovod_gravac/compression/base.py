@@ -2,8 +2,10 @@
 
 Pure torch, no collectives. A *payload* is the tuple of tensors a rank puts on the wire; a
 *ctx* is what stays local to rebuild the tensor (shape, dtype, indices a peer need not see)
-and says how the payload must be exchanged (:class:`Exchange`). The communication layer reads
-``ctx.exchange`` and never needs to know which compressor it is moving.
+and says how the payload must be exchanged (:class:`Exchange`) and in how many rounds
+(``ctx.rounds``). The engine reads only those two and never needs to know which compressor it
+is moving: a tensor of several rounds (PowerSGD: P, then Q from the reduced P) gets each next
+payload from :meth:`Compressor.next_round`.
 
 The compression factor (CF) is the paper's unit: original size / size sent, so CF 100 keeps 1%
 of a sparsified tensor. :func:`num_selected` is the one place CF becomes an element count.
@@ -26,9 +28,8 @@ Payload = tuple[Tensor, ...]
 class Exchange(enum.Enum):
     """How a payload travels between ranks."""
 
-    ALLREDUCE = "allreduce"  # same shape on every rank and summable: one allreduce (Sum)
+    ALLREDUCE = "allreduce"  # same shape on every rank and summable: summed over ranks
     ALLGATHER = "allgather"  # per-rank sizes or scales differ: gather all, then ``aggregate``
-    LOWRANK = "lowrank"  # PowerSGD: allreduce P, then ``compress_second`` and allreduce Q
 
 
 @dataclass
@@ -42,6 +43,9 @@ class Ctx:
     #: True when the payload's size depends on the data (thresholds), so ranks' sizes differ;
     #: False when it depends only on the shape and CF, the same on every rank
     varying_size: bool = False
+    #: exchange rounds of this tensor (PowerSGD's matrices: 2, P then Q); the engine asks
+    #: ``next_round`` for each payload after the first
+    rounds: int = 1
 
     @property
     def numel(self) -> int:
@@ -161,13 +165,34 @@ class Compressor:
             out += self.decompress(p, ctx)
         return out
 
+    def next_round(self, reduced: Payload, ctx: Ctx) -> Payload:
+        """The payload of this tensor's next round, from the payload of the round just done
+        summed over ranks (``reduced``). Called ``ctx.rounds − 1`` times, after which the last
+        round's reduced payload goes to :meth:`aggregate`; one-round compressors never see it.
+        """
+        raise NotImplementedError(f"{self.name!r} exchanges in one round")
+
     def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:
         """‖decompress(payload)‖² as a 0-dim float tensor (GraVAC's compression gain)."""
         return self.decompress(payload, ctx).float().pow(2).sum()
 
-    def sent_bytes(self, payload: Payload, ctx: Ctx) -> int:
-        """Bytes this rank sends for ``payload`` over all phases of its exchange."""
-        return wire_bytes(payload)
+    def energy_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                       step: int = 0, sample: int | None = None) -> Tensor:
+        """‖C(tensor, cf)‖² for each CF of the ascending ``cfs`` (GraVAC's gain numerators).
+
+        Exact here, by multi-level compression: C(tensor, cfs[0]), then each higher CF within
+        that selection (:meth:`recompress`). Compressors that can estimate it cheaply from at
+        most ``sample`` elements override this (sparsifiers, PowerSGD); ``sample=None`` asks
+        for the exact value.
+        """
+        payload, ctx = self.compress(tensor, name, step, cf=cfs[0])
+        levels = [(payload, ctx)] + [self.recompress(payload, ctx, cf) for cf in cfs[1:]]
+        return torch.stack([self.sent_norm_sq(*level).float() for level in levels])
+
+    def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
+        """(bytes this rank sends over all rounds for a float32 tensor of ``shape`` at ``cf``,
+        how they travel), from the shape alone: what the cost model prices an untried CF by."""
+        return int(shape.numel() * 4 / self.nominal_cf), self.exchange
 
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
         """``compensated − decompress(payload)``: the error-feedback residual.

@@ -1,10 +1,13 @@
 """PowerSGD low-rank compression (Vogels, Karimireddy & Jaggi, NeurIPS 2019).
 
-A gradient reshaped to M ∈ R^{n×m} (n = first dimension) is approximated by P Qᵀ with rank r:
+A gradient reshaped to M ∈ R^{n×m} (n = first dimension) is approximated by P Qᵀ with rank r,
+in two exchange rounds that the engine runs for a whole bucket at a time (``ctx.rounds`` = 2):
 
-    P = M Q            → allreduce(P), orthogonalize P
-    Q = Mᵀ P           → allreduce(Q)
-    M̂ = P Qᵀ           (the same on every rank; the error M − M̂ feeds back next step)
+    round 1:  P = M Q                      (compress)      → P summed over ranks
+    round 2:  P̂ = orth(ΣP), Q = Mᵀ P̂       (next_round)    → Q averaged over ranks
+    M̂ = P̂ Qᵀ                               (decompress; the same on every rank)
+
+The error M − P̂ Q_localᵀ feeds back at the next step (the paper's Algorithm 2).
 
 Q is kept between steps (warm start: one power iteration per step refines it), so the
 quality improves over time at no extra cost. Q starts from a seed shared by every rank, as the
@@ -28,16 +31,19 @@ import torch
 from torch import Tensor
 
 from ..validation import check_number
-from .base import Ctx, Exchange, Payload, SeededCompressor, is_finite, validate_cf, wire_bytes
+from .base import Ctx, Exchange, Payload, SeededCompressor, is_finite, validate_cf
 
 
 def orthogonalize(p: Tensor) -> Tensor:
-    """Orthonormal columns spanning ``p`` (reduced QR; fine for the tiny r used here)."""
+    """Orthonormal columns spanning ``p``: reduced QR, or a normalisation at rank 1."""
+    if p.shape[1] == 1:
+        norm = torch.linalg.vector_norm(p)
+        return p / torch.where(norm > 0, norm, torch.ones_like(norm))
     return torch.linalg.qr(p, mode="reduced").Q
 
 
 class PowerSGD(SeededCompressor):
-    """Rank-``rank`` PowerSGD with warm start; exchanged in two allreduces (P, then Q).
+    """Rank-``rank`` PowerSGD with warm start; exchanged in two summed rounds (P, then Q).
 
     Arguments:
         rank: the rank of every matrix when no CF is given.
@@ -49,7 +55,7 @@ class PowerSGD(SeededCompressor):
     """
 
     name = "powersgd"
-    exchange = Exchange.LOWRANK
+    exchange = Exchange.ALLREDUCE
     default_memory = "residual"
     state_is_shared = True
     adjustable_cf = True
@@ -105,7 +111,7 @@ class PowerSGD(SeededCompressor):
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0,
                  cf: float | None = None) -> tuple[Payload, Ctx]:
-        """Phase 1: P = M Q. Tensors that don't gain go as a dense allreduce."""
+        """Round 1: P = M Q. Tensors that don't gain go dense, in one round."""
         dims = self._matrix_shape(tensor.shape, cf)
         if dims is None:
             wire = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
@@ -116,16 +122,17 @@ class PowerSGD(SeededCompressor):
         # "energies": ‖Mᵀ P̂‖² per column, shared with the truncations of this level
         return (matrix @ q,), Ctx(tensor.shape, tensor.dtype, self.exchange,
                                   {"matrix": matrix, "name": name, "q_start": q,
-                                   "energies": [None]})
+                                   "energies": [None]}, rounds=2)
 
     def recompress(self, payload: Payload, ctx: Ctx, cf: float) -> tuple[Payload, Ctx]:
         """The level at ``cf`` from the level at a lower CF: the first columns of P and Q."""
-        if ctx.exchange is Exchange.ALLREDUCE:  # the lower level was dense: compress afresh
+        if ctx.rounds == 1:  # the lower level was dense: compress afresh
             return self.compress(payload[0].view(ctx.shape), ctx.extra["name"], cf=cf)
         matrix = ctx.extra["matrix"]
         rank = min(self.rank_for(*matrix.shape, cf), payload[0].shape[1])
-        return (payload[0][:, :rank].contiguous(),), Ctx(ctx.shape, ctx.dtype, self.exchange,
-                                            {**ctx.extra, "q_start": ctx.extra["q_start"][:, :rank]})
+        return (payload[0][:, :rank].contiguous(),), Ctx(
+            ctx.shape, ctx.dtype, self.exchange,
+            {**ctx.extra, "q_start": ctx.extra["q_start"][:, :rank]}, rounds=2)
 
     def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:
         """‖P̂ Qᵀ‖² = ‖Mᵀ P̂‖² with this rank's P̂ = orth(P) (before any exchange).
@@ -134,30 +141,72 @@ class PowerSGD(SeededCompressor):
         ‖Mᵀ P̂_r‖² is the sum of the first r column energies of Mᵀ P̂: computed once per level
         and shared by its truncations (every ladder CF of the cost-model search).
         """
-        if ctx.exchange is Exchange.ALLREDUCE:
+        if ctx.rounds == 1:
             return payload[0].float().pow(2).sum()
         rank, energies = payload[0].shape[1], ctx.extra["energies"]
         if energies[0] is None or energies[0].numel() < rank:
             energies[0] = (ctx.extra["matrix"].t() @ orthogonalize(payload[0])).pow(2).sum(0)
         return energies[0][:rank].sum()
 
-    def sent_bytes(self, payload: Payload, ctx: Ctx) -> int:
-        """P (n×r) now and Q (m×r) in the second phase, both float32."""
-        if ctx.exchange is Exchange.ALLREDUCE:
-            return wire_bytes(payload)
-        p = payload[0]
-        return (p.shape[0] + ctx.extra["matrix"].shape[1]) * p.shape[1] * p.element_size()
+    def energy_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                       step: int = 0, sample: int | None = None) -> Tensor:
+        """‖P̂ Qᵀ‖² = ‖Mᵀ P̂‖² at each CF's rank from the warm-start Q, with P̂ = orth(M Q) at
+        the largest rank (its truncations share it: a QR's first columns span P's first).
 
-    def compress_second(self, p_sum: Tensor, ctx: Ctx) -> Payload:
-        """Phase 2, from the allreduced P: orthogonalize it and send Q = Mᵀ P."""
-        p = orthogonalize(p_sum)
+        With ``sample``, estimated from a length-squared sketch of the matrix (Drineas,
+        Kannan & Mahoney 2006): s lines of the longer side drawn with probability ∝ their
+        squared norm and scaled so that the sketch's Gram matrix equals M's in expectation
+        — rows (S with SᵀS ≈ MᵀM; P̂ = orth(S Q)) or columns (C with CCᵀ ≈ MMᵀ; M Q
+        estimated from the same columns) — s = max(4·r, ⌈sample / shorter side⌉): a few
+        small products instead of two of M's size.
+        """
+        dims = self._matrix_shape(tensor.shape, cfs[0])
+        if dims is None or sample is None:
+            return super().energy_profile(tensor, cfs, name, step)
+        n, m, top = dims
+        matrix = tensor.reshape(n, m).float()
+        q = self._start_q(name, m, top, matrix.device)
+        lines = matrix if n >= m else matrix.t()  # the longer side first
+        long, short = lines.shape
+        s = min(long, max(4 * top, -(-sample // short)))
+        if s < long:
+            weights = torch.nan_to_num(lines.pow(2).sum(1), nan=0.0, posinf=0.0)
+            total = weights.sum()
+            gen = self.generator(matrix.device, "powersgd-gain", name, step)
+            picked = torch.multinomial(weights.clamp_min(torch.finfo(weights.dtype).tiny), s,
+                                       replacement=True, generator=gen)
+            scale = (total / (s * weights[picked].clamp_min(torch.finfo(weights.dtype).tiny))
+                     ).sqrt().unsqueeze(1)
+            sketch = lines[picked] * scale  # s × short
+            if n >= m:  # rows: P̂ from the sketched rows
+                side, p = sketch.t(), sketch @ q
+            else:  # columns: M Q ≈ Σ_j M[:, j] Q[j] / (s p_j), from the sketched columns
+                side, p = sketch, sketch.t() @ (q[picked] * scale)
+        else:
+            side, p = matrix.t(), matrix @ q
+        energies = (side @ orthogonalize(p)).pow(2).sum(0).cumsum(0)
+        ranks = torch.tensor([min(self.rank_for(n, m, cf), top) - 1 for cf in cfs],
+                             device=energies.device)
+        return energies[ranks]
+
+    def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
+        """P (n×r) and Q (m×r) in float32, or the dense tensor where rank r would not gain."""
+        dims = self._matrix_shape(shape, cf)
+        if dims is None:
+            return 4 * shape.numel(), Exchange.ALLREDUCE
+        n, m, rank = dims
+        return 4 * rank * (n + m), Exchange.ALLREDUCE
+
+    def next_round(self, reduced: Payload, ctx: Ctx) -> Payload:
+        """Round 2, from P summed over ranks: orthogonalize it and send Q = Mᵀ P̂."""
+        p = orthogonalize(reduced[0])
         q = ctx.extra["matrix"].t() @ p
         ctx.extra.update(p=p, q_local=q)
         return (q,)
 
     def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
-        """From the allreduced Q (or a dense tensor): M̂ = P Qᵀ."""
-        if ctx.exchange is Exchange.ALLREDUCE:
+        """From the reduced Q (or a dense tensor): M̂ = P̂ Qᵀ."""
+        if ctx.rounds == 1:
             return payload[0].to(ctx.dtype).view(ctx.shape)
         q = payload[0]
         if self.warm_start:  # a NaN step must not stick: keep the Q this step started from
@@ -169,8 +218,8 @@ class PowerSGD(SeededCompressor):
         return (ctx.extra["p"] @ q.t()).to(ctx.dtype).view(ctx.shape)
 
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
-        """Local error M − P Q_localᵀ (= M − P Pᵀ M), as in the paper's Algorithm 2."""
-        if ctx.exchange is Exchange.ALLREDUCE:
+        """Local error M − P̂ Q_localᵀ (= M − P̂ P̂ᵀ M), as in the paper's Algorithm 2."""
+        if ctx.rounds == 1:
             return torch.zeros_like(compensated)  # not in place: the payload is ``compensated``
         local = ctx.extra["p"] @ ctx.extra["q_local"].t()
         # P comes from every rank: if a peer's gradient was NaN, nothing of this step is

@@ -152,6 +152,39 @@ class Sparsifier(Compressor):
     def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:
         return payload[0].float().pow(2).sum()  # O(k): the values are all that is sent
 
+    def energy_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                       step: int = 0, sample: int | None = None) -> Tensor:
+        """Energy of the k = ⌊n/cf⌋ largest |t| for each CF (what every sparsifier here
+        approximates), from one sort of the largest of them.
+
+        With ``sample``, estimated from a strided sample of s = max(sample, 64·max(cfs))
+        elements when the tensor has more (so that even the highest CF keeps 64 of them): the
+        fraction of the sample's energy in its ⌊s/cf⌋ largest, times ‖t‖². Cost
+        O(s log s) instead of a selection over n.
+        """
+        flat = tensor.reshape(-1).float()
+        n = flat.numel()
+        if n == 0:
+            return flat.new_zeros(len(cfs))
+        picked, scale = flat, None
+        size = None if sample is None else max(sample, int(64 * max(cfs)))
+        if size is not None and n > size:
+            picked = flat[::n // size][:size]
+            scale = flat.pow(2).sum() / picked.pow(2).sum().clamp_min(torch.finfo(flat.dtype).tiny)
+        counts = [num_selected(picked.numel(), cf) for cf in cfs]
+        top = torch.topk(picked.abs(), max(counts), sorted=True).values
+        energies = top.pow(2).cumsum(0)[torch.tensor(counts, device=top.device) - 1]
+        return energies if scale is None else energies * scale
+
+    def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
+        """k values and k int32 indices (or, selecting exactly k, a bitmap when smaller)."""
+        n = shape.numel()
+        k = num_selected(n, cf or self.cf)
+        value = (self.value_dtype or torch.float32).itemsize
+        positions = (n + 7) // 8 if self.selects_exactly_k and _bitmap_is_smaller(n, k) \
+            else k * _index_dtype(n).itemsize
+        return k * value + positions, self.exchange
+
     def indices(self, payload: Payload, ctx: Ctx) -> Tensor:
         """Positions (into the flattened tensor) that the payload carries."""
         if self._is_bitmap(payload):
@@ -254,6 +287,22 @@ class RandomK(SeededCompressor, Sparsifier):
 
     def indices(self, payload: Payload, ctx: Ctx) -> Tensor:
         return ctx.extra["indices"]
+
+    def energy_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                       step: int = 0, sample: int | None = None) -> Tensor:
+        """The expected energy of k = ⌊n/cf⌋ uniformly drawn elements: k/n of ‖t‖² (times
+        (n/k)² when unbiased) — exact in expectation, and no draw needed."""
+        n = tensor.numel()
+        total = tensor.float().pow(2).sum()
+        fractions = []
+        for cf in cfs:
+            k = num_selected(n, cf)
+            fractions.append(k / n * ((n / k) ** 2 if self.unbiased else 1.0) if n else 0.0)
+        return total * torch.tensor(fractions, device=tensor.device)
+
+    def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
+        """k values and the finiteness marker, summed over ranks (the indices are shared)."""
+        return 4 * (num_selected(shape.numel(), cf or self.cf) + 1), self.exchange
 
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
         if ctx.extra["scale"] != 1.0:  # unbiased: sent values were scaled, residual is not 0

@@ -31,7 +31,7 @@ def full_loss(model):
 
 def gravac():
     return GraVAC(theta_min=2, theta_max=64, epsilon=0.3, window=5, omega=0.0,
-                  omega_throughput=0.0, settle_steps=1, policy="geometric")
+                  omega_throughput=0.0, settle_steps=1, policy="geometric", search="throughput")
 
 
 def communication(state):

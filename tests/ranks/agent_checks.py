@@ -45,12 +45,14 @@ def train(agent, compression="topk", memory=None, **options):
 
 runs = {
     "gravac_exp": train(hg.agents.GraVAC(theta_min=2, theta_max=500, epsilon=0.3, window=25,
-                                         policy="exponential")),
+                                         policy="exponential", search="throughput")),
     "gravac_geo_dgc": train(hg.agents.GraVAC(theta_min=2, theta_max=200, epsilon=0.3, window=40,
-                                             policy="geometric"), compression="dgc", memory="dgc"),
+                                             policy="geometric", search="throughput"),
+                            compression="dgc", memory="dgc"),
     # PowerSGD's rank chosen by GraVAC: CF 2 → rank 16 on the 64×64 layer, … CF 32 → rank 1
     "gravac_powersgd": train(hg.agents.GraVAC(theta_min=2, theta_max=32, epsilon=0.3, window=25,
-                                              policy="geometric"), compression="powersgd"),
+                                              policy="geometric", search="throughput"),
+                             compression="powersgd"),
     # the cost-model search with a CF per tensor (every tensor compressed: two weights)
     "gravac_cost_per_layer": train(hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3,
                                                     window=25, search="cost_model",

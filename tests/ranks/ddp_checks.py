@@ -81,7 +81,7 @@ def result(model, state, errors=()):
     out = {"params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
            "errors": list(errors)}
     if state is not None:
-        ex = state.exchange
+        ex = state.engine
         out.update(steps=ex.step_count, skipped=ex.skipped_steps,
                    bytes=ex.communication.total_bytes, dense=ex.communication.total_dense_bytes,
                    exchanges=ex.communication.steps,
@@ -100,7 +100,8 @@ def run(unused=False, accumulate=1, nan_at=None, **hook):
 
 def gravac():
     return hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3, window=10, omega=0.0,
-                            omega_throughput=0.0, settle_steps=1, policy="geometric")
+                            omega_throughput=0.0, settle_steps=1, policy="geometric",
+                            search="throughput")
 
 
 runs = {

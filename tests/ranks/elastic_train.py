@@ -34,7 +34,7 @@ opt = hg.DistributedOptimizer(
     named_parameters=model.named_parameters(), compression="topk",
     # no decision depends on measured time (see resume_checks.py): rollback is bit-exact
     agent=hg.agents.GraVAC(theta_min=2, theta_max=1e6, epsilon=0.3, window=5, omega=0.0,
-                           omega_throughput=0.0, policy="geometric"))
+                           omega_throughput=0.0, policy="geometric", search="throughput"))
 state = hg.elastic.TorchState(model=model, optimizer=opt, step=0)
 checks = {"resets": 0, "sizes": []}
 

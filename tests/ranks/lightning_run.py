@@ -59,7 +59,7 @@ def loader():
 
 def gravac():
     return GraVAC(theta_min=2, theta_max=64, epsilon=0.3, window=5, omega=0.0,
-                  omega_throughput=0.0, settle_steps=1, policy="geometric")
+                  omega_throughput=0.0, settle_steps=1, policy="geometric", search="throughput")
 
 
 class BytesSoFar(pl.Callback):

@@ -26,7 +26,7 @@ def gravac(policy):
     # omega_throughput=0 and a search that does not reach theta_max within the run: no
     # decision depends on measured throughput, so two runs decide alike
     return hg.agents.GraVAC(theta_min=2, theta_max=1e6, epsilon=0.3, window=8, omega=0.0,
-                            omega_throughput=0.0, policy=policy)
+                            omega_throughput=0.0, policy=policy, search="throughput")
 
 
 CONFIGS = {  # name → (compression, memory, agent factory, momentum of the wrapped SGD)

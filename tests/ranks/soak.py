@@ -31,7 +31,7 @@ opt = hg.DistributedOptimizer(
     named_parameters=model.named_parameters(), compression="topk",
     # no throughput saturation: the search always walks the CFs up to theta_max
     agent=hg.agents.GraVAC(theta_min=2, theta_max=200, epsilon=0.3, window=50,
-                           omega_throughput=0.0))
+                           omega_throughput=0.0, search="throughput"))
 rss, open_handles = [], 0
 for step in range(STEPS):
     idx = torch.randint(0, len(X), (32,), generator=torch.Generator().manual_seed(step * 97 + RANK))

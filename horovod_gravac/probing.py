@@ -1,0 +1,55 @@
+"""The tensor side of an agent's :class:`~horovod_gravac.agents.ProbeSpec`.
+
+An agent says what to measure (which tensor, which CFs, which power, summed or per tensor);
+:class:`GainProbe` measures it on this rank's tensors, before error feedback changes them,
+and hands the engine one float32 vector per step to sum over ranks. The energies come from
+the compressor's :meth:`~horovod_gravac.compression.Compressor.energy_profile`, estimated on
+a sample where the compressor can (no second compression of the gradient).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .agents import COMPENSATED, Decision, ProbeSpec
+from .compression import Compressor
+
+
+class GainProbe:
+    """Measures ``spec`` for ``compressor`` on the tensors ``names`` (every rank alike).
+
+    Arguments:
+        spec: what the agent asks for.
+        compressor: whose compressions are measured.
+        names: every tensor that may be measured, in the order per-tensor rows travel.
+    """
+
+    def __init__(self, spec: ProbeSpec, compressor: Compressor, names: list[str]) -> None:
+        self.spec, self.compressor, self.names = spec, compressor, names
+        self._rows: dict[str, Tensor] = {}
+
+    def measure(self, name: str, grad: Tensor, compensated: Tensor, decision: Decision,
+                step: int) -> None:
+        """Record tensor ``name``'s row: [‖reference‖^p, ‖C(x, c)‖^p for each CF]."""
+        spec = self.spec
+        x = compensated if spec.measure.compressed == COMPENSATED else grad
+        reference = compensated if spec.measure.reference == COMPENSATED else grad
+        energies = self.compressor.energy_profile(x, spec.cfs(decision), name, step,
+                                                  sample=spec.sample)
+        row = torch.cat([reference.float().pow(2).sum().reshape(1), energies.float()])
+        self._rows[name] = row.sqrt() if spec.measure.power == 1 else row
+
+    def take(self, device: torch.device) -> Tensor:
+        """This step's terms as one vector (:meth:`ProbeSpec.encoded_length` floats: the
+        rows summed, or one row per tensor with zeros for those not measured); forgets them."""
+        rows, self._rows = self._rows, {}
+        width = self.spec.width
+        if not self.spec.per_tensor:
+            if not rows:
+                return torch.zeros(width, device=device)
+            return torch.stack([r.to(device) for r in rows.values()]).sum(0)
+        zeros = torch.zeros(width, device=device)
+        return torch.cat([rows[n].to(device) if n in rows else zeros for n in self.names])
+
+    def clear(self) -> None:
+        self._rows = {}

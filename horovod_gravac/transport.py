@@ -1,0 +1,110 @@
+"""What every transport provides, and what both share: the wire format of a gathered message
+and the traffic each kind of collective puts on a rank's link.
+
+A transport (Horovod's in ``communication``, torch.distributed's in ``communication_torch``)
+starts three asynchronous collectives and nothing else; the engine (``engine``) decides what
+goes into them. Every collective sums or gathers one flat buffer:
+
+* ``allreduce(tensor, name)`` — the sum over ranks, in place;
+* ``allgather(buffer, name, same_size)`` — every rank's uint8 buffer, in rank order. When the
+  sizes differ by rank (``same_size`` false) each buffer starts with its own length in bytes
+  as an int64 (:func:`pack` with ``header``), which is how a rank's part is found again;
+* ``broadcast(tensor, name)`` — rank 0's float64 values on every rank (the agents' decision;
+  over MPI when Horovod runs on MPI).
+
+Each returns a :class:`Handle` whose ``wait()`` blocks until the result is there.
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .compression import Exchange
+
+_ALIGN = 8
+HEADER_DTYPE = torch.int64
+
+
+class Handle(Protocol):
+    """A collective in flight."""
+
+    def wait(self) -> Tensor | list[Tensor]: ...
+
+
+class Transport(Protocol):
+    """The collectives the engine needs, on one group of ranks."""
+
+    @property
+    def rank(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def allreduce(self, tensor: Tensor, name: str) -> Handle: ...
+    def allgather(self, buffer: Tensor, name: str, same_size: bool) -> Handle: ...
+    def broadcast(self, tensor: Tensor, name: str) -> Handle: ...
+
+
+def align(nbytes: int) -> int:
+    """``nbytes`` rounded up to the alignment every packed tensor starts at."""
+    return nbytes + (-nbytes) % _ALIGN
+
+
+def pack(tensors: Sequence[Tensor], header: bool) -> Tensor:
+    """Tensors → one flat uint8 buffer: [length, n0, n1, … as int64][t0][t1]…, each tensor's
+    bytes padded to 8 so that every part can be viewed in its dtype again.
+
+    Without ``header`` only the padded bytes: the receiver knows every rank's sizes.
+    """
+    device = tensors[0].device
+    parts = []
+    for t in tensors:
+        raw = t.reshape(-1).contiguous().view(torch.uint8)
+        parts.append(raw)
+        if raw.numel() % _ALIGN:
+            parts.append(raw.new_zeros((-raw.numel()) % _ALIGN))
+    if header:
+        body = sum(p.numel() for p in parts)
+        length = 8 * (1 + len(tensors)) + body
+        parts.insert(0, torch.tensor([length, *(t.numel() for t in tensors)], dtype=HEADER_DTYPE,
+                                     device=device).view(torch.uint8))
+    return torch.cat(parts)
+
+
+def header_length(part: Tensor) -> int:
+    """The length in bytes a headed buffer declares (one host read)."""
+    return int(part[:8].view(HEADER_DTYPE).item())
+
+
+def unpack(part: Tensor, dtypes: Sequence[torch.dtype],
+           counts: Sequence[int] | None) -> tuple[list[Tensor], int]:
+    """One rank's buffer → its tensors (flat, in ``dtypes``) and the offset after them.
+
+    ``counts`` (elements per tensor) for a buffer packed without a header; otherwise its
+    header is read (one host read).
+    """
+    offset = 0
+    if counts is None:
+        counts = part[8:8 * (1 + len(dtypes))].view(HEADER_DTYPE).tolist()
+        offset = 8 * (1 + len(dtypes))
+    tensors = []
+    for count, dtype in zip(counts, dtypes):
+        size = count * dtype.itemsize
+        tensors.append(part[offset:offset + size].view(dtype))
+        offset += align(size)
+    return tensors, offset
+
+
+def link_bytes(exchange: Exchange, payload_bytes: float, world_size: int) -> float:
+    """Bytes one rank's link carries for a collective on ``payload_bytes`` per rank.
+
+    Ring algorithms (Horovod's and Gloo's): an allreduce sends 2(N−1)/N of the buffer
+    (reduce-scatter, then allgather), an allgather (N−1) payloads — the cost of the same
+    payload grows with the world size for allgathers and stays near 2× for allreduces.
+    """
+    n = world_size
+    if exchange is Exchange.ALLGATHER:
+        return (n - 1) * payload_bytes
+    return 2 * (n - 1) / n * payload_bytes
