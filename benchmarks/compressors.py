@@ -2,8 +2,11 @@
 
 For every compressor and model: time of error feedback + compress + decompress/aggregate for
 all of the model's gradients, side by side in the same run with
-  (a) the memcpy floor: clone every gradient, and
+  (a) the memcpy floor: clone every gradient,
   (b) the straightforward reference implementation of the same algorithm (benchmarks/reference.py),
+  (c) with ``--grace DIR`` (a checkout of https://github.com/sands-lab/grace, unchanged),
+      GRACE's own TopK and QSGD with its residual / no memory, the same steps (compensate,
+      compress, memory update, decompress) on the same gradients,
 plus bytes on the wire (and per kept element for sparsifiers: 8 = float32 value + int32
 index, less with a bitmap of positions or half-precision values), and the multi-level speed-up (compress to θmin, then select within it
 to θmin·θs, against compressing directly to θmin·θs). Writes CSV, Markdown and a PNG plot.
@@ -60,12 +63,39 @@ def library_step(compressor: C.Compressor, memory: C.Memory, grads: dict[str, to
         compensated = memory.compensate(grad, name)
         payload, ctx = compressor.compress(compensated, name, step)
         sent += C.wire_bytes(payload)
-        if ctx.exchange is C.Exchange.LOWRANK:
-            payload = compressor.compress_second(payload[0], ctx)
+        for _ in range(ctx.rounds - 1):  # PowerSGD's Q, from this rank's P as the sum
+            payload = compressor.next_round(payload, ctx)
             sent += C.wire_bytes(payload)
-        compressor.aggregate([payload], ctx)
         memory.update(name, compensated, compressor, payload, ctx)
+        compressor.aggregate([payload], ctx)
     return sent
+
+
+#: GRACE's compressors timed beside ours: (our name, GRACE module, class, memory module, class)
+GRACE = {"topk": ("topk", "TopKCompressor", "residual", "ResidualMemory"),
+         "qsgd": ("qsgd", "QSGDCompressor", "none", "NoneMemory")}
+
+
+def grace_pair(directory: Path, name: str, cf: float):
+    """GRACE's compressor and memory for ``name`` from its checkout (imported, not copied)."""
+    import importlib
+    import sys
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
+    module, cls, memory_module, memory_cls = GRACE[name]
+    compressor = getattr(importlib.import_module(f"grace_dl.torch.compressor.{module}"), cls)
+    memory = getattr(importlib.import_module(f"grace_dl.torch.memory.{memory_module}"),
+                     memory_cls)
+    return (compressor(1.0 / cf) if name == "topk" else compressor(127)), memory()
+
+
+def grace_step(compressor, memory, grads: dict[str, torch.Tensor]) -> None:
+    """GRACE's Communicator.send_step plus the receiver's decompress, for one rank."""
+    for name, grad in grads.items():
+        tensor = memory.compensate(grad, name)
+        payload, ctx = compressor.compress(tensor, name)
+        memory.update(tensor, name, compressor, payload, ctx)
+        compressor.decompress(payload, ctx)
 
 
 def reference_step(reference: Callable, cf: float, grads: dict[str, torch.Tensor],
@@ -77,7 +107,8 @@ def reference_step(reference: Callable, cf: float, grads: dict[str, torch.Tensor
 
 
 def benchmark_model(model: str, names: list[str], cf: float, repeat: int, theta_min: float,
-                    progress, value_dtype: str | None = None) -> list[dict]:
+                    progress, value_dtype: str | None = None,
+                    grace: Path | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     grads = {n: torch.randn(s, generator=gen) * 1e-2 for n, s in parameter_shapes(model)}
     numel = sum(g.numel() for g in grads.values())
@@ -100,6 +131,7 @@ def benchmark_model(model: str, names: list[str], cf: float, repeat: int, theta_
                "bytes_sent": sent, "bytes_per_kept": sent / kept if kept else None,
                "memcpy_ms": floor * 1e3, "library_ms": lib * 1e3,
                "x_memcpy": lib / floor, "reference_ms": None, "speedup_vs_reference": None,
+               "grace_ms": None, "speedup_vs_grace": None,
                "multilevel_ms": None, "direct_ms": None, "multilevel_speedup": None}
         if params:
             rows.append(row)
@@ -109,6 +141,10 @@ def benchmark_model(model: str, names: list[str], cf: float, repeat: int, theta_
             residuals = {n: torch.zeros_like(g) for n, g in grads.items()}
             ref = timed(lambda: reference_step(REFERENCES[name], cf, grads, residuals), repeat)
             row.update(reference_ms=ref * 1e3, speedup_vs_reference=ref / lib)
+        if grace is not None and name in GRACE:
+            theirs = grace_pair(grace, name, cf)
+            grace_s = timed(lambda: grace_step(*theirs, grads), repeat)
+            row.update(grace_ms=grace_s * 1e3, speedup_vs_grace=grace_s / lib)
         if name in MULTILEVEL:
             row.update(multilevel(name, grads, theta_min, cf, repeat))
         rows.append(row)
@@ -132,13 +168,15 @@ def fmt(value, spec: str) -> str:
 
 def markdown(rows: list[dict]) -> str:
     head = ("| model | compressor | CF | MB sent | B per kept element | ms/step | × memcpy | "
-            "reference ms | × faster than reference | multi-level × faster |")
-    lines = [head, "|" + "---|" * 10]
+            "reference ms | × faster than reference | GRACE ms | × faster than GRACE | "
+            "multi-level × faster |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['model']} | {r['compressor']} | {r['cf']:g} | "
                      f"{r['bytes_sent'] / 1e6:.2f} | {fmt(r['bytes_per_kept'], '.2f')} | "
                      f"{r['library_ms']:.0f} | {r['x_memcpy']:.2f} | "
                      f"{fmt(r['reference_ms'], '.0f')} | {fmt(r['speedup_vs_reference'], '.2f')} | "
+                     f"{fmt(r['grace_ms'], '.0f')} | {fmt(r['speedup_vs_grace'], '.2f')} | "
                      f"{fmt(r['multilevel_speedup'], '.2f')} |")
     floors = sorted({(r['model'], round(r['memcpy_ms'])) for r in rows})
     lines.append("")
@@ -180,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"also run {', '.join(HALF_VALUES)} with values in this dtype "
                              "('none' to skip)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--grace", type=Path, default=None, metavar="DIR",
+                        help="a checkout of GRACE (github.com/sands-lab/grace): time its TopK "
+                             "and QSGD beside ours")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("results/compressors"))
     args = parser.parse_args(argv)
@@ -189,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     models = args.models.split(",")
     for m in models:
         parameter_shapes(m)
+    if args.grace is not None and not (args.grace / "grace_dl" / "torch").is_dir():
+        raise FileNotFoundError(f"--grace {args.grace}: no grace_dl/torch in it; give a "
+                                "checkout of https://github.com/sands-lab/grace")
     C.validate_cf(args.cf)
     if args.theta_min >= args.cf:
         raise ValueError(f"--theta-min ({args.theta_min:g}) must be below --cf ({args.cf:g})")
@@ -202,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     with tqdm(total=len(models) * (len(names) + extra), desc="compressors") as progress:
         for model in models:
             rows += benchmark_model(model, names, args.cf, args.repeat, args.theta_min, progress,
-                                    value_dtype)
+                                    value_dtype, args.grace)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "compressors.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
