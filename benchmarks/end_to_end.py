@@ -6,13 +6,14 @@ and its result is kept on disk; every finished job re-merges all finished result
 table, so the benchmark can be built over several (background) runs and a stopped run loses
 at most the job in flight. Configurations: dense Horovod and Horovod fp16
 (``hvd.DistributedOptimizer``), static TopK at CF 10/100/1000 and DGC at 10/100, this
-library's PowerSGD at rank 1 and 4, Accordion (TopK, the paper's 1.01x/10x pair), GraVAC
-with the exponential and the geometric policy at default parameters, GraVAC with the other two
-gain definitions (error-fed, the authors' code), GraVAC with the paper's parameters (error-fed
-gain, one 1% tolerance, EWMA N/100, no settling, no reopening, every tensor compressed),
-GraVAC and Accordion driving PowerSGD's rank, GraVAC's cost-model search on TopK and on
-PowerSGD (also with a CF per tensor), PyTorch DDP with its PowerSGD hook, and TopK,
-PowerSGD and GraVAC-PowerSGD through DDP with this library's hook.
+library's PowerSGD at rank 1 and 4, Accordion (TopK, the paper's 1.01x/10x pair), GraVAC at
+its defaults (the cost-model search) on TopK and on PowerSGD, GraVAC with the paper's search
+(exponential and geometric policy, the library's other defaults), GraVAC with the other two
+gain definitions (error-fed, the authors' code), GraVAC with the paper's parameters (its
+search, error-fed gain measured exactly, one 1% tolerance, EWMA N/100, no settling, no
+reopening, every tensor compressed), GraVAC's and Accordion's PowerSGD rank, GraVAC with a
+CF per tensor, PyTorch DDP with its PowerSGD hook, and TopK, PowerSGD and GraVAC-PowerSGD
+through DDP with this library's hook.
 
 How time to target is measured (the table says which, per configuration):
 
@@ -65,6 +66,7 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
     dgc = ("--compression", "dgc", "--memory", "residual", "--agent", "static", "--cf")
     gravac = ("--compression", "topk", "--agent", "gravac", "--theta-min", "10",
               "--theta-max", "1000")
+    paper_search = (*gravac, "--search", "throughput")  # the paper's window per candidate
     return {
         "dense (Horovod)": Config(("--baseline", "horovod")),
         "fp16 (Horovod)": Config(("--baseline", "horovod-fp16")),
@@ -78,36 +80,35 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
         "Accordion (TopK 1.01x/10x)": Config(
             ("--compression", "topk", "--agent", "accordion", "--low-cf", "1.01", "--high-cf",
              "10", "--interval", window, "--interval-unit", "steps"), adaptive=True),
-        "GraVAC exponential": Config((*gravac, "--policy", "exponential"), adaptive=True),
-        "GraVAC geometric": Config((*gravac, "--policy", "geometric"), adaptive=True),
+        # GraVAC with every parameter at its default, on either compressor
+        "GraVAC defaults (TopK)": Config(("--compression", "topk", "--agent", "gravac"),
+                                         adaptive=True),
+        "GraVAC defaults (PowerSGD)": Config(("--compression", "powersgd", "--agent", "gravac"),
+                                             adaptive=True),
+        # the paper's search (a window per candidate) with the library's other defaults
+        "GraVAC exponential": Config((*paper_search, "--policy", "exponential"), adaptive=True),
+        "GraVAC geometric": Config((*paper_search, "--policy", "geometric"), adaptive=True),
         # the gain definitions side by side, everything else at defaults
         "GraVAC exponential, error-fed gain": Config(
-            (*gravac, "--policy", "exponential", "--gain", "error_fed"), adaptive=True),
+            (*paper_search, "--policy", "exponential", "--gain", "error_fed"), adaptive=True),
         "GraVAC exponential, authors' gain": Config(
-            (*gravac, "--policy", "exponential", "--gain", "authors"), adaptive=True),
+            (*paper_search, "--policy", "exponential", "--gain", "authors"), adaptive=True),
         "GraVAC (paper's parameters)": Config(
-            (*gravac, "--policy", "exponential", "--gain", "error_fed", "--omega", "0.01",
+            (*paper_search, "--policy", "exponential", "--gain", "error_fed", "--omega", "0.01",
              "--omega-throughput", "0.01", "--settle-steps", "0", "--epsilon", "0.7",
              "--ewma", str(ranks / 100), "--reopen-tolerance", "0", "--reopen-lr-ratio", "0",
-             "--min-compress-numel", "0"),
+             "--min-compress-numel", "0", "--gain-sample", "0"),
             adaptive=True),
         # beyond the paper: the agents drive PowerSGD's rank through the CF (r = nm/(CF(n+m));
         # on the LSTM's 800x200 weights CF 40 is rank 4, CF 160 rank 1: Accordion's pair)
         "GraVAC PowerSGD (CF -> rank)": Config(
             ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
-             "--theta-max", "1000", "--policy", "exponential"), adaptive=True),
-        # beyond the paper: every CF of the ladder ranked by gain / step time predicted from
-        # the fitted link, instead of a window per candidate
-        "GraVAC cost model (TopK)": Config((*gravac, "--search", "cost_model"), adaptive=True),
-        "GraVAC cost model (PowerSGD)": Config(
-            ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
-             "--theta-max", "1000", "--search", "cost_model"), adaptive=True),
+             "--theta-max", "1000", "--policy", "exponential", "--search", "throughput"),
+            adaptive=True),
         # … and a CF per tensor, the chosen CF's bytes spent where they keep the most energy
-        "GraVAC cost model per-layer CF (TopK)": Config(
-            (*gravac, "--search", "cost_model", "--per-layer-cf"), adaptive=True),
-        "GraVAC cost model per-layer CF (PowerSGD)": Config(
-            ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
-             "--theta-max", "1000", "--search", "cost_model", "--per-layer-cf"), adaptive=True),
+        "GraVAC per-layer CF (TopK)": Config((*gravac, "--per-layer-cf"), adaptive=True),
+        "GraVAC per-layer CF (PowerSGD)": Config(
+            ("--compression", "powersgd", "--agent", "gravac", "--per-layer-cf"), adaptive=True),
         "Accordion PowerSGD (CF 40/160)": Config(
             ("--compression", "powersgd", "--agent", "accordion", "--low-cf", "40", "--high-cf",
              "160", "--interval", window, "--interval-unit", "steps"), adaptive=True),
@@ -115,9 +116,8 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
         # the same compression through PyTorch DDP and this library's hook (horovod_gravac.ddp)
         "TopK 100x (DDP hook)": Config((*topk, "100", "--ddp")),
         "PowerSGD rank 1 (DDP hook)": Config(("--compression", "powersgd:1", "--ddp")),
-        "GraVAC PowerSGD (DDP hook)": Config(
-            ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
-             "--theta-max", "1000", "--policy", "exponential", "--ddp"), adaptive=True),
+        "GraVAC defaults (PowerSGD, DDP hook)": Config(
+            ("--compression", "powersgd", "--agent", "gravac", "--ddp"), adaptive=True),
     }
 
 

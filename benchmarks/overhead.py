@@ -1,14 +1,14 @@
 """Wrapper overhead and per-compressor wire bytes/step time, on ResNet-101-shaped gradients.
 
-Run by itself it launches the measurement as 2-rank Horovod jobs — once with Horovod's tensor
-fusion on (default threshold) and once with it off (HOROVOD_FUSION_THRESHOLD=0) — and prints:
+Run by itself it launches the measurement as one 2-rank Horovod job (Horovod's tensor fusion
+on, its default threshold) and prints, each side by side in the same job (interleaved steps,
+ratio of medians):
   * step time of ``horovod_gravac.DistributedOptimizer(compression="none")`` against
-    ``hvd.DistributedOptimizer``, interleaved in the same job (ratio of medians);
-  * per compressor: bytes on the wire per step and step time;
-  * the effect of fusing the 314 layers' payloads into few collectives (fusion on/off), and
-    TopK's per-layer allgathers (fused by Horovod as they come) against all layers as one
-    grouped allgather per step (``groups=1``: one fused collective, started at the end of
-    backward);
+    ``hvd.DistributedOptimizer``, at three bucket sizes (``bucket_cap_mb``);
+  * per compressor: bytes on the wire per step and step time; TopK 100x at the three bucket
+    sizes;
+  * GraVAC against static TopK at the same CF sent (100x throughout): the cost of measuring
+    gains (sampled, exact, per gain definition, every 4th step) and of the agent.
 
 The model has ResNet-101's 314 parameter tensors (42.5M); its backward is a cheap
 ``Σ p·c`` so that the time measured is the exchange, not the convolutions.
@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 DEFAULT_COMPRESSORS = "none,fp16,topk:100,dgc:100,randomk:100,qsgd,signsgd,powersgd:1"
+#: bucket sizes (gradient MB per fused collective) compared
+BUCKET_CAPS = (1.0, 25.0, 100.0)
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -70,11 +72,13 @@ def worker(args: argparse.Namespace) -> None:
                     times[kind].append(t)
         return {k: statistics.median(v) for k, v in times.items()}
 
-    results: dict = {"model": args.model, "np": hvd.size(),
-                     "fusion_threshold": os.environ.get("HOROVOD_FUSION_THRESHOLD", "default")}
-    medians = interleaved({"horovod": make("horovod"), "ours": make("none")})
-    results["horovod_s"], results["ours_none_s"] = medians["horovod"], medians["ours"]
-    results["overhead_ratio"] = results["ours_none_s"] / results["horovod_s"]
+    results: dict = {"model": args.model, "np": hvd.size(), "bucket_caps_mb": BUCKET_CAPS}
+    medians = interleaved({"horovod": make("horovod"),
+                           **{f"ours_{cap:g}": make("none", bucket_cap_mb=cap)
+                              for cap in BUCKET_CAPS}})
+    results["horovod_s"] = medians.pop("horovod")
+    results["ours_none_s"] = medians
+    results["overhead_ratio"] = {k: v / results["horovod_s"] for k, v in medians.items()}
     per = {}
     for spec in args.compressors.split(","):
         opt, params = make(spec)
@@ -83,18 +87,19 @@ def worker(args: argparse.Namespace) -> None:
                      "dense_bytes_per_step": opt.communication.last_dense_bytes}
         del opt, params
     results["compressors"] = per
-    medians = interleaved({"per_layer": make("topk:100"), "one_group": make("topk:100", groups=1)})
-    results["topk100_per_layer_s"], results["topk100_one_group_s"] = \
-        medians["per_layer"], medians["one_group"]
-    # GraVAC's own cost: the same CF on the wire as static TopK 100x (it sends θmin = 100 in
-    # its warm-up window; a tiny ε keeps it from the dense branch, which these random
-    # gradients' low gain would otherwise take), plus the second level at 200x, the norms,
-    # the stats allreduce and the decision broadcast; per gain definition (the fresh gain
-    # compresses g once more), and the fresh gain measured every 4th step.
-    gravacs = {f"gravac_{gain}": {"gain": gain} for gain in hg.agents.GAINS}
-    gravacs["gravac_fresh_every4"] = {"gain": "fresh", "gain_interval": 4}
-    gravacs_made = {name: make("topk", hg.agents.GraVAC(theta_min=100, theta_max=1000,
-                                                       window=10**9, epsilon=1e-9, **kw))
+    results["topk100_by_bucket_s"] = interleaved(
+        {f"{cap:g}": make("topk:100", bucket_cap_mb=cap) for cap in BUCKET_CAPS})
+    # GraVAC's own cost: the same CF on the wire as static TopK 100x (θmin = θmax = 100; a
+    # tiny ε keeps it from the dense branch, which these random gradients' low gain would
+    # otherwise take), plus measuring the gains (sampled by default, exactly by multi-level
+    # compression with gain_sample=None) and the agent (statistics riding in the last
+    # bucket, the decision broadcast). Window 50: the cost model measures every 5th step
+    gravacs = {"cost_model": {}, "cost_model_every_step": {"gain_interval": 1},
+               "cost_model_exact": {"gain_sample": None},
+               **{f"throughput_{gain}": {"search": "throughput", "gain": gain}
+                  for gain in hg.agents.GAINS}}
+    gravacs_made = {name: make("topk", hg.agents.GraVAC(theta_min=100, theta_max=100,
+                                                       window=50, epsilon=1e-9, **kw))
                     for name, kw in gravacs.items()}
     medians = interleaved({"static": make("topk", hg.agents.Static(cf=100)), **gravacs_made})
     results["static_topk100_s"] = medians.pop("static")
@@ -108,10 +113,8 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
 
-def launch(args: argparse.Namespace, fusion: str | None) -> dict:
+def launch(args: argparse.Namespace) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    if fusion is not None:
-        env["HOROVOD_FUSION_THRESHOLD"] = fusion
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.np),
                "-H", f"localhost:{args.np}", "--gloo", sys.executable, "-m", "benchmarks.overhead",
@@ -140,29 +143,25 @@ def main(argv: list[str] | None = None) -> None:
         C.create(spec)
     if args.np < 2 or args.steps < 1:
         raise ValueError("--np must be >= 2 and --steps >= 1")
-    fused, unfused = launch(args, None), launch(args, "0")
+    r = launch(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "overhead.json").write_text(json.dumps({"fused": fused, "unfused": unfused}, indent=1))
-    lines = [f"{args.np} ranks, {args.model}-shaped gradients, median of {args.steps} steps",
-             f"wrapper overhead (none vs hvd.DistributedOptimizer, fusion on): "
-             f"{fused['ours_none_s']:.3f} s vs {fused['horovod_s']:.3f} s = {fused['overhead_ratio']:.3f}x",
-             f"  (fusion off: {unfused['ours_none_s']:.3f} s vs {unfused['horovod_s']:.3f} s = "
-             f"{unfused['overhead_ratio']:.3f}x)",
-             f"GraVAC vs static TopK at the same CF sent (100x, {fused['static_topk100_s']:.3f} s), "
-             "fusion on: " + ", ".join(f"{k[len('gravac_'):]} {v:.3f} s = "
-                                       f"{fused['gravac_overhead'][k]:.3f}x"
-                                       for k, v in fused["gravac_topk100_s"].items()),
-             f"TopK 100x, per-layer allgathers vs one grouped allgather per step (groups=1): "
-             f"fusion on {fused['topk100_per_layer_s']:.3f} s vs {fused['topk100_one_group_s']:.3f} s, "
-             f"fusion off {unfused['topk100_per_layer_s']:.3f} s vs "
-             f"{unfused['topk100_one_group_s']:.3f} s", "",
-             "| compressor | MB/step on the wire | × fewer than dense | step s (fusion on) | "
-             "step s (fusion off) | fusion speed-up |", "|---|---|---|---|---|---|"]
-    for spec, r in fused["compressors"].items():
-        off = unfused["compressors"][spec]["step_s"]
-        lines.append(f"| {spec} | {r['bytes_per_step'] / 1e6:.2f} | "
-                     f"{r['dense_bytes_per_step'] / max(1, r['bytes_per_step']):.1f} | "
-                     f"{r['step_s']:.3f} | {off:.3f} | {off / r['step_s']:.2f} |")
+    (args.out / "overhead.json").write_text(json.dumps(r, indent=1))
+    lines = [f"{args.np} ranks, {args.model}-shaped gradients, median of {args.steps} steps, "
+             "Horovod's fusion on",
+             f"wrapper overhead (none vs hvd.DistributedOptimizer, {r['horovod_s']:.3f} s): " +
+             ", ".join(f"bucket {k[len('ours_'):]} MB {v:.3f} s = "
+                       f"{r['overhead_ratio'][k]:.3f}x" for k, v in r["ours_none_s"].items()),
+             "TopK 100x by bucket size: " + ", ".join(
+                 f"{k} MB {v:.3f} s" for k, v in r["topk100_by_bucket_s"].items()),
+             f"GraVAC vs static TopK at the same CF sent (100x, {r['static_topk100_s']:.3f} s): " +
+             ", ".join(f"{k} {v:.3f} s = {r['gravac_overhead'][k]:.3f}x"
+                       for k, v in r["gravac_topk100_s"].items()), "",
+             "| compressor | MB/step on the wire | × fewer than dense | step s |",
+             "|---|---|---|---|"]
+    for spec, c in r["compressors"].items():
+        lines.append(f"| {spec} | {c['bytes_per_step'] / 1e6:.2f} | "
+                     f"{c['dense_bytes_per_step'] / max(1, c['bytes_per_step']):.1f} | "
+                     f"{c['step_s']:.3f} |")
     text = "\n".join(lines)
     (args.out / "overhead.md").write_text(text + "\n")
     print(text)

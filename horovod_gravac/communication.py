@@ -2,8 +2,10 @@
 process set (see ``transport`` for what a transport does), Horovod's sparse allreduce for
 torch sparse gradients, and the object collectives of checkpoints and elastic state.
 
-Every collective is asynchronous and summed (``op=hvd.Sum``): the engine fuses the payloads
-of a bucket into one buffer per collective and scales the sums itself. Horovod negotiates
+Every collective is asynchronous and summed (``op=hvd.Sum``), one per bucket and kind:
+summed payloads go as one grouped allreduce, in place (Horovod copies them into its fusion
+buffer and back, as for its own optimizer), gathered ones packed into one buffer; the engine
+scales the sums itself. Horovod negotiates
 collectives by name, so ranks may start them in different orders; names are unique within a
 step. The agents' decision is broadcast over MPI (mpi4py's ``Ibcast``) when Horovod itself
 runs on MPI, else with Horovod's own broadcast (Gloo).
@@ -105,6 +107,9 @@ class HorovodTransport:
     def __init__(self, process_set=hvd.global_process_set) -> None:
         self.process_set = process_set
         self._mpi_comm = None
+        # now, not at the first decision: mpi4py's own exit handlers must run after the
+        # engine's, which completes the last decision broadcast (they run last-in first-out)
+        self._mpi()
 
     @property
     def rank(self) -> int:
@@ -114,9 +119,10 @@ class HorovodTransport:
     def size(self) -> int:
         return self.process_set.size()
 
-    def allreduce(self, tensor: Tensor, name: str) -> HorovodHandle:
-        return HorovodHandle(hvd.allreduce_async_(tensor, name=name, op=hvd.Sum,
-                                                  process_set=self.process_set))
+    def allreduce(self, tensors: list[Tensor], name: str) -> HorovodHandle:
+        """One grouped allreduce, in place: Horovod fuses the tensors in its own buffer."""
+        return HorovodHandle(hvd.grouped_allreduce_async_(tensors, name=name, op=hvd.Sum,
+                                                          process_set=self.process_set))
 
     def allgather(self, buffer: Tensor, name: str, same_size: bool) -> HorovodHandle:
         """Every rank's buffer: Horovod concatenates them; equal sizes split evenly, others
@@ -144,6 +150,12 @@ class HorovodTransport:
             return _MPIHandle(comm.Ibcast(array, root=0), tensor)
         return HorovodHandle(hvd.broadcast_async_(tensor, root_rank=0, name=name,
                                                   process_set=self.process_set))
+
+    def settle(self) -> None:
+        """Before the process exits, once the last decision broadcast was waited for: on MPI
+        a barrier, so that no rank finalizes MPI while another still receives it."""
+        if self._mpi_comm is not None:
+            self._mpi_comm.Barrier()
 
     def sparse_allreduce(self, grad: Tensor, name: str, average: bool) -> _Deferred:
         """A torch sparse gradient, uncompressed, through Horovod's sparse allreduce

@@ -42,6 +42,8 @@ class TorchTransport:
 
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
         self.group = process_group
+        #: flat buffers of fused allreduces, by name, reused from step to step
+        self._flat: dict[str, Tensor] = {}
 
     @property
     def rank(self) -> int:
@@ -58,8 +60,28 @@ class TorchTransport:
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def allreduce(self, tensor: Tensor, name: str) -> TorchHandle:
-        return TorchHandle(dist.all_reduce(tensor, group=self.group, async_op=True), tensor)
+    def allreduce(self, tensors: list[Tensor], name: str) -> TorchHandle:
+        """The tensors summed in place, through one flat buffer (as DDP's buckets)."""
+        if len(tensors) == 1:
+            return TorchHandle(dist.all_reduce(tensors[0], group=self.group, async_op=True),
+                               tensors)
+        numel = sum(t.numel() for t in tensors)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() != numel or flat.dtype != tensors[0].dtype \
+                or flat.device != tensors[0].device:
+            flat = self._flat[name] = torch.empty(numel, dtype=tensors[0].dtype,
+                                                  device=tensors[0].device)
+        torch.cat([t.reshape(-1) for t in tensors], out=flat)
+
+        def unflatten(reduced: Tensor) -> list[Tensor]:
+            offset = 0
+            for t in tensors:
+                t.copy_(reduced[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+            return tensors
+
+        return TorchHandle(dist.all_reduce(flat, group=self.group, async_op=True), flat,
+                           unflatten)
 
     def allgather(self, buffer: Tensor, name: str, same_size: bool) -> TorchHandle:
         sent = buffer.numel()
@@ -71,6 +93,9 @@ class TorchTransport:
         work = dist.all_gather(parts, buffer, group=self.group, async_op=True)
         return TorchHandle(work, parts, None if same_size else
                            lambda gathered: [p[:header_length(p)] for p in gathered])
+
+    def settle(self) -> None:
+        """Nothing to do: torch.distributed's group outlives a waited broadcast."""
 
     def broadcast(self, tensor: Tensor, name: str) -> TorchHandle:
         source = 0 if self.group is None else dist.get_global_rank(self.group, 0)

@@ -173,8 +173,11 @@ class DDPCompressionState:
         its averaged gradients."""
         views, futures = self._views, self._futures
         self._reset_step()
-        outcome = self.engine.finish(lambda name, averaged: views[name].copy_(
-            averaged.view_as(views[name])), self._lr())
+        def write_back(name: str, averaged: Tensor) -> None:
+            if averaged.data_ptr() != views[name].data_ptr():  # dense ones: summed in place
+                views[name].copy_(averaged.view_as(views[name]))
+
+        outcome = self.engine.finish(write_back, self._lr(), views.get)
         for future, buffer in futures:
             future.set_result(buffer)
         self.last_step_skipped = outcome.skipped

@@ -34,10 +34,13 @@ The engine calls no collective itself: a transport (``communication``,
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import itertools
 import logging
 import time
+import weakref
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -265,12 +268,13 @@ class Ticket:
     """One tensor of the step in flight (what ``begin`` returns)."""
 
     name: str
-    grad: Tensor  # as backprop produced it: checked for NaN/Inf when a step is skipped
     compressor: C.Compressor
     payload: C.Payload  # this round's
     ctx: C.Ctx
     #: the error-fed tensor whose residual is taken once the last round's payload exists
     compensated: Tensor | None = None
+    #: whether this rank's first payload was finite (0-dim bool; tensors with a residual)
+    finite: Tensor | None = None
     round: int = 0
     result: Tensor | None = None
 
@@ -282,7 +286,6 @@ class _Message:
     handle: Handle
     tickets: list[Ticket]
     gather: bool
-    payload_elements: int = 0  # sum: elements of payloads before the statistics
     stats: int = 0  # floats of statistics at the end
     counts: list[int] | None = None  # gather, same size on every rank: elements per tensor
     dtypes: list[torch.dtype] = field(default_factory=list)
@@ -292,7 +295,6 @@ class _Message:
 class _Sparse:
     name: str
     handle: Handle
-    grad: Tensor
     result: Tensor | None = None
 
 
@@ -311,6 +313,22 @@ class _Bucket:
         self.tickets, self.arrived, self.rounds = {}, set(), []
 
 
+#: every engine alive, so that a decision still in flight is received before the process exits
+_ENGINES: "weakref.WeakSet[StepEngine]" = weakref.WeakSet()
+
+
+def _receive_decisions_in_flight() -> None:
+    """At exit, before the transport shuts down (registered when the first engine is made,
+    after ``hvd.init()`` registered Horovod's: exit handlers run last-in first-out): the
+    last step's decision broadcast, which no next step waited for, completes on every rank
+    — a rank that exited with it pending would leave the others' without a peer."""
+    for engine in list(_ENGINES):
+        if engine._incoming is not None:
+            with contextlib.suppress(Exception):  # the world may already be gone
+                engine.decision
+                engine.transport.settle()
+
+
 class StepEngine:
     """One rank's compressed exchange, step after step (see the module docstring).
 
@@ -324,11 +342,16 @@ class StepEngine:
             ``min_compress_numel`` and ``compress_patterns``).
     """
 
+    #: numbers the engines of a process, in the order they are made (the same on every rank):
+    #: collective names must be unique among everything in flight, across engines too
+    _made = itertools.count()
+
     def __init__(self, config: EngineConfig, transport: Transport,
                  tensors: Sequence[tuple[str, torch.Size, int]],
                  groups: Sequence[Sequence[str]] | None = None,
                  uncompressed: frozenset[str] | None = None) -> None:
         self.config = config
+        self.label = f"gravac.{next(self._made)}"
         self.compressor, self.memory, self.agent = config.compressor, config.memory, config.agent
         self.transport = transport
         self.names = [name for name, _, _ in tensors]
@@ -342,7 +365,8 @@ class StepEngine:
         self._buckets = [_Bucket(i, names) for i, names in enumerate(self.layout.buckets)]
         self._bucket_of = {n: b for b in self._buckets for n in b.names}
         spec = self.agent.probe if self.agent is not None else None
-        self.probe = GainProbe(spec, self.compressor, self.names) if spec is not None else None
+        self.probe = GainProbe(spec, self.compressor, [
+            (n, self.shapes[n].numel()) for n in self.names]) if spec is not None else None
         #: the bucket whose first collective carries the agent's statistics: the one with the
         #: model's first tensor, which backprop reaches last
         self._carrier = self._bucket_of[self.names[0]] if self.names else None
@@ -360,6 +384,9 @@ class StepEngine:
         self._last_sync = time.perf_counter()
         self._untimed = 0.0
         self._reset_step()
+        if not _ENGINES:
+            atexit.register(_receive_decisions_in_flight)
+        _ENGINES.add(self)
 
     # -- the decision ------------------------------------------------------------------------
     @property
@@ -417,7 +444,7 @@ class StepEngine:
         decision = self._applied
         if name in self.uncompressed:
             payload, ctx = self.dense.compress(grad, name)
-            ticket = Ticket(name, grad, self.dense, payload, ctx)
+            ticket = Ticket(name, self.dense, payload, ctx)
         else:
             compensated = self.memory.compensate(grad, name)
             if self.probe is not None and decision.measure_gain:
@@ -426,12 +453,14 @@ class StepEngine:
             if cf == 1.0:  # dense, and the residual restarts at zero (GraVAC's third branch)
                 self.memory.reset(name)
                 payload, ctx = self.dense.compress(compensated, name)
-                ticket = Ticket(name, grad, self.dense, payload, ctx)
+                ticket = Ticket(name, self.dense, payload, ctx)
             else:
                 kwargs = {} if cf is None else {"cf": cf}
                 payload, ctx = self.compressor.compress(compensated, name, self.step_count,
                                                         **kwargs)
-                ticket = Ticket(name, grad, self.compressor, payload, ctx, compensated)
+                ticket = Ticket(name, self.compressor, payload, ctx, compensated)
+                if self.memory.keeps_state:  # to find this rank's culprits if skipped
+                    ticket.finite = C.payload_is_finite(payload)
                 self._take_residual(ticket)
         self.communication.record(name, 0, grad.numel())
         bucket = self._bucket_of[name]
@@ -449,7 +478,7 @@ class StepEngine:
         nbytes = C.wire_bytes((grad._indices(), grad._values()))
         self.communication.record(name, nbytes, grad.numel())
         self._link += link_bytes(C.Exchange.ALLGATHER, nbytes, self.transport.size)
-        self._sparse.append(_Sparse(name, handle, grad))
+        self._sparse.append(_Sparse(name, handle))
         self._joined(self._bucket_of[name])
 
     def begun(self, name: str) -> bool:
@@ -506,27 +535,25 @@ class StepEngine:
                 if len(t.payload) != 1:
                     raise ValueError(f"{t.compressor.name}: a summed payload must be one tensor")
                 sums.setdefault(t.payload[0].dtype, []).append(t)
-        # unique among the engines of one process too (two optimizers over one model)
-        messages, label = [], f"gravac.{bucket.names[0]}.r{rnd}"
+        messages, label = [], f"{self.label}.b{bucket.index}.r{rnd}"
         if stats is not None and torch.float32 not in sums and not gathers:
             sums[torch.float32] = []  # nothing to ride on: the statistics alone
         for dtype, tickets in sums.items():
-            parts = [t.payload[0].reshape(-1) for t in tickets]
-            elements = sum(p.numel() for p in parts)
+            # summed in place: payloads are fresh tensors, or the gradient itself (as Horovod)
+            parts = [t.payload[0] for t in tickets]
+            if parts and self.config.predivide != 1.0:
+                torch._foreach_mul_(parts, 1.0 / self.config.predivide)
             carried = 0
             if stats is not None and dtype == torch.float32:
                 parts.append(stats)
                 carried, stats = stats.numel(), None
-            buffer = torch.cat(parts) if parts else torch.zeros(0, device=self._device)
-            if self.config.predivide != 1.0:
-                buffer[:elements].mul_(1.0 / self.config.predivide)
             for t in tickets:
                 self.communication.record(t.name, C.wire_bytes(t.payload))
             self.communication.record(None, 4 * carried)
-            self._link += link_bytes(C.Exchange.ALLREDUCE, buffer.numel() * buffer.element_size(),
+            self._link += link_bytes(C.Exchange.ALLREDUCE, sum(C.wire_bytes((p,)) for p in parts),
                                      self.transport.size)
-            messages.append(_Message(self.transport.allreduce(buffer, f"{label}.sum.{dtype}"),
-                                     tickets, False, elements, carried))
+            messages.append(_Message(self.transport.allreduce(parts, f"{label}.sum.{dtype}"),
+                                     tickets, False, stats=carried))
         if gathers:
             tensors = [x for t in gathers for x in t.payload]
             carried = 0
@@ -556,21 +583,15 @@ class StepEngine:
             start = time.perf_counter()
             result = message.handle.wait()
             self._wait += time.perf_counter() - start
-            if not message.gather:
-                elements = message.payload_elements
+            if not message.gather:  # the payloads themselves, summed
                 if message.stats:
-                    self._stats.append(result[elements:])
-                grads = result[:elements]
-                scale = average * self.config.predivide
-                if scale != 1.0:
-                    grads.mul_(scale)
-                if elements:
-                    self._flags.append(C.is_finite(grads))
-                offset = 0
-                for t in message.tickets:
-                    n = t.payload[0].numel()
-                    self._advance(t, (grads[offset:offset + n].view(t.payload[0].shape),))
-                    offset += n
+                    self._stats.append(result[-1])
+                reduced = result[:len(message.tickets)]
+                if reduced:
+                    self._flags.append(C.scale_and_check(reduced,
+                                                         average * self.config.predivide))
+                for t, tensor in zip(message.tickets, reduced):
+                    self._advance(t, (tensor,))
                 continue
             per_rank = [unpack(part, message.dtypes, message.counts)[0] for part in result]
             if message.stats:
@@ -580,10 +601,10 @@ class StepEngine:
                 k = len(t.payload)
                 payloads = [tuple(p[offset:offset + k]) for p in per_rank]
                 offset += k
-                t.result = t.compressor.aggregate(payloads, t.ctx)
-                if self.config.average:
-                    t.result.mul_(1.0 / size)
-                self._flags.append(C.is_finite(t.result))
+                t.result = t.compressor.aggregate(payloads, t.ctx, out=self._destination(t.name))
+            if message.tickets:  # the sums averaged and checked in one pass
+                self._flags.append(C.scale_and_check([t.result for t in message.tickets],
+                                                     average))
 
     def _advance(self, ticket: Ticket, reduced: C.Payload) -> None:
         if ticket.round + 1 < ticket.ctx.rounds:
@@ -591,12 +612,17 @@ class StepEngine:
             ticket.round += 1
             self._take_residual(ticket)
         else:
-            ticket.result = ticket.compressor.aggregate([reduced], ticket.ctx)
+            ticket.result = ticket.compressor.aggregate([reduced], ticket.ctx,
+                                                        out=self._destination(ticket.name))
 
-    def finish(self, write_back: Callable[[str, Tensor], None],
-               lr: float | None = None) -> StepOutcome:
+    def finish(self, write_back: Callable[[str, Tensor], None], lr: float | None = None,
+               destination: Callable[[str], Tensor | None] | None = None) -> StepOutcome:
         """Complete the step (every tensor must have begun): further rounds, results to
-        ``write_back(name, averaged)``, the verdict, the agent, the report."""
+        ``write_back(name, averaged)``, the verdict, the agent, the report.
+
+        ``destination(name)``: a tensor of the gradient's shape and dtype that the averaged
+        gradient may be decoded into (the one ``write_back`` gets then), or None."""
+        self._destination = destination or (lambda name: None)
         missing = [n for n in self.names if n not in self._begun]
         if missing:
             raise RuntimeError(f"finish() before every tensor began; missing: {missing[:5]}")
@@ -622,12 +648,11 @@ class StepEngine:
             self._flags.append(C.is_finite(sparse.result.coalesce()._values()))
         return self._conclude(write_back, lr)
 
-    def _results(self) -> list[tuple[str, Tensor, Tensor]]:
-        """(name, raw gradient, averaged) of every tensor, in model order."""
-        out = {t.name: (t.name, t.grad, t.result) for b in self._buckets
-               for t in b.tickets.values()}
-        out.update({s.name: (s.name, s.grad, s.result) for s in self._sparse})
-        return [out[n] for n in self.names]
+    def _results(self) -> list[tuple[str, Tensor]]:
+        """(name, averaged gradient) of every tensor, in model order."""
+        out = {t.name: t.result for b in self._buckets for t in b.tickets.values()}
+        out.update({s.name: s.result for s in self._sparse})
+        return [(n, out[n]) for n in self.names]
 
     def _conclude(self, write_back: Callable[[str, Tensor], None],
                   lr: float | None) -> StepOutcome:
@@ -643,14 +668,14 @@ class StepEngine:
         if wants_norms:
             pieces.append(torch.stack([torch.linalg.vector_norm(
                 r.coalesce()._values() if r.is_sparse else r, dtype=torch.float64).to(device)
-                for _, _, r in results]))
+                for _, r in results]))
         values = torch.cat(pieces).tolist()  # the one host read of a step
         n_flags = len(self._flags)
         finite = all(v == 1.0 for v in values[:n_flags])
-        culprits = [] if finite else self._culprits(results)
+        culprits = [] if finite else self._culprits()
         for name in culprits:  # a NaN/Inf never stays in a residual
             self.memory.reset(name)
-        for name, _, averaged in results:
+        for name, averaged in results:
             write_back(name, averaged)
         self.communication.end_step()
         skipped = not finite
@@ -687,11 +712,15 @@ class StepEngine:
         self.step_count += 1
         return StepOutcome(skipped, culprits, report, error)
 
-    def _culprits(self, results: list[tuple[str, Tensor, Tensor]]) -> list[str]:
-        """This rank's non-finite gradients (a skipped step only: one more host read)."""
-        flags = torch.stack([C.is_finite(g.coalesce()._values() if g.is_sparse else g)
-                             .to(self._device) for _, g, _ in results]).tolist()
-        return [name for (name, _, _), ok in zip(results, flags) if not ok]
+    def _culprits(self) -> list[str]:
+        """This rank's tensors whose residual a NaN/Inf reached: their first payload was
+        not finite (a skipped step only: one more host read)."""
+        tickets = [t for b in self._buckets for t in b.tickets.values() if t.finite is not None]
+        if not tickets:
+            return []
+        flags = torch.stack([t.finite.to(self._device) for t in tickets]).tolist()
+        order = {n: i for i, n in enumerate(self.names)}
+        return sorted((t.name for t, ok in zip(tickets, flags) if not ok), key=order.get)
 
     def _statistics(self, applied: A.Decision, terms: list[float] | None,
                     norms: dict[str, float], iter_time: float,
@@ -746,8 +775,7 @@ class StepEngine:
                          agent.name, decided.sent_cf, applied.sent_cf)
             row = dict(agent.history[-1]) if agent.history else {}
         buffer = buffer.to(self.transport.control_device)
-        self._incoming = (self.transport.broadcast(buffer, f"gravac.decision.{self.names[0]}"),
-                          buffer)
+        self._incoming = (self.transport.broadcast(buffer, f"{self.label}.decision"), buffer)
         return row
 
     # -- around the steps -----------------------------------------------------------------------
@@ -769,7 +797,8 @@ class StepEngine:
 
     def nonfinite_error(self, culprits: list[str]) -> NonFiniteGradientError:
         culprit = (f"this rank's gradient of {', '.join(culprits)} is non-finite"
-                   if culprits else "another rank's gradient is non-finite")
+                   if culprits else "another rank's gradient is non-finite"
+                   if self.memory.keeps_state else "a rank's gradient is non-finite")
         return NonFiniteGradientError(
             f"step {self.step_count}: the averaged gradient contains NaN/Inf ({culprit}); "
             "lower the learning rate or use on_nonfinite='skip'")

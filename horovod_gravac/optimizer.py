@@ -242,8 +242,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
             p.grad = averaged
         elif p in self._densified:  # sparse_as_dense: back to sparse, as Horovod
             p.grad = averaged.view(p.shape).to_sparse(self._densified.pop(p))
-        else:
+        elif averaged.data_ptr() != p.grad.data_ptr():  # dense ones were summed in place
             p.grad.copy_(averaged.view_as(p.grad))
+
+    def _destination(self, name: str) -> Tensor | None:
+        """Where the engine may decode ``name``'s averaged gradient: ``p.grad`` itself (its
+        own gradient is no longer needed), unless it is exchanged sparse or densified."""
+        p = self._by_name.get(name)
+        if p is None or p in self._densified or p.grad is None or p.grad.is_sparse:
+            return None
+        return p.grad
 
     # -- the Horovod optimizer API ---------------------------------------------------------
     def synchronize(self) -> None:
@@ -259,7 +267,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             for p in self._requires_update:
                 if not self.engine.begun(self._parameter_names[p]):
                     self._begin(p)
-        outcome = self.engine.finish(self._write_back, self.param_groups[0].get("lr"))
+        outcome = self.engine.finish(self._write_back, self.param_groups[0].get("lr"),
+                                     self._destination)
         self._passes.clear()
         self._synchronized = True
         # skipped steps are counted by the engine, not in step(): GradScaler skips step()

@@ -15,17 +15,31 @@ from .agents import COMPENSATED, Decision, ProbeSpec
 from .compression import Compressor
 
 
+#: the fewest elements a tensor's gain is estimated from (fewer: all of them)
+MIN_SAMPLE = 1024
+
+
 class GainProbe:
     """Measures ``spec`` for ``compressor`` on the tensors ``names`` (every rank alike).
+
+    ``spec.sample`` elements a step are shared among the tensors in proportion to their
+    sizes (at least ``MIN_SAMPLE`` each), so that a model of many small tensors (ResNet's
+    314) costs no more to measure than one of a few large ones.
 
     Arguments:
         spec: what the agent asks for.
         compressor: whose compressions are measured.
-        names: every tensor that may be measured, in the order per-tensor rows travel.
+        sizes: ``(name, numel)`` of every tensor that may be measured, in the order
+            per-tensor rows travel.
     """
 
-    def __init__(self, spec: ProbeSpec, compressor: Compressor, names: list[str]) -> None:
-        self.spec, self.compressor, self.names = spec, compressor, names
+    def __init__(self, spec: ProbeSpec, compressor: Compressor,
+                 sizes: list[tuple[str, int]]) -> None:
+        self.spec, self.compressor = spec, compressor
+        self.names = [name for name, _ in sizes]
+        total = max(1, sum(n for _, n in sizes))
+        self.samples = {name: None if spec.sample is None else
+                        max(MIN_SAMPLE, -(-spec.sample * n // total)) for name, n in sizes}
         self._rows: dict[str, Tensor] = {}
 
     def measure(self, name: str, grad: Tensor, compensated: Tensor, decision: Decision,
@@ -35,8 +49,9 @@ class GainProbe:
         x = compensated if spec.measure.compressed == COMPENSATED else grad
         reference = compensated if spec.measure.reference == COMPENSATED else grad
         energies = self.compressor.energy_profile(x, spec.cfs(decision), name, step,
-                                                  sample=spec.sample)
-        row = torch.cat([reference.float().pow(2).sum().reshape(1), energies.float()])
+                                                  sample=self.samples[name])
+        norm = torch.linalg.vector_norm(reference, dtype=torch.float32)
+        row = torch.cat([norm.square().reshape(1), energies.float()])
         self._rows[name] = row.sqrt() if spec.measure.power == 1 else row
 
     def take(self, device: torch.device) -> Tensor:

@@ -5,7 +5,8 @@ A transport (Horovod's in ``communication``, torch.distributed's in ``communicat
 starts three asynchronous collectives and nothing else; the engine (``engine``) decides what
 goes into them. Every collective sums or gathers one flat buffer:
 
-* ``allreduce(tensor, name)`` — the sum over ranks, in place;
+* ``allreduce(tensors, name)`` — the sum over ranks of each tensor, in place, as one fused
+  collective;
 * ``allgather(buffer, name, same_size)`` — every rank's uint8 buffer, in rank order. When the
   sizes differ by rank (``same_size`` false) each buffer starts with its own length in bytes
   as an int64 (:func:`pack` with ``header``), which is how a rank's part is found again;
@@ -42,9 +43,11 @@ class Transport(Protocol):
     @property
     def size(self) -> int: ...
 
-    def allreduce(self, tensor: Tensor, name: str) -> Handle: ...
+    def allreduce(self, tensors: list[Tensor], name: str) -> Handle: ...
     def allgather(self, buffer: Tensor, name: str, same_size: bool) -> Handle: ...
     def broadcast(self, tensor: Tensor, name: str) -> Handle: ...
+    def settle(self) -> None:
+        """Before the process exits, after the last broadcast was waited for."""
 
 
 def align(nbytes: int) -> int:

@@ -100,11 +100,16 @@ def test_ewma_is_bias_corrected_with_world_size_over_100():
 
 
 def test_default_smoothing_fits_five_time_constants_into_a_window():
-    assert A.GraVAC(window=50).alpha(world_size=2) == pytest.approx(0.1)  # 5/50 > 2/100
-    assert A.GraVAC(window=500).alpha(world_size=32) == pytest.approx(0.32)  # the paper's N/100
-    assert A.GraVAC(window=50, ewma=0.3).alpha(world_size=2) == 0.3
-    assert A.GraVAC(window=100, gain_interval=4).alpha(world_size=2) == pytest.approx(0.2)
-    assert A.GraVAC(window=10, gain_interval=4).alpha(world_size=2) == 1.0
+    def alpha(world_size, **kw):
+        return A.GraVAC(search="throughput", **kw).alpha(world_size=world_size)
+    assert alpha(2, window=50) == pytest.approx(0.1)  # 5/50 > 2/100
+    assert alpha(32, window=500) == pytest.approx(0.32)  # the paper's N/100
+    assert alpha(2, window=50, ewma=0.3) == 0.3
+    assert alpha(2, window=100, gain_interval=4) == pytest.approx(0.2)
+    assert alpha(2, window=10, gain_interval=4) == 1.0
+    # the cost model measures ten times a window: 5 time constants of 2 measurements
+    assert A.GraVAC(window=50).gain_interval == 5
+    assert A.GraVAC(window=50).alpha(world_size=2) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("gain,expected", [

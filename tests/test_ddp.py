@@ -76,11 +76,26 @@ def test_state_saved_with_torch_save_resumes_bit_for_bit(job):
         assert resumed["bytes"] == whole["bytes"]
 
 
+@pytest.mark.parametrize("spec", ["none", "topk:10", "powersgd", "qsgd", "randomk:4", "fp16"])
+def test_fused_or_tensor_by_tensor_the_same_average_and_the_future_holds_it(job, spec):
+    """This library's buckets (one here) or one per tensor: the same averaged gradient within
+    float rounding; the future DDP waits for holds the averaged bucket, from which DDP
+    writes p.grad (once)."""
+    for rank in job:
+        fused, alone = rank["fused"][spec]["fused"], rank["fused"][spec]["per_tensor"]
+        assert fused["buckets"] == 1 and alone["buckets"] == len(alone["grads"])
+        for key, value in fused["grads"].items():
+            torch.testing.assert_close(value, alone["grads"][key], rtol=1e-5, atol=1e-6)
+        assert fused["future_equals_grad"] and alone["future_equals_grad"]
+    assert_identical_across_ranks([{"p": r["fused"][spec]["fused"]["grads"]} for r in job], "p")
+
+
 def test_bad_arguments_raise_before_training(job):
     bad = job[0]["bad"]
     assert "compression factor" in bad["['compression']"]
     assert "does not have; use one of" in bad["['agent', 'compression']"]
     assert "on_nonfinite must be one of" in bad["['on_nonfinite']"]
     assert "min_compress_numel must be an integer >= 0, got -1" in bad["['min_compress_numel']"]
+    assert "bucket_cap_mb must be a number > 0, got 0" in bad["['bucket_cap_mb']"]
     assert "match no parameter name" in bad["['compress_patterns']"]
     assert "must be a torch.nn.parallel.DistributedDataParallel" in bad["not ddp"]

@@ -233,7 +233,7 @@ def test_launch_script_rejects_unknown_launcher(tmp_path):
 
 def test_end_to_end_benchmark_writes_its_table_and_plots(tmp_path):
     """A short unshaped run of the benchmark's machinery (the real one runs via netem as root)."""
-    only = "dense (Horovod),GraVAC cost model (PowerSGD),DDP + PowerSGD (rank 1)"
+    only = "dense (Horovod),GraVAC defaults (PowerSGD),DDP + PowerSGD (rank 1)"
     res = subprocess.run([sys.executable, "-m", "benchmarks.end_to_end", "--workload", "digits",
                           "--steps", "20", "--eval-interval", "10", "--target", "0.3",
                           "--no-emulation", "--seeds", "0", "--only", only, "--out", str(tmp_path)],
@@ -246,7 +246,7 @@ def test_end_to_end_benchmark_writes_its_table_and_plots(tmp_path):
     assert (tmp_path / "end_to_end.csv").read_text().count("\n") == 4
     assert list((tmp_path / "plots").glob("*.png"))
     # the cost model's fitted link is in the metrics stream and its plot
-    with open(tmp_path / "runs" / "gravac_cost_model_powersgd" / "seed0" / "steps.csv") as f:
+    with open(tmp_path / "runs" / "gravac_defaults_powersgd" / "seed0" / "steps.csv") as f:
         rows = list(csv.DictReader(f))
     assert all(float(r["wait_s"]) >= 0 and float(r["link_bytes"]) > 0 for r in rows[-5:])
     assert float(rows[-1]["link_bandwidth"]) > 0 and float(rows[-1]["predicted_step_s"]) > 0

@@ -90,6 +90,31 @@ def is_finite(tensor: Tensor) -> Tensor:
     return torch.isfinite(torch.stack(torch.aminmax(tensor))).all()
 
 
+def write_into(out: Tensor, tensor: Tensor) -> Tensor:
+    """``tensor``'s values in ``out`` (no copy when it is ``out`` already); returns ``out``."""
+    if tensor.data_ptr() != out.data_ptr() or tensor.shape != out.shape:
+        out.copy_(tensor.view_as(out))
+    return out
+
+
+def scale_and_check(tensors: list[Tensor], scale: float) -> Tensor:
+    """Multiply ``tensors`` (floating, on one device) by ``scale`` in place; a 0-dim bool
+    tensor: all were finite. One fused pass over them all (the kernel ``GradScaler``
+    unscales with), nothing read back to the host."""
+    found = torch.zeros(1, device=tensors[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(
+        tensors, found, torch.full((1,), scale, device=found.device))
+    return found[0] == 0
+
+
+def payload_is_finite(payload: Payload) -> Tensor:
+    """A 0-dim bool tensor: the payload's floating tensors hold no NaN/Inf (its values,
+    scales or finiteness markers: every compressor keeps a bad gradient visible there)."""
+    flags = [is_finite(t) for t in payload if t.is_floating_point()]
+    return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool,
+                                                              device=payload[0].device)
+
+
 def finite_marker(tensor: Tensor) -> Tensor:
     """A float32 scalar: 0 if ``tensor`` is all finite, NaN otherwise.
 
@@ -156,14 +181,18 @@ class Compressor:
         """A tensor of ``ctx.shape`` and ``ctx.dtype`` from one rank's payload."""
         raise NotImplementedError
 
-    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
-        """Sum over ranks of the decompressed payloads (gathered in rank order)."""
-        if len(payloads) == 1:  # an allreduced payload: already the sum
-            return self.decompress(payloads[0], ctx)
-        out = self.decompress(payloads[0], ctx).clone()
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx,
+                  out: Tensor | None = None) -> Tensor:
+        """Sum over ranks of the decompressed payloads (gathered in rank order; one summed
+        payload: its decompression), written into ``out`` (ctx's shape and dtype) if given."""
+        total = self.decompress(payloads[0], ctx)
+        if out is not None:
+            total = write_into(out, total)
+        elif len(payloads) > 1:
+            total = total.clone()
         for p in payloads[1:]:
-            out += self.decompress(p, ctx)
-        return out
+            total += self.decompress(p, ctx).view_as(total)
+        return total
 
     def next_round(self, reduced: Payload, ctx: Ctx) -> Payload:
         """The payload of this tensor's next round, from the payload of the round just done
@@ -217,6 +246,21 @@ class Compressor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._cf = state.get("cf", self._cf)
+
+    def scratch(self, like: Tensor, dtype: torch.dtype, slot: int = 0) -> Tensor:
+        """A flat buffer of ``like``'s size for intermediate results, reused from call to
+        call (compressions run one after another; never for a payload, which lives until
+        its bucket leaves): a fresh gradient-sized tensor per call costs page faults that
+        dominate on the CPU. Not part of the state (dropped when pickled)."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        key = (dtype, like.device, slot)
+        buffer = buffers.get(key)
+        if buffer is None or buffer.numel() < like.numel():
+            buffer = buffers[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
+        return buffer[:like.numel()]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_buffers"}
 
     def __repr__(self) -> str:
         cf = f"cf={self.cf:g}" if self.adjustable_cf else f"nominal_cf={self.nominal_cf:g}"

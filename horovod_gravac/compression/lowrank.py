@@ -209,13 +209,17 @@ class PowerSGD(SeededCompressor):
         if ctx.rounds == 1:
             return payload[0].to(ctx.dtype).view(ctx.shape)
         q = payload[0]
+        self._keep_q(q, ctx)
+        return (ctx.extra["p"] @ q.t()).to(ctx.dtype).view(ctx.shape)
+
+    def _keep_q(self, q: Tensor, ctx: Ctx) -> None:
+        """Warm start: the reduced Q is where the next step starts."""
         if self.warm_start:  # a NaN step must not stick: keep the Q this step started from
             q_next = torch.where(is_finite(q), q, ctx.extra["q_start"])
             kept = self.qs.get(ctx.extra["name"])
             if kept is not None and kept.shape[0] == q.shape[0] and kept.shape[1] > q.shape[1]:
                 q_next = torch.cat([q_next, kept[:, q.shape[1]:]], dim=1)  # keep higher columns
             self.qs[ctx.extra["name"]] = q_next
-        return (ctx.extra["p"] @ q.t()).to(ctx.dtype).view(ctx.shape)
 
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
         """Local error M − P̂ Q_localᵀ (= M − P̂ P̂ᵀ M), as in the paper's Algorithm 2."""
@@ -227,8 +231,15 @@ class PowerSGD(SeededCompressor):
         local.masked_fill_(~is_finite(local), 0.0)
         return compensated.sub_(local.to(compensated.dtype).view(compensated.shape))
 
-    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
-        return self.decompress((torch.stack([p[0] for p in payloads]).sum(0),), ctx)
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx,
+                  out: Tensor | None = None) -> Tensor:
+        q = payloads[0] if len(payloads) == 1 else (torch.stack([p[0] for p in payloads]).sum(0),)
+        if out is None or ctx.rounds == 1 or out.dtype != torch.float32 or \
+                not out.is_contiguous():
+            return super().aggregate((q,), ctx, out)
+        self._keep_q(q[0], ctx)  # as decompress does
+        return torch.mm(ctx.extra["p"], q[0].t(), out=out.view(ctx.extra["p"].shape[0], -1)
+                        ).view(ctx.shape)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "qs": {k: v.clone() for k, v in self.qs.items()}}

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ..validation import check_number
-from .base import Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker, is_finite
+from .base import (Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker, is_finite,
+                   write_into)
 
 # (Little-endian byte order, as on x86-64 and ARM64.)
 # Eight 0/1 bytes read as one little-endian int64 → one byte of bits, bit j = element j:
@@ -122,20 +123,40 @@ class QSGD(SeededCompressor):
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         x = self._buckets(tensor.reshape(-1).float())
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-        scaled = x.abs() * (self.levels / _nonzero(norms))
+        scaled = torch.abs(x, out=self.scratch(x, torch.float32).view(x.shape))
+        scaled.mul_(self.levels / _nonzero(norms))
         gen = self.generator(x.device, "qsgd", name, step, self.salt)
-        lower = scaled.floor()
-        level = lower + (torch.rand(x.shape, generator=gen, device=x.device) < scaled - lower)
+        noise = self.scratch(x, torch.float32, slot=1).view(x.shape).uniform_(generator=gen)
+        # ⌊s + u⌋, u ~ U[0, 1): s rounded up with probability frac(s), the stochastic rounding
+        level = scaled.add_(noise).floor_()
         code_dtype = torch.int8 if self.levels <= 127 else torch.int16
-        codes = (level * torch.sign(x)).to(code_dtype)
+        codes = level.copysign_(x).to(code_dtype)
         return (codes.view(-1), norms.view(-1)), Ctx(tensor.shape, tensor.dtype, self.exchange)
 
     def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
         codes, norms = payload
         if ctx.numel == 0:
             return torch.zeros(ctx.shape, dtype=ctx.dtype, device=codes.device)
-        x = codes.view(norms.numel(), -1).float() * (norms.view(-1, 1) / self.levels)
+        x = codes.view(norms.numel(), -1).float().mul_(norms.view(-1, 1) / self.levels)
         return x.view(-1)[: ctx.numel].to(ctx.dtype).view(ctx.shape)
+
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx,
+                  out: Tensor | None = None) -> Tensor:
+        """Σ codes·norm/s over ranks, each rank's decoded into a reused buffer."""
+        if out is None or ctx.numel == 0 or not out.is_contiguous() or \
+                out.dtype != torch.float32:
+            return super().aggregate(payloads, ctx, out)
+        flat = out.view(-1)
+        for i, (codes, norms) in enumerate(payloads):
+            rows = codes.view(norms.numel(), -1)
+            decoded = torch.mul(rows, norms.view(-1, 1) / self.levels,
+                                out=self.scratch(codes, torch.float32).view(rows.shape))
+            part = decoded.view(-1)[:ctx.numel]
+            if i == 0:
+                flat.copy_(part)
+            else:
+                flat.add_(part)
+        return out
 
 
 class TernGrad(SeededCompressor):
@@ -236,10 +257,12 @@ class SignSGD(Compressor):
         signs = unpack_bits(bits, ctx.numel).to(ctx.dtype) * 2 - 1
         return signs.add_(marker.to(ctx.dtype)).view(ctx.shape)
 
-    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx,
+                  out: Tensor | None = None) -> Tensor:
         votes = super().aggregate(payloads, ctx)
         # torch.sign(NaN) is 0: add votes·0 (NaN where a vote was) to keep NaN visible.
-        return torch.sign(votes).mul_(len(payloads)).add_(votes * 0)
+        result = torch.sign(votes).mul_(len(payloads)).add_(votes * 0)
+        return result if out is None else write_into(out, result)
 
 
 class Signum(SignSGD):

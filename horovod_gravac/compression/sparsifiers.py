@@ -31,12 +31,14 @@ def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel <= _INT32_MAX else torch.int64
 
 
-def _select_at_least(magnitude: Tensor, thr: Tensor | float) -> Tensor:
-    """Indices of elements with |t| ≥ thr (and of NaNs)."""
-    return torch.nonzero((magnitude < thr).logical_not_()).view(-1)
+def _select_at_least(magnitude: Tensor, thr: Tensor | float, mask: Tensor | None = None) -> Tensor:
+    """Indices of elements with |t| ≥ thr (and of NaNs); ``mask``: a bool buffer to use."""
+    below = torch.lt(magnitude, thr) if mask is None else torch.lt(magnitude, thr, out=mask)
+    return torch.nonzero(below.logical_not_()).view(-1)
 
 
-def exact_topk_indices(magnitude: Tensor, k: int, sample: int = 4096) -> Tensor:
+def exact_topk_indices(magnitude: Tensor, k: int, sample: int = 4096,
+                       mask: Tensor | None = None) -> Tensor:
     """Indices of the k largest entries of ``magnitude`` (a 1-D, non-negative tensor).
 
     The same set as ``torch.topk(magnitude, k)`` (up to ties), but a full sort is avoided:
@@ -56,7 +58,7 @@ def exact_topk_indices(magnitude: Tensor, k: int, sample: int = 4096) -> Tensor:
     rank = min(probe.numel(), max(1, math.ceil(1.5 * k * probe.numel() / n) + 2))
     thr = torch.topk(probe, rank, sorted=False).values.min()
     while True:
-        cand = _select_at_least(magnitude, thr)
+        cand = _select_at_least(magnitude, thr, mask)
         if cand.numel() >= k or not thr > 0:
             break
         thr = thr / 2
@@ -101,6 +103,10 @@ class Sparsifier(Compressor):
     selects_exactly_k: ClassVar[bool] = False
     value_dtype: torch.dtype | None = None
 
+    def magnitude(self, flat: Tensor) -> Tensor:
+        """|flat| in a reused buffer."""
+        return torch.abs(flat, out=self.scratch(flat, flat.dtype))
+
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
         """Indices of the elements to send from the 1-D ``flat`` (about k of them)."""
         raise NotImplementedError
@@ -144,10 +150,17 @@ class Sparsifier(Compressor):
             out.index_add_(0, positions.long(), values.to(ctx.dtype))
         return out.view(ctx.shape)
 
-    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
-        if self._is_bitmap(payloads[0]):
-            return Compressor.aggregate(self, payloads, ctx)
-        return self.decompress(tuple(torch.cat(parts) for parts in zip(*payloads)), ctx)
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx,
+                  out: Tensor | None = None) -> Tensor:
+        """Every rank's (values, indices) concatenated is itself a payload whose
+        decompression is the sum: one ``index_add_`` (into ``out``, zeroed, if given)."""
+        if self._is_bitmap(payloads[0]) or (out is not None and not out.is_contiguous()):
+            return Compressor.aggregate(self, payloads, ctx, out)
+        values, positions = (torch.cat(parts) for parts in zip(*payloads))
+        target = torch.zeros(ctx.numel, dtype=ctx.dtype, device=values.device) \
+            if out is None else out.view(-1).zero_()
+        target.index_add_(0, positions.long(), values.to(ctx.dtype))
+        return target.view(ctx.shape)
 
     def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:
         return payload[0].float().pow(2).sum()  # O(k): the values are all that is sent
@@ -157,20 +170,20 @@ class Sparsifier(Compressor):
         """Energy of the k = ⌊n/cf⌋ largest |t| for each CF (what every sparsifier here
         approximates), from one sort of the largest of them.
 
-        With ``sample``, estimated from a strided sample of s = max(sample, 64·max(cfs))
-        elements when the tensor has more (so that even the highest CF keeps 64 of them): the
-        fraction of the sample's energy in its ⌊s/cf⌋ largest, times ‖t‖². Cost
-        O(s log s) instead of a selection over n.
+        With ``sample``, estimated from a strided sample of that many elements when the
+        tensor has more: the fraction of the sample's energy in its ⌊s/cf⌋ largest, times
+        ‖t‖². Cost O(s log s) instead of a selection over n.
         """
         flat = tensor.reshape(-1).float()
         n = flat.numel()
         if n == 0:
             return flat.new_zeros(len(cfs))
         picked, scale = flat, None
-        size = None if sample is None else max(sample, int(64 * max(cfs)))
-        if size is not None and n > size:
-            picked = flat[::n // size][:size]
-            scale = flat.pow(2).sum() / picked.pow(2).sum().clamp_min(torch.finfo(flat.dtype).tiny)
+        if sample is not None and n > sample:
+            picked = flat[::n // sample][:sample]
+            tiny = torch.finfo(flat.dtype).tiny
+            scale = torch.linalg.vector_norm(flat).square() / \
+                torch.linalg.vector_norm(picked).square().clamp_min(tiny)
         counts = [num_selected(picked.numel(), cf) for cf in cfs]
         top = torch.topk(picked.abs(), max(counts), sorted=True).values
         energies = top.pow(2).cumsum(0)[torch.tensor(counts, device=top.device) - 1]
@@ -227,7 +240,8 @@ class TopK(Sparsifier):
         self.value_dtype = check_value_dtype(value_dtype)
 
     def select(self, flat: Tensor, k: int, name: str, step: int) -> Tensor:
-        return exact_topk_indices(flat.abs(), k)
+        return exact_topk_indices(self.magnitude(flat), k,
+                                  mask=self.scratch(flat, torch.bool))
 
 
 class RandomK(SeededCompressor, Sparsifier):
@@ -282,8 +296,10 @@ class RandomK(SeededCompressor, Sparsifier):
         out[ctx.extra["indices"]] = values[:-1].to(ctx.dtype)
         return out.add_(values[-1].to(ctx.dtype)).view(ctx.shape)
 
-    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx) -> Tensor:
-        return self.decompress((torch.stack([p[0] for p in payloads]).sum(0),), ctx)
+    def aggregate(self, payloads: Sequence[Payload], ctx: Ctx,
+                  out: Tensor | None = None) -> Tensor:
+        return Compressor.aggregate(self, ((torch.stack([p[0] for p in payloads]).sum(0),),),
+                                    ctx, out)
 
     def indices(self, payload: Payload, ctx: Ctx) -> Tensor:
         return ctx.extra["indices"]

@@ -155,9 +155,35 @@ state = ddp.register_comm_hook(model, state=loaded["hook"], optimizer=opt)
 train(model, opt, state, half, STEPS)
 runs["resumed_gravac"] = result(model, state)
 
+def one_step_grads(**hook):
+    """The averaged gradients of one step, and what each bucket's future held."""
+    torch.manual_seed(0)
+    model = DDP(Net(), bucket_cap_mb=0.01)
+    state = ddp.DDPCompressionState(model, min_compress_numel=0, **hook)
+    futures = []
+
+    def recording_hook(state, bucket):
+        future = ddp.compression_hook(state, bucket)
+        return future.then(lambda f: futures.append(
+            {n: g.clone() for n, g in zip((state._names[p] for p in bucket.parameters()),
+                                          bucket.gradients())}) or f.value())
+
+    model.register_comm_hook(state, recording_hook)
+    x, y = batch(0)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.module.named_parameters()}
+    held = {n: g for f in futures for n, g in f.items()}
+    return {"grads": grads, "future_equals_grad": held.keys() == grads.keys() and all(
+        torch.equal(held[n], grads[n]) for n in grads), "buckets": len(state.engine.layout.buckets)}
+
+
+fused = {spec: {"fused": one_step_grads(compression=spec),
+                "per_tensor": one_step_grads(compression=spec, bucket_cap_mb=1e-9)}
+         for spec in ("none", "topk:10", "powersgd", "qsgd", "randomk:4", "fp16")}
+
 bad = {}
 for kwargs in ({"compression": "topk:0.5"}, {"agent": "gravac", "compression": "qsgd"},
-               {"on_nonfinite": "zero"}, {"min_compress_numel": -1},
+               {"on_nonfinite": "zero"}, {"min_compress_numel": -1}, {"bucket_cap_mb": 0},
                {"compress_patterns": {"nope.*": False}}):
     try:
         build(**kwargs)
@@ -167,5 +193,6 @@ try:
     ddp.register_comm_hook(Net())
 except ValueError as exc:
     bad["not ddp"] = str(exc)
-report(RANK, runs=runs, bad=bad, torchrun=os.environ.get("TORCHELASTIC_RUN_ID") is not None)
+report(RANK, runs=runs, bad=bad, fused=fused,
+       torchrun=os.environ.get("TORCHELASTIC_RUN_ID") is not None)
 dist.destroy_process_group()

@@ -87,7 +87,25 @@ for name in C.names():
     per_compressor[name] = {"params": p, "losses": losses, "bytes": opt.communication.total_bytes,
                             "dense_bytes": opt.communication.total_dense_bytes}
 
+def averaged_once(spec, bucket_cap_mb):
+    """The averaged gradient of one step (min_compress_numel=0: every tensor compressed)."""
+    torch.manual_seed(0)
+    model = MLP()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                  named_parameters=model.named_parameters(), compression=spec,
+                                  min_compress_numel=0, bucket_cap_mb=bucket_cap_mb)
+    idx = torch.arange(32) + 32 * RANK
+    torch.nn.functional.cross_entropy(model(X[idx]), Y[idx]).backward()
+    opt.synchronize()
+    return len(opt.engine.layout.buckets), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+# every compressor with its payloads fused in one bucket, and with a bucket per tensor
+fused = {name: {"fused": averaged_once(SPECS[name], 25.0),
+                "per_tensor": averaged_once(SPECS[name], 1e-9)} for name in C.names()}
+
 state = opt.state_dict()
-report(RANK, size=SIZE, results=results, per_compressor=per_compressor,
+report(RANK, size=SIZE, results=results, per_compressor=per_compressor, fused=fused,
        params={"whole": whole, "unused": unused_params, "none": mine},
        unused_losses=unused_losses, state_keys=sorted(state["horovod_gravac"]))

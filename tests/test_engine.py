@@ -1,0 +1,80 @@
+"""The step engine's own rules, in one process: buckets, settings, what stays in compression/."""
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+
+from horovod_gravac import compression as C
+from horovod_gravac.engine import BucketLayout, EngineConfig
+
+PACKAGE = Path(__file__).resolve().parent.parent / "horovod_gravac"
+
+
+def test_buckets_follow_backward_order_up_to_the_cap_and_are_a_function_of_the_model():
+    tensors = [("a", 400), ("b", 100), ("c", 300), ("d", 700), ("e", 50)]
+    layout = BucketLayout.by_size(tensors, cap_bytes=500)
+    assert layout.buckets == (("e",), ("d",), ("c", "b"), ("a",))  # d alone: larger than cap
+    assert BucketLayout.by_size(tensors, 500) == layout  # the same again, on every rank
+    assert BucketLayout.by_size(tensors, 10**9).buckets == (("e", "d", "c", "b", "a"),)
+    grouped = BucketLayout.by_size(tensors, 500, groups=[["a", "c"]])
+    assert grouped.buckets == (("e",), ("d",), ("a", "c"), ("b",))  # by each one's last tensor
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "25", float("nan"), True])
+def test_bucket_size_must_be_positive(value):
+    with pytest.raises(ValueError, match=rf"bucket_cap_mb must be a number > 0, got {value!r}"):
+        EngineConfig.create("topk", bucket_cap_mb=value)
+
+
+def test_settings_are_checked_when_the_config_is_made():
+    with pytest.raises(ValueError, match="on_nonfinite must be one of"):
+        EngineConfig.create("topk", on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="does not have; use one of"):
+        EngineConfig.create("qsgd", agent="gravac")
+    with pytest.raises(ValueError, match="unknown compressor 'topq'"):
+        EngineConfig.create("topq")
+    with pytest.raises(ValueError, match="gradient_predivide_factor must be a number > 0"):
+        EngineConfig.create("none", predivide=0.0)
+
+
+def code_outside_compression():
+    """(module, identifiers and string constants of its code — docstrings left out)."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "compression" in path.parts or "app" in path.parts:
+            continue  # the application may name compressors (its baselines, its flags)
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                           ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name):
+                names.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                names.add(node.attr)
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in docstrings:
+                names.add(node.value.lower())
+        yield path.relative_to(PACKAGE), names
+
+
+def test_no_compressor_is_special_cased_outside_compression():
+    """The engine, transports and front-ends know compressors only through the API (rounds,
+    exchange kinds); the dense path they use for uncompressed tensors is ``NoCompression``."""
+    specific = {cls.__name__ for cls in C.COMPRESSORS.values()} - {"NoCompression"}
+    specific |= {"LOWRANK", "compress_second", *C.COMPRESSORS} - {"none"}
+    for module, names in code_outside_compression():
+        assert not names & specific, (str(module), sorted(names & specific))
+
+
+def test_a_tensors_rounds_are_the_compressors_own():
+    c = C.create("powersgd:cf=10")
+    payload, ctx = c.compress(torch.randn(64, 32), "w")
+    assert ctx.exchange is C.Exchange.ALLREDUCE and ctx.rounds == 2
+    q = c.next_round(payload, ctx)
+    assert q[0].shape == (32, ctx.extra["p"].shape[1])
+    _, single = C.create("topk:10").compress(torch.randn(100))
+    assert single.rounds == 1
