@@ -14,7 +14,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HOROVOD_GPU_OPERATIONS=NCCL \
     HOROVOD_NCCL_LINK=SHARED \
     HOROVOD_WHEEL_CACHE=/opt/wheels \
-    EXTRAS=mpi,bench,test,vision
+    EXTRAS=bench,test,vision
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
@@ -29,7 +29,7 @@ RUN apt-get update \
 
 WORKDIR /opt/horovod-gravac
 # Dependencies first, from the install script alone: torch (CUDA build), Horovod with NCCL
-# built from source, mpi4py, torchvision. This layer is rebuilt only when the script changes.
+# built from source, torchvision. This layer is rebuilt only when the script changes.
 COPY launch/install.sh launch/install.sh
 RUN PYTHON=python3.11 TORCH_VERSION="${TORCH_VERSION}" TORCH_INDEX_URL="${TORCH_INDEX_URL}" \
         INSTALL_PACKAGE=0 bash launch/install.sh \

@@ -5,10 +5,12 @@ torch sparse gradients, and the object collectives of checkpoints and elastic st
 Every collective is asynchronous and summed (``op=hvd.Sum``), one per bucket and kind:
 summed payloads go as one grouped allreduce, in place (Horovod copies them into its fusion
 buffer and back, as for its own optimizer), gathered ones packed into one buffer; the engine
-scales the sums itself. Horovod negotiates
-collectives by name, so ranks may start them in different orders; names are unique within a
-step. The agents' decision is broadcast over MPI (mpi4py's ``Ibcast``) when Horovod itself
-runs on MPI, else with Horovod's own broadcast (Gloo).
+scales the sums itself. Horovod negotiates collectives by name, so ranks may start them in
+different orders; names are unique within a step. The agents' decision is Horovod's
+asynchronous broadcast too, over MPI when Horovod runs on MPI and over Gloo otherwise: it is
+serialised with every other collective in Horovod's background thread. (mpi4py's ``Ibcast``
+beside Horovod's own MPI thread segfaulted at exit in about one 2-rank run of four here, in
+Open MPI's progress engine, so this library makes no MPI call of its own.)
 """
 from __future__ import annotations
 
@@ -45,17 +47,6 @@ def world() -> tuple[int, int]:
     return hvd.rank(), hvd.size()
 
 
-def import_mpi4py():
-    """mpi4py, or an ImportError that says how to get it (the ``mpi`` extra)."""
-    try:
-        import mpi4py
-    except ImportError as exc:
-        raise ImportError("Horovod runs on MPI here, and horovod_gravac broadcasts the agents' "
-                          "decisions with mpi4py there: pip install 'horovod-gravac[mpi]' "
-                          f"(make install does) ({exc})") from exc
-    return mpi4py
-
-
 class HorovodHandle:
     """A Horovod collective in flight; ``wait`` synchronizes it once and applies ``then``."""
 
@@ -83,17 +74,6 @@ class _Deferred:
         return self._result
 
 
-class _MPIHandle:
-    def __init__(self, request: Any, tensor: Tensor) -> None:
-        self._request, self._tensor = request, tensor
-
-    def wait(self) -> Tensor:
-        if self._request is not None:
-            self._request.Wait()
-            self._request = None
-        return self._tensor
-
-
 class HorovodTransport:
     """The engine's collectives on a Horovod process set.
 
@@ -106,10 +86,6 @@ class HorovodTransport:
 
     def __init__(self, process_set=hvd.global_process_set) -> None:
         self.process_set = process_set
-        self._mpi_comm = None
-        # now, not at the first decision: mpi4py's own exit handlers must run after the
-        # engine's, which completes the last decision broadcast (they run last-in first-out)
-        self._mpi()
 
     @property
     def rank(self) -> int:
@@ -142,20 +118,10 @@ class HorovodTransport:
         return HorovodHandle(hvd.allgather_async(buffer, name=name, process_set=self.process_set),
                              split)
 
-    def broadcast(self, tensor: Tensor, name: str):
+    def broadcast(self, tensor: Tensor, name: str) -> HorovodHandle:
         """Rank 0's ``tensor`` (float64, on the host) on every rank, without blocking."""
-        comm = self._mpi()
-        if comm is not None:
-            array = tensor.numpy()
-            return _MPIHandle(comm.Ibcast(array, root=0), tensor)
         return HorovodHandle(hvd.broadcast_async_(tensor, root_rank=0, name=name,
                                                   process_set=self.process_set))
-
-    def settle(self) -> None:
-        """Before the process exits, once the last decision broadcast was waited for: on MPI
-        a barrier, so that no rank finalizes MPI while another still receives it."""
-        if self._mpi_comm is not None:
-            self._mpi_comm.Barrier()
 
     def sparse_allreduce(self, grad: Tensor, name: str, average: bool) -> _Deferred:
         """A torch sparse gradient, uncompressed, through Horovod's sparse allreduce
@@ -164,18 +130,6 @@ class HorovodTransport:
         return _Deferred(hvd.sparse_allreduce_async(grad, name=name, op=op,
                                                     process_set=self.process_set))
 
-    def _mpi(self):
-        """COMM_WORLD when Horovod itself runs on MPI with the global process set, else None."""
-        if self._mpi_comm is None and hvd.mpi_enabled() \
-                and self.process_set == hvd.global_process_set:
-            mpi4py = import_mpi4py()
-            # Horovod initialised MPI and will finalise it: mpi4py must do neither.
-            mpi4py.rc.initialize = False
-            mpi4py.rc.finalize = False
-            from mpi4py import MPI
-            self._mpi_comm = MPI.COMM_WORLD
-        return self._mpi_comm
-
 
 __all__ = ["HorovodHandle", "HorovodTransport", "allgather_object", "broadcast_object",
-           "hvd", "import_mpi4py", "world"]
+           "hvd", "world"]

@@ -94,9 +94,6 @@ class TorchTransport:
         return TorchHandle(work, parts, None if same_size else
                            lambda gathered: [p[:header_length(p)] for p in gathered])
 
-    def settle(self) -> None:
-        """Nothing to do: torch.distributed's group outlives a waited broadcast."""
-
     def broadcast(self, tensor: Tensor, name: str) -> TorchHandle:
         source = 0 if self.group is None else dist.get_global_rank(self.group, 0)
         return TorchHandle(dist.broadcast(tensor, src=source, group=self.group, async_op=True),

@@ -24,8 +24,8 @@ Control stays off the critical path. The statistics an agent asks for (its
 :class:`~horovod_gravac.probing.GainProbe`) ride at the end of the last bucket's first fused
 collective and are summed over ranks there — no collective of their own. The finite
 verdict, the statistics and Accordion's layer norms are read back to the host once per step.
-Rank 0's agent decides and the decision is broadcast without blocking (mpi4py under
-``mpirun``, Horovod's broadcast under Gloo, torch.distributed's for DDP); every rank waits
+Rank 0's agent decides and the decision is broadcast without blocking (Horovod's broadcast,
+over MPI under ``mpirun`` and over Gloo otherwise, or torch.distributed's for DDP); every rank waits
 for it where the next step first needs it (its first ``begin``) and applies it from that
 step on — the same decision at the same step on every rank.
 
@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import sys
 import time
 import weakref
 from collections import OrderedDict, deque
@@ -318,15 +319,17 @@ _ENGINES: "weakref.WeakSet[StepEngine]" = weakref.WeakSet()
 
 
 def _receive_decisions_in_flight() -> None:
-    """At exit, before the transport shuts down (registered when the first engine is made,
-    after ``hvd.init()`` registered Horovod's: exit handlers run last-in first-out): the
-    last step's decision broadcast, which no next step waited for, completes on every rank
-    — a rank that exited with it pending would leave the others' without a peer."""
+    """At a normal exit, before the transport shuts down (registered when the first engine
+    is made, after ``hvd.init()`` registered Horovod's: exit handlers run last-in
+    first-out): the last step's decision broadcast, which no next step waited for, completes
+    on every rank — a rank that exited with it pending would leave the others' without a
+    peer. Not when the process dies of an exception: its peers may never get there."""
+    if hasattr(sys, "last_value"):  # an uncaught exception ends this process
+        return
     for engine in list(_ENGINES):
         if engine._incoming is not None:
             with contextlib.suppress(Exception):  # the world may already be gone
                 engine.decision
-                engine.transport.settle()
 
 
 class StepEngine:

@@ -10,8 +10,7 @@ goes into them. Every collective sums or gathers one flat buffer:
 * ``allgather(buffer, name, same_size)`` — every rank's uint8 buffer, in rank order. When the
   sizes differ by rank (``same_size`` false) each buffer starts with its own length in bytes
   as an int64 (:func:`pack` with ``header``), which is how a rank's part is found again;
-* ``broadcast(tensor, name)`` — rank 0's float64 values on every rank (the agents' decision;
-  over MPI when Horovod runs on MPI).
+* ``broadcast(tensor, name)`` — rank 0's float64 values on every rank (the agents' decision).
 
 Each returns a :class:`Handle` whose ``wait()`` blocks until the result is there.
 """
@@ -46,8 +45,6 @@ class Transport(Protocol):
     def allreduce(self, tensors: list[Tensor], name: str) -> Handle: ...
     def allgather(self, buffer: Tensor, name: str, same_size: bool) -> Handle: ...
     def broadcast(self, tensor: Tensor, name: str) -> Handle: ...
-    def settle(self) -> None:
-        """Before the process exits, after the last broadcast was waited for."""
 
 
 def align(nbytes: int) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-step, idempotent set-up of the horovod-gravac stack on Debian/Ubuntu:
 #   Open MPI, ssh, iproute2 (apt) -> .venv -> torch -> Horovod 0.28.1 built from source (cached wheel)
-#   -> horovod_gravac (editable, with extras; mpi4py through the mpi extra).
+#   -> horovod_gravac (editable, with extras).
 # INSTALL_PACKAGE=0 stops before the last step (the Docker image caches the dependencies in
 # a layer of their own, so editing the source does not rebuild Horovod).
 # A second run on a ready machine only checks and returns in seconds.
@@ -14,7 +14,7 @@
 #   HOROVOD_VERSION        Horovod release built from the PyPI sdist    (0.28.1)
 #   HOROVOD_GPU_OPERATIONS NCCL to build the GPU collectives (Docker image does)  (unset)
 #   HOROVOD_WHEEL_CACHE    where built Horovod wheels are kept          (~/.cache/horovod-gravac/wheels)
-#   EXTRAS                 extras of horovod_gravac to install          (mpi,bench,test)
+#   EXTRAS                 extras of horovod_gravac to install          (bench,test)
 #   INSTALL_PACKAGE        0: dependencies only, not this package       (1)
 set -euo pipefail
 
@@ -23,7 +23,7 @@ VENV="${VENV:-$repo/.venv}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 HOROVOD_VERSION="${HOROVOD_VERSION:-0.28.1}"
 HOROVOD_WHEEL_CACHE="${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/horovod-gravac/wheels}"
-EXTRAS="${EXTRAS:-mpi,bench,test}"
+EXTRAS="${EXTRAS:-bench,test}"
 
 say() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -121,13 +121,12 @@ say "Horovod $HOROVOD_VERSION ready (PyTorch, MPI, Gloo${HOROVOD_GPU_OPERATIONS:
 
 # ---------------------------------------------------------------- this package
 if [ "${INSTALL_PACKAGE:-1}" = 0 ]; then
-    pip install mpi4py  # the mpi extra, here so that its build is cached with the rest
     say "dependencies ready (INSTALL_PACKAGE=0: horovod_gravac not installed)"
     exit 0
 fi
 pkg_stamp="$VENV/.horovod-gravac-installed"
 if [ ! -f "$pkg_stamp" ] || [ "$repo/pyproject.toml" -nt "$pkg_stamp" ] \
-        || ! "$py" -c 'import mpi4py, horovod_gravac' >/dev/null 2>&1; then
+        || ! "$py" -c 'import horovod_gravac' >/dev/null 2>&1; then
     say "installing horovod_gravac[$EXTRAS]"
     pip install -e "$repo[$EXTRAS]"
     touch "$pkg_stamp"

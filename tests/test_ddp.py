@@ -81,11 +81,13 @@ def test_fused_or_tensor_by_tensor_the_same_average_and_the_future_holds_it(job,
     """This library's buckets (one here) or one per tensor: the same averaged gradient within
     float rounding; the future DDP waits for holds the averaged bucket, from which DDP
     writes p.grad (once)."""
+    # fp16 sums round to 11 bits: one unit in the last place of the largest elements
+    atol = 1e-4 if spec == "fp16" else 1e-6
     for rank in job:
         fused, alone = rank["fused"][spec]["fused"], rank["fused"][spec]["per_tensor"]
         assert fused["buckets"] == 1 and alone["buckets"] == len(alone["grads"])
         for key, value in fused["grads"].items():
-            torch.testing.assert_close(value, alone["grads"][key], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(value, alone["grads"][key], rtol=1e-5, atol=atol)
         assert fused["future_equals_grad"] and alone["future_equals_grad"]
     assert_identical_across_ranks([{"p": r["fused"][spec]["fused"]["grads"]} for r in job], "p")
 

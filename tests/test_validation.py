@@ -99,8 +99,3 @@ def test_missing_horovod_says_how_to_build_it():
     assert "built from source" in out.stdout and "make install" in out.stdout
 
 
-def test_missing_mpi4py_names_the_extra(monkeypatch):
-    from horovod_gravac import communication
-    monkeypatch.setitem(sys.modules, "mpi4py", None)
-    with pytest.raises(ImportError, match=r"pip install 'horovod-gravac\[mpi\]'"):
-        communication.import_mpi4py()
