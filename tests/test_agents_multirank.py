@@ -6,7 +6,8 @@ from tests.multirank import LAUNCHERS, assert_identical_across_ranks, run_ranks
 STEPS = 300  # GraVAC windows of 25/40 steps, Accordion intervals of 50: several each
 
 
-@pytest.fixture(scope="module", params=LAUNCHERS)
+@pytest.fixture(scope="module", params=[
+    pytest.param(l, marks=pytest.mark.slow) if l == "gloo" else l for l in LAUNCHERS])
 def job(request):
     return run_ranks("agent_checks.py", 4, request.param, args=[str(STEPS)], timeout=900)
 

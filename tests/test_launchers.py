@@ -5,7 +5,7 @@ from tests.multirank import LAUNCHERS, MultiRankError, assert_identical_across_r
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-@pytest.mark.parametrize("np", [2, 4])
+@pytest.mark.parametrize("np", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_dense_horovod_training_is_identical_on_all_ranks(launcher, np):
     reports = run_ranks("dense_smoke.py", np, launcher)
     assert [r["size"] for r in reports] == [np] * np

@@ -55,6 +55,7 @@ def ranks_by_host(cluster):
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_four_ranks_on_two_hosts_end_identical(cluster, launcher, tmp_path):
     job = launch(cluster, launcher, tmp_path, "--steps", "12", "--eval-interval", "12")
@@ -65,6 +66,7 @@ def test_four_ranks_on_two_hosts_end_identical(cluster, launcher, tmp_path):
     assert summary["replicas_identical"], summary["parameter_digests"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_rank_killed_on_one_host_ends_the_job_on_both(cluster, launcher, tmp_path):
     job = launch(cluster, launcher, tmp_path, "--steps", "1000000", "--eval-interval", "1000000")

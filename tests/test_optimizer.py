@@ -15,8 +15,9 @@ def late_loss(losses):
     return sum(losses[-10:]) / 10
 
 
-@pytest.fixture(scope="module", params=[(l, n) for l in LAUNCHERS for n in (2, 4)],
-                ids=lambda p: f"{p[0]}-np{p[1]}")
+@pytest.fixture(scope="module", params=[
+    pytest.param((l, n), marks=pytest.mark.slow) if (l, n) == ("gloo", 4) else (l, n)
+    for l in LAUNCHERS for n in (2, 4)], ids=lambda p: f"{p[0]}-np{p[1]}")
 def job(request):
     launcher, np = request.param
     return run_ranks("optimizer_checks.py", np, launcher, timeout=600)

@@ -9,8 +9,9 @@ MATCHES_HOROVOD = ("process_set", "sparse", "sparse_as_dense", "groups_int", "gr
 COMPRESSED = ("sparse_as_dense_topk", "groups_topk", "groups_powersgd", "groups_gravac")
 
 
-@pytest.fixture(scope="module", params=[(l, n) for l in LAUNCHERS for n in (2, 4)],
-                ids=lambda p: f"{p[0]}-np{p[1]}")
+@pytest.fixture(scope="module", params=[
+    pytest.param((l, n), marks=pytest.mark.slow) if (l, n) == ("gloo", 4) else (l, n)
+    for l in LAUNCHERS for n in (2, 4)], ids=lambda p: f"{p[0]}-np{p[1]}")
 def job(request):
     launcher, np = request.param
     return run_ranks("parity_checks.py", np, launcher, timeout=600)

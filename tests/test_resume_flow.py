@@ -1,7 +1,6 @@
 """Horovod's resume flow and ``broadcast_optimizer_state`` with this library's optimizer on
 real ranks (2 under horovodrun --gloo, 4 under mpirun); a hang fails the test (timeout)."""
 import pytest
-import torch
 
 from tests.multirank import assert_identical_across_ranks, run_ranks
 

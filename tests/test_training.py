@@ -190,6 +190,7 @@ def test_gravac_paper_search_on_ptb_leaves_theta_min_and_trains_like_dense(tmp_p
     assert gravac["total_bytes"] * 5 <= dense["total_bytes"], (gravac["total_bytes"], dense["total_bytes"])
 
 
+@pytest.mark.slow  # the library's bit-exact resume is tested in tests/test_checkpoint.py
 def test_interrupted_training_resumed_from_its_checkpoint_ends_like_an_uninterrupted_one(tmp_path):
     flags = [*PTB_FLAGS, "--eval-interval", "10", "--compression", "topk", "--agent", "gravac",
              "--theta-min", "4", "--window", "3", "--omega", "0", "--omega-throughput", "0",
@@ -234,6 +235,7 @@ def test_launch_script_rejects_unknown_launcher(tmp_path):
     assert res.returncode == 2 and "LAUNCHER must be" in res.stderr
 
 
+@pytest.mark.slow
 def test_end_to_end_benchmark_writes_its_table_and_plots(tmp_path):
     """A short unshaped run of the benchmark's machinery (the real one runs via netem as root)."""
     only = "dense (Horovod),GraVAC defaults (PowerSGD),DDP + PowerSGD (rank 1)"

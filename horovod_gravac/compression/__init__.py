@@ -125,7 +125,8 @@ __all__ = [
     "COMPRESSORS", "MEMORIES", "Compressor", "Ctx", "Exchange", "Memory", "Payload",
     "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "check_adjustable", "create", "create_memory", "names",
     "parse_spec", "num_selected", "DEFAULT_MIN_COMPRESS_NUMEL", "uncompressed_tensors",
-    "validate_cf", "wire_bytes", "finite_marker", "payload_is_finite", "scale_and_check",
+    "validate_cf", "wire_bytes", "finite_marker", "is_finite", "payload_is_finite",
+    "scale_and_check",
     "payload_is_finite", "scale_and_check",
     *(cls.__name__ for cls in COMPRESSORS.values()),
 ]
