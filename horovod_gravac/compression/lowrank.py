@@ -225,11 +225,16 @@ class PowerSGD(SeededCompressor):
         """Local error M − P̂ Q_localᵀ (= M − P̂ P̂ᵀ M), as in the paper's Algorithm 2."""
         if ctx.rounds == 1:
             return torch.zeros_like(compensated)  # not in place: the payload is ``compensated``
-        local = ctx.extra["p"] @ ctx.extra["q_local"].t()
         # P comes from every rank: if a peer's gradient was NaN, nothing of this step is
-        # applied, so keep all of it (a non-finite P must not enter this rank's residual).
-        local.masked_fill_(~is_finite(local), 0.0)
-        return compensated.sub_(local.to(compensated.dtype).view(compensated.shape))
+        # applied, so keep all of it (a non-finite P must not enter this rank's residual);
+        # checked on the thin factors, not on their n×m product
+        p, q = ctx.extra["p"], ctx.extra["q_local"]
+        ok = is_finite(p) & is_finite(q)
+        p, q = torch.where(ok, p, 0.0), torch.where(ok, q, 0.0)
+        if compensated.dtype == torch.float32 and compensated.is_contiguous():
+            compensated.view(p.shape[0], -1).addmm_(p, q.t(), alpha=-1)  # one pass
+            return compensated
+        return compensated.sub_((p @ q.t()).to(compensated.dtype).view(compensated.shape))
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Ctx,
                   out: Tensor | None = None) -> Tensor:
