@@ -13,7 +13,8 @@ Gloo context binds to the address the hostname resolves to, each namespace gets 
 ``/etc/netns/<ns>/hosts`` mapping the hostname to that rank's address.
 
 Everything (namespaces, bridge, veths, hosts files) is removed afterwards, also when a rank
-fails or on Ctrl-C/SIGTERM. Needs root (CAP_NET_ADMIN) and iproute2's ``ip`` and ``tc``.
+fails or on Ctrl-C/SIGTERM; a network left by an emulator that was killed outright (SIGKILL) is
+removed by the next run. Needs root (CAP_NET_ADMIN) and iproute2's ``ip`` and ``tc``.
 Only Gloo is supported (MPI would need its own TCP interface selection).
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 
 SUBNET = "10.231.{}.{}"
+OWNERS = Path("/run/horovod-gravac-netem")  # one file per network: its tag, holding the owner's pid
+NAME = re.compile(r"^hg(\d+)(br|[hv]\d+|r\d+)$")
 
 
 class NetemError(RuntimeError):
@@ -101,6 +104,8 @@ class Network:
                "burst", str(burst), "latency", "100ms")
 
     def up(self) -> None:
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / self.tag).write_text(str(os.getpid()))  # before any name with this tag exists
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         self.created_bridge = True
         sh("ip", "addr", "add", f"{self.address(None)}/24", "dev", self.bridge)
@@ -135,6 +140,50 @@ class Network:
             sh("ip", "link", "del", self.bridge, check=False)
         self.namespaces.clear()
         self.created_bridge = False
+        (OWNERS / self.tag).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale_networks() -> list[str]:
+    """Remove the networks of emulators that died without cleaning up (SIGKILL, power loss).
+
+    A network is stale when no owner file names a running process for its tag: ``up`` writes
+    the file before it creates anything, so a network being built by a live emulator is never
+    taken. Returns the tags removed.
+    """
+    namespaces = sh("ip", "netns", "list").stdout.split("\n")
+    links = sh("ip", "-o", "link").stdout.split("\n")
+    names = [line.split()[0] for line in namespaces if line.strip()]
+    names += [line.split(":")[1].strip().split("@")[0] for line in links if line.count(":") > 1]
+    by_tag: dict[str, list[str]] = {}
+    for name in names:
+        match = NAME.match(name)
+        if match:
+            by_tag.setdefault(match.group(1), []).append(name)
+    reaped = []
+    for tag, members in sorted(by_tag.items()):
+        owner = OWNERS / tag
+        if owner.exists() and owner.read_text().strip().isdigit() and _alive(int(owner.read_text())):
+            continue
+        for name in sorted(members, key=lambda n: n.endswith("br")):  # the bridge last
+            kind = NAME.match(name).group(2)[0]
+            if kind == "r":  # a rank's namespace, with the veth end inside it
+                sh("ip", "netns", "del", name, check=False)
+                shutil.rmtree(Path("/etc/netns") / name, ignore_errors=True)
+            elif kind in "hb":  # a host-side veth (its pair goes with it) or the bridge
+                sh("ip", "link", "del", name, check=False)
+        owner.unlink(missing_ok=True)
+        reaped.append(tag)
+    return reaped
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,6 +198,9 @@ def run(args: argparse.Namespace) -> int:
         from horovod.runner.http.http_server import RendezvousServer
 
         check_prerequisites()
+        for tag in reap_stale_networks():
+            print(f"[netem] removed network hg{tag}, left by an emulator that is no longer running",
+                  file=sys.stderr)
         net.up()
         plan = [SlotInfo(hostname=f"rank{r}", rank=r, local_rank=0, cross_rank=r, size=args.np,
                          local_size=1, cross_size=args.np) for r in range(args.np)]
@@ -167,8 +219,8 @@ def run(args: argparse.Namespace) -> int:
                        GLOO_SOCKET_IFNAME=net.iface(slot.rank, "v"))
             procs.append(subprocess.Popen(["ip", "netns", "exec", net.namespaces[slot.rank],
                                            *args.command], env=env))
-        print(f"[netem] {args.np} ranks running, links {args.rate or 'unshaped'} "
-              f"{args.delay or ''}".rstrip(), file=sys.stderr, flush=True)
+        print(f"[netem] {args.np} ranks running in network hg{net.tag}, links "
+              f"{args.rate or 'unshaped'} {args.delay or ''}".rstrip(), file=sys.stderr, flush=True)
         deadline = time.monotonic() + args.timeout if args.timeout else None
         while True:
             codes = [p.poll() for p in procs]

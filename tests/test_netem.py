@@ -1,5 +1,6 @@
 """The network emulator: ranks in namespaces behind shaped links, cleaned up on every exit."""
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,13 +20,19 @@ needs_root = pytest.mark.skipif(
     reason="network emulation needs root and iproute2 (ip, tc)")
 
 
-def leftovers() -> list[str]:
-    """Namespaces and links the emulator names hg<tag>... that are still there."""
+def names() -> list[str]:
+    """The namespaces and links there are now."""
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    names = [line.split()[0] for line in namespaces.splitlines() if line.strip()]
-    names += [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
-    return [n for n in names if n.startswith("hg")]
+    found = [line.split()[0] for line in namespaces.splitlines() if line.strip()]
+    return found + [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+
+
+def leftovers(stderr: str) -> list[str]:
+    """What is left of the network the emulator that printed ``stderr`` built (others may run)."""
+    tag = re.search(r"ranks running in network (hg\d+)", stderr)
+    assert tag, stderr[-3000:]
+    return [n for n in names() if netem.NAME.match(n) and n.startswith(tag.group(1))]
 
 
 def emulate(*command, rate="100mbit", timeout=300):
@@ -53,7 +60,7 @@ def test_training_through_shaped_links_and_cleanup(tmp_path):
                   "--out", str(tmp_path))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "10 steps" in res.stdout
-    assert not leftovers()
+    assert not leftovers(res.stderr)
 
 
 @needs_root
@@ -74,7 +81,7 @@ def test_failing_rank_stops_the_job_and_cleans_up():
     start = time.time()
     res = emulate(sys.executable, "-c", code)
     assert res.returncode == 3 and time.time() - start < 120
-    assert not leftovers()
+    assert not leftovers(res.stderr)
 
 
 @needs_root
@@ -90,4 +97,17 @@ def test_sigterm_cleans_up():
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "cleaning up" in err, "".join(lines) + err
-    assert not leftovers()
+    assert not leftovers("".join(lines) + err)
+
+
+@needs_root
+def test_network_of_a_killed_emulator_is_removed_by_the_next_run():
+    stale = "hg99999r0"  # a tag no pid modulo 10000 gives, with no owner file: left by a SIGKILL
+    subprocess.run(["ip", "netns", "add", stale], check=True)
+    try:
+        res = emulate(sys.executable, "-c", "pass")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert "removed network hg99999" in res.stderr
+        assert stale not in names()
+    finally:
+        subprocess.run(["ip", "netns", "del", stale], capture_output=True)
