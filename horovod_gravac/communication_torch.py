@@ -98,3 +98,13 @@ class TorchTransport:
         source = 0 if self.group is None else dist.get_global_rank(self.group, 0)
         return TorchHandle(dist.broadcast(tensor, src=source, group=self.group, async_op=True),
                            tensor)
+
+
+def gather_to_rank0(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any] | None:
+    """Every rank's picklable ``obj``, in rank order, on the group's rank 0 (None elsewhere);
+    collective: every rank of the group calls it."""
+    size = dist.get_world_size(group)
+    first = 0 if group is None else dist.get_global_rank(group, 0)
+    everyone: list[Any] | None = [None] * size if dist.get_rank() == first else None
+    dist.gather_object(obj, everyone, dst=first, group=group)
+    return everyone

@@ -112,18 +112,28 @@ class DDPCompressionState:
     def attach(self, module: torch.nn.Module, process_group: dist.ProcessGroup | None = None,
                optimizer: torch.optim.Optimizer | None = None) -> None:
         """Bind to ``module``'s parameters and a process group (None: the default group)."""
+        ignored: set[str] = set()
         if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+            if module.static_graph:
+                raise ValueError(
+                    "DistributedDataParallel(static_graph=True) is not supported: DDP then "
+                    "calls the hooks from its own end of backward, which waits for futures "
+                    "this hook completes only after backward; use static_graph=False")
             process_group = process_group or module.process_group
+            ignored = set(module.parameters_to_ignore)  # DDP never hands these to a hook
             module = module.module
         if not isinstance(module, torch.nn.Module):
             raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got "
                              f"{type(optimizer).__name__}")
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in module.named_parameters()
+                 if p.requires_grad and n not in ignored]
         self._names = {p: n for n, p in named}
         self._params = dict(named)
         self._optimizer = optimizer
+        if self.engine is not None:  # attached again, live: go on from where it is
+            self._saved_progress = self.engine.progress()
         self.engine = StepEngine(self.config, TorchTransport(process_group),
                                  [(n, p.shape, p.element_size()) for n, p in named])
         if self._saved_progress is not None:  # unpickled: the objects hold the rest
@@ -213,52 +223,59 @@ def compression_hook(state: DDPCompressionState,
 
 
 def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
-                       compression: str | C.Compressor = "topk:100",
+                       compression: str | C.Compressor | None = None,
                        memory: str | C.Memory | None = None,
                        agent: str | A.Agent | None = None,
                        process_group: dist.ProcessGroup | None = None, *,
-                       on_nonfinite: str = "skip",
-                       min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
+                       on_nonfinite: str | None = None,
+                       min_compress_numel: int | None = None,
                        compress_patterns: Mapping[str, bool] | None = None,
                        optimizer: torch.optim.Optimizer | None = None,
                        state: DDPCompressionState | None = None,
-                       bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> DDPCompressionState:
+                       bucket_cap_mb: float | None = None) -> DDPCompressionState:
     """Compress ``ddp_model``'s gradients layer by layer, with error feedback and an agent.
 
     Arguments:
         ddp_model: a ``torch.nn.parallel.DistributedDataParallel`` model.
-        compression: a compressor, registry name or ``"name:value"`` string (``"topk:100"``).
+        compression: a compressor, registry name or ``"name:value"`` string (default
+            ``"topk:100"``).
         memory: the error-feedback memory (default: the compressor's own).
         agent: ``"static"``, ``"gravac"``, ``"accordion"`` or an agent object; rank 0 of the
             process group decides, the decision is broadcast.
         process_group: the group to exchange on (default: the DDP model's).
-        on_nonfinite: ``"skip"`` (the gradients of a non-finite step become None on every
-            rank, counted in ``state.exchange.skipped_steps``) or ``"raise"``.
-        min_compress_numel: gradients with fewer elements are sent uncompressed.
+        on_nonfinite: ``"skip"`` (the default: the gradients of a non-finite step become None on every
+            rank, counted in ``state.engine.skipped_steps``) or ``"raise"``.
+        min_compress_numel: gradients with fewer elements are sent uncompressed (default
+            ``compression.DEFAULT_MIN_COMPRESS_NUMEL``).
         compress_patterns: name patterns → always (True) / never (False) compress.
         optimizer: whose first learning rate the agents see (Accordion and GraVAC react to
             a learning-rate decay); optional.
-        state: a state from ``torch.load`` to continue from (then give no compression,
-            memory or agent: the state carries its own).
+        state: a state from ``torch.load`` to continue from (then give none of the
+            settings above but ``process_group`` and ``optimizer``: the state carries its own).
         bucket_cap_mb: gradient megabytes whose payloads travel in one fused collective per
-            kind (this library's buckets, not DDP's); > 0.
+            kind (this library's buckets, not DDP's); > 0 (default 25).
 
     Returns the :class:`DDPCompressionState`; save it with ``torch.save`` to resume.
     """
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise ValueError("ddp_model must be a torch.nn.parallel.DistributedDataParallel, got "
                          f"{type(ddp_model).__name__}")
+    settings = {"compression": compression, "memory": memory, "agent": agent,
+                "on_nonfinite": on_nonfinite, "min_compress_numel": min_compress_numel,
+                "compress_patterns": compress_patterns, "bucket_cap_mb": bucket_cap_mb}
     if state is None:
-        state = DDPCompressionState(ddp_model, compression, memory, agent, process_group,
-                                    on_nonfinite=on_nonfinite,
-                                    min_compress_numel=min_compress_numel,
-                                    compress_patterns=compress_patterns, optimizer=optimizer,
-                                    bucket_cap_mb=bucket_cap_mb)
+        defaults = {"compression": "topk:100", "on_nonfinite": "skip",
+                    "min_compress_numel": C.DEFAULT_MIN_COMPRESS_NUMEL,
+                    "bucket_cap_mb": DEFAULT_BUCKET_CAP_MB}
+        given = {k: v if v is not None else defaults.get(k) for k, v in settings.items()}
+        state = DDPCompressionState(ddp_model, process_group=process_group,
+                                    optimizer=optimizer, **given)
     elif not isinstance(state, DDPCompressionState):
         raise ValueError(f"state must be a DDPCompressionState, got {type(state).__name__}")
-    elif compression != "topk:100" or memory is not None or agent is not None:
-        raise ValueError("give either state (to continue from a saved one) or compression/"
-                         "memory/agent, not both: the state carries its own")
+    elif any(v is not None for v in settings.values()):
+        given = ", ".join(k for k, v in settings.items() if v is not None)
+        raise ValueError(f"give either state (to continue from a saved one) or settings, not "
+                         f"both: the state carries its own, but {given} was given too")
     else:
         state.attach(ddp_model, process_group, optimizer)
     ddp_model.register_comm_hook(state, compression_hook)

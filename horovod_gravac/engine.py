@@ -199,11 +199,6 @@ class CommunicationStats:
     def last_bytes(self) -> int:
         return sum(self.last_step.values()) + self.last_overhead
 
-    @property
-    def float32_equivalents(self) -> float:
-        """Cumulative bytes sent, in float32 elements."""
-        return self.total_bytes / 4
-
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "total_bytes": self.total_bytes,
                 "total_dense_bytes": self.total_dense_bytes}
@@ -357,6 +352,8 @@ class StepEngine:
         self.label = f"gravac.{next(self._made)}"
         self.compressor, self.memory, self.agent = config.compressor, config.memory, config.agent
         self.transport = transport
+        if isinstance(self.compressor, C.SeededCompressor):  # ranks' rounding noise independent
+            self.compressor.rank = transport.rank
         self.names = [name for name, _, _ in tensors]
         self.shapes = {name: torch.Size(shape) for name, shape, _ in tensors}
         self.uncompressed = config.uncompressed(
@@ -476,7 +473,7 @@ class StepEngine:
         sparse allreduce (Horovod's); it leaves at once."""
         self._arrive(name, grad.device)
         grad = grad.coalesce()
-        handle = self.transport.sparse_allreduce(grad, f"gravac.sparse.{name}",
+        handle = self.transport.sparse_allreduce(grad, f"{self.label}.sparse.{name}",
                                                  self.config.average)
         nbytes = C.wire_bytes((grad._indices(), grad._values()))
         self.communication.record(name, nbytes, grad.numel())

@@ -52,7 +52,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightnin
 
 from . import agents as A
 from . import compression as C
+from .communication_torch import gather_to_rank0
 from .ddp import DDPCompressionState, register_comm_hook
+from .engine import EngineConfig
 
 __all__ = ["CHECKPOINT_KEY", "CompressionCallback", "communication", "load_state_bytes",
            "state_bytes"]
@@ -67,8 +69,10 @@ FORMAT = "horovod_gravac.lightning/1"
 def communication(state: DDPCompressionState) -> Any:
     """The byte counters of ``state`` (``total_bytes``: what this rank sent;
     ``total_dense_bytes``: what float32 allreduce of the same gradients would have sent)."""
-    stats = getattr(state, "communication", None)
-    return stats if stats is not None else state.exchange.communication
+    if state.engine is None:
+        raise ValueError("this DDPCompressionState is not attached to a model yet, so it has "
+                         "no byte counters: attach it (register_comm_hook) first")
+    return state.communication
 
 
 # -- the state as bytes, read back with an allowlist --------------------------------------------
@@ -180,8 +184,10 @@ class CompressionCallback(pl.Callback):
         # copies: an agent or compressor object keeps state, and the same object in two
         # callbacks (or trainers) would start ranks from different decisions
         compression, memory, agent = (copy.deepcopy(x) for x in (compression, memory, agent))
-        C.create_memory(memory, C.create(compression))  # bad names fail here, not at fit
-        A.create(agent)
+        # bad names or settings fail here, before the processes start, not at fit
+        EngineConfig.create(compression, memory, agent, on_nonfinite=on_nonfinite,
+                            min_compress_numel=min_compress_numel,
+                            compress_patterns=dict(compress_patterns or {}))
         self._hook_args: dict[str, Any] = dict(
             compression=compression, memory=memory, agent=agent, on_nonfinite=on_nonfinite,
             min_compress_numel=min_compress_numel, compress_patterns=compress_patterns)
@@ -256,11 +262,8 @@ class CompressionCallback(pl.Callback):
             return
         mine = state_bytes(self._state)
         size = trainer.world_size
-        if size > 1 and dist.is_available() and dist.is_initialized():
-            everyone: list[Any] | None = [None] * size if trainer.global_rank == 0 else None
-            dist.gather_object(mine, everyone, dst=0)
-        else:
-            everyone = [mine]
+        everyone = gather_to_rank0(mine) if size > 1 and dist.is_available() \
+            and dist.is_initialized() else [mine]
         if trainer.global_rank == 0:
             checkpoint[CHECKPOINT_KEY] = {"format": FORMAT, "world_size": size,
                                           "ranks": everyone}

@@ -306,8 +306,14 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def _initialising_state(self) -> bool:
         """``step()`` as ``hvd.broadcast_optimizer_state`` calls it to create missing
-        state: no backward pass on this rank since the last step, and no state yet."""
-        return not self._passes and not self.engine.in_flight and not self.optimizer.state
+        state: no backward pass on this rank since the last step, no state yet, and a
+        gradient (Horovod's zeros) on every trainable parameter. A rank that merely skipped
+        its backward (gradients None after ``zero_grad()``) exchanges zeros instead, as
+        Horovod's optimizer does, so its peers do not wait for it."""
+        trainable = [p for group in self.optimizer.param_groups for p in group["params"]
+                     if p.requires_grad]
+        return (not self._passes and not self.engine.in_flight and not self.optimizer.state
+                and all(p.grad is not None for p in trainable))
 
     def step(self, closure=None):
         if self._should_synchronize:

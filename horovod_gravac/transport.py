@@ -2,17 +2,20 @@
 and the traffic each kind of collective puts on a rank's link.
 
 A transport (Horovod's in ``communication``, torch.distributed's in ``communication_torch``)
-starts three asynchronous collectives and nothing else; the engine (``engine``) decides what
-goes into them. Every collective sums or gathers one flat buffer:
+starts three asynchronous collectives; the engine (``engine``) decides what goes into them.
+Every collective sums or gathers one flat buffer:
 
 * ``allreduce(tensors, name)`` — the sum over ranks of each tensor, in place, as one fused
   collective;
 * ``allgather(buffer, name, same_size)`` — every rank's uint8 buffer, in rank order. When the
   sizes differ by rank (``same_size`` false) each buffer starts with its own length in bytes
-  as an int64 (:func:`pack` with ``header``), which is how a rank's part is found again;
+  as an int64 (:func:`pack` with ``header``), which is how a rank's part is found again
+  (torch.distributed's ``all_gather`` needs one size: there the transport first agrees on
+  the largest, in a small blocking allreduce);
 * ``broadcast(tensor, name)`` — rank 0's float64 values on every rank (the agents' decision).
 
-Each returns a :class:`Handle` whose ``wait()`` blocks until the result is there.
+Each returns a :class:`Handle` whose ``wait()`` blocks until the result is there. Horovod's
+transport also sums torch sparse gradients (``sparse_allreduce``); DDP never hands a hook one.
 """
 from __future__ import annotations
 
@@ -42,6 +45,10 @@ class Transport(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def control_device(self) -> torch.device:
+        """Where the agents' decision travels (the backend's device for small tensors)."""
+
     def allreduce(self, tensors: list[Tensor], name: str) -> Handle: ...
     def allgather(self, buffer: Tensor, name: str, same_size: bool) -> Handle: ...
     def broadcast(self, tensor: Tensor, name: str) -> Handle: ...
@@ -68,8 +75,9 @@ def pack(tensors: Sequence[Tensor], header: bool) -> Tensor:
     if header:
         body = sum(p.numel() for p in parts)
         length = 8 * (1 + len(tensors)) + body
-        parts.insert(0, torch.tensor([length, *(t.numel() for t in tensors)], dtype=HEADER_DTYPE,
-                                     device=device).view(torch.uint8))
+        lengths = torch.tensor([length, *(t.numel() for t in tensors)], dtype=HEADER_DTYPE)
+        # made on the host, copied without waiting for the device's queue
+        parts.insert(0, lengths.to(device, non_blocking=True).view(torch.uint8))
     return torch.cat(parts)
 
 

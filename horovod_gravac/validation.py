@@ -1,4 +1,4 @@
-"""One way to check numeric parameters, so every error reads the same:
+"""One way to check numeric and boolean parameters, so every error reads the same:
 ``<name> must be <range>, got <value>`` — raised at construction, before any training."""
 from __future__ import annotations
 
@@ -41,3 +41,10 @@ def check_number(name: str, value: Any, low: float | None = None, high: float | 
         raise ValueError(f"{name} must be {_describe(low, high, low_open, high_open, integer, optional)}"
                          f", got {value!r}")
     return int(value) if integer else float(value)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else a ValueError (``bool("false")`` is True: never coerce)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value

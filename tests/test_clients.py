@@ -104,6 +104,10 @@ def test_lightning_without_ddp_strategy_raises_naming_it(tmp_path):
         CompressionCallback("topk:0.5")  # arguments are checked when the callback is made
     with pytest.raises(ValueError):
         CompressionCallback(agent="nope")
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        CompressionCallback(on_nonfinite="zero")
+    with pytest.raises(ValueError, match="min_compress_numel"):
+        CompressionCallback(min_compress_numel=-1)
     callback = CompressionCallback("topk:10")
     with pytest.raises(ValueError, match="no compression state yet"):
         callback.communication

@@ -527,3 +527,41 @@ def test_default_energy_profile_is_multilevel_compression():
     profile = c.energy_profile(g, [10, 100])
     assert profile.shape == (2,)
     assert profile[0] == pytest.approx(float(g.pow(2).sum()) / 10, rel=1e-5)  # in expectation
+
+
+def _flat(payload):
+    parts = payload if isinstance(payload, (tuple, list)) else (payload,)
+    return torch.cat([p.reshape(-1).float() for p in parts])
+
+
+@pytest.mark.parametrize("name", ["qsgd", "terngrad", "natural"])
+def test_stochastic_rounding_is_independent_across_ranks_and_repeats_on_resume(name):
+    x = torch.randn(4096)
+    rank0, rank1 = C.create(name), C.create(name)
+    rank1.rank = 1  # what the engine sets from its transport
+    first = _flat(rank0.compress(x, "w", 3)[0])
+    assert torch.equal(first, _flat(rank0.compress(x, "w", 3)[0]))  # same step: same draws
+    assert not torch.equal(first, _flat(rank1.compress(x, "w", 3)[0]))
+
+
+def test_randomk_positions_are_the_same_on_every_rank():
+    x = torch.randn(4096)
+    rank0, rank1 = C.create("randomk:16"), C.create("randomk:16")
+    rank1.rank = 1
+    assert torch.equal(_flat(rank0.compress(x, "w", 3)[0]), _flat(rank1.compress(x, "w", 3)[0]))
+
+
+@pytest.mark.parametrize("spec,sample", [("topk:10", None), ("topk:10", 2048), ("randomk:10", None),
+                                         ("powersgd", None), ("powersgd", 64)])
+def test_energy_profile_copies_nothing_from_the_host(spec, sample, monkeypatch):
+    """torch.tensor(list, device=cuda) waits for the device's queue: the gain probe, run in
+    the backward hooks, must build its results from device tensors only."""
+    compressor, x = C.create(spec), torch.randn(256, 128)
+    expected = compressor.energy_profile(x, [10, 20], "w", 0, sample=sample)
+
+    def host_copy(*args, **kwargs):
+        raise AssertionError("torch.tensor called in energy_profile")
+
+    monkeypatch.setattr(torch, "tensor", host_copy)
+    torch.testing.assert_close(compressor.energy_profile(x, [10, 20], "w", 0, sample=sample),
+                               expected)

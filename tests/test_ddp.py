@@ -68,12 +68,19 @@ def test_nonfinite_step_is_skipped_on_every_rank_or_raises_on_every_rank(job):
     assert "another rank's gradient is non-finite" in errors[0][0][1]
 
 
-def test_state_saved_with_torch_save_resumes_bit_for_bit(job):
-    for whole, resumed in zip(runs(job, "gravac"), runs(job, "resumed_gravac")):
+@pytest.mark.parametrize("continued", ["resumed_gravac", "reattached_gravac"])
+def test_state_saved_with_torch_save_or_attached_again_goes_on_bit_for_bit(job, continued):
+    for whole, resumed in zip(runs(job, "gravac"), runs(job, continued)):
         for key, value in whole["params"].items():
             assert torch.equal(value, resumed["params"][key]), key
         assert resumed["decisions"] == whole["decisions"][-len(resumed["decisions"]):]
-        assert resumed["bytes"] == whole["bytes"]
+        assert resumed["bytes"] == whole["bytes"] and resumed["steps"] == STEPS
+
+
+def test_a_parameter_ddp_ignores_is_left_out(job):
+    for r in runs(job, "ignored_parameter"):
+        assert not r["errors"] and r["steps"] == 5 and "head.bias" not in r["names"]
+    assert_identical_across_ranks(runs(job, "ignored_parameter"))
 
 
 @pytest.mark.parametrize("spec", ["none", "topk:10", "powersgd", "qsgd", "randomk:4", "fp16"])
@@ -101,3 +108,5 @@ def test_bad_arguments_raise_before_training(job):
     assert "bucket_cap_mb must be a number > 0, got 0" in bad["['bucket_cap_mb']"]
     assert "match no parameter name" in bad["['compress_patterns']"]
     assert "must be a torch.nn.parallel.DistributedDataParallel" in bad["not ddp"]
+    assert "static_graph=True) is not supported" in bad["static_graph"]
+    assert "compression, bucket_cap_mb was given too" in bad["state and settings"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from horovod_gravac import compression as C
-from horovod_gravac.engine import BucketLayout, EngineConfig
+from horovod_gravac.engine import BucketLayout, EngineConfig, StepEngine
 
 PACKAGE = Path(__file__).resolve().parent.parent / "horovod_gravac"
 
@@ -78,3 +78,12 @@ def test_a_tensors_rounds_are_the_compressors_own():
     assert q[0].shape == (32, ctx.extra["p"].shape[1])
     _, single = C.create("topk:10").compress(torch.randn(100))
     assert single.rounds == 1
+
+
+def test_the_engine_gives_a_seeded_compressor_its_rank():
+    class SecondOfTwo:  # only what the constructor reads
+        rank, size, control_device = 1, 2, torch.device("cpu")
+
+    config = EngineConfig.create("qsgd")
+    StepEngine(config, SecondOfTwo(), [("w", (64, 64), 4)])
+    assert config.compressor.rank == 1

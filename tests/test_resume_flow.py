@@ -38,3 +38,9 @@ def test_unnamed_parameters_get_horovods_names(job):
     assert job[0]["unnamed"] == ["allreduce.noname.0.0", "allreduce.noname.0.1",
                                  "allreduce.noname.1.0", "allreduce.noname.1.1"]
     assert all(r["unnamed"] == job[0]["unnamed"] for r in job)
+
+
+def test_a_rank_that_skips_its_backward_exchanges_zeros_and_does_not_step_alone(job):
+    runs = [r["skipped_backward"] for r in job]
+    assert_identical_across_ranks(runs)
+    assert all(r["steps"] == 3 for r in runs)

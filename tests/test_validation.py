@@ -99,3 +99,21 @@ def test_missing_horovod_says_how_to_build_it():
     assert "built from source" in out.stdout and "make install" in out.stdout
 
 
+
+
+FLAGS = [(C.COMPRESSORS["randomk"], "unbiased"), (C.COMPRESSORS["powersgd"], "warm_start"),
+         (A.GraVAC, "per_layer"), (A.Accordion, "per_layer")]
+
+
+@pytest.mark.parametrize("factory,param", FLAGS, ids=[f"{f.__name__}-{p}" for f, p in FLAGS])
+def test_flags_are_booleans_never_coerced(factory, param):
+    with pytest.raises(ValueError, match=f"{param} must be True or False, got 'false'"):
+        factory(**{param: "false"})
+
+
+@pytest.mark.parametrize("returned", [10.0, 5, "20", float("nan")])
+def test_a_callable_scaling_policy_must_return_a_larger_cf(returned):
+    agent = A.GraVAC(policy=lambda theta_s: returned)
+    with pytest.raises(ValueError, match=r"policy\(10\) must return a number greater than 10"):
+        agent.policy(10.0)
+    assert A.GraVAC(policy=lambda theta_s: theta_s * 3).policy(10.0) == 30.0

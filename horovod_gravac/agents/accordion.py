@@ -13,7 +13,7 @@ broadcasts, as for every agent. Give ``interval`` in steps, or in epochs with
 from __future__ import annotations
 
 import math
-from ..validation import check_number
+from ..validation import check_bool, check_number
 from .base import Agent, Decision, StepStats
 
 
@@ -34,7 +34,7 @@ class Accordion(Agent):
                                        optional=True)
         self.interval_steps = interval * (steps_per_epoch or 1)
         self.eta = check_number("eta", eta, 0, low_open=True)
-        self.per_layer = bool(per_layer)
+        self.per_layer = check_bool("per_layer", per_layer)
         self.accumulated: dict[str, float] = {}  # squared norms summed over the interval
         self.previous: dict[str, float] | None = None
         self.layer_cf: dict[str, float] = {}

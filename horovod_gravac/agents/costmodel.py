@@ -2,12 +2,12 @@
 
 Beyond the paper: GraVAC's ``search="cost_model"`` ranks every candidate CF by its gain over
 the step time this model predicts for it, so untried CFs are ranked without spending a window
-on each. Per step the exchange measures, combined across ranks (means):
+on each. Per step the engine measures, on rank 0 (which decides; ranks step in lockstep):
 
 * t — the step time, and w — the time spent blocked on collectives (``synchronize()``, the
   DDP hook's end of backward), so compute = t − w (backprop, compression, the optimizer);
 * B — the bytes this rank's link carried: each collective's payload weighted by its ring
-  traffic (``packing.link_bytes``: an allreduce 2(N−1)/N of it, an allgather N−1 payloads —
+  traffic (``transport.link_bytes``: an allreduce 2(N−1)/N of it, an allgather N−1 payloads —
   so the cost of allgathers grows with the world size and one fitted link serves both kinds).
 
 The fit, from the mean (B, w) of each CF sent so far, weighted by its number of steps (means,

@@ -96,9 +96,10 @@ The paper's behaviour is reachable with ``search="throughput"``, ``gain="error_f
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
-from ..validation import check_number
+from ..validation import check_bool, check_number
 from .base import (COMPENSATED, GRADIENT, SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision,
                    GainMeasure, ProbeSpec, StepStats)
 from .costmodel import LinkFit, LinkModel, allocate
@@ -511,7 +512,7 @@ class GraVAC(Agent):
         if per_layer and search != "cost_model":
             raise ValueError("per_layer=True needs search='cost_model' (per-tensor gains and "
                              f"bytes per ladder CF), got search={search!r}")
-        self.per_layer = bool(per_layer)
+        self.per_layer = check_bool("per_layer", per_layer)
         self.gain_sample = check_number("gain_sample", gain_sample, 1, integer=True,
                                         optional=True)
         self.tracker = GainTracker(gain, ewma, self.window, self.gain_interval)
@@ -553,7 +554,12 @@ class GraVAC(Agent):
 
     def policy(self, theta_s: float) -> float:
         if self.policy_name is None:
-            return float(self._policy(theta_s))
+            scaled = self._policy(theta_s)
+            if isinstance(scaled, bool) or not isinstance(scaled, (int, float)) \
+                    or not math.isfinite(scaled) or scaled <= theta_s:
+                raise ValueError(f"policy({theta_s:g}) must return a number greater than "
+                                 f"{theta_s:g} (the next CF to try), got {scaled!r}")
+            return float(scaled)
         return SCALING_POLICIES[self.policy_name](theta_s)
 
     def alpha(self, world_size: int) -> float:
@@ -569,7 +575,8 @@ class GraVAC(Agent):
 
     def decision(self, next_step: int = 0) -> Decision:
         return Decision(cf=self.candidate_cf, theta_min=self.theta_min, send=self.send,
-                        layer_cf=self.layer_cf, measure_gain=next_step % self.gain_interval == 0)
+                        layer_cf=self.layer_cf,  # settle steps are neither measured nor timed
+                        measure_gain=self.settling == 0 and next_step % self.gain_interval == 0)
 
     def initial_decision(self) -> Decision:
         return self.decision()

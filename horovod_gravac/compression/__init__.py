@@ -13,8 +13,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .base import (Compressor, Ctx, Exchange, Payload, finite_marker, is_finite, num_selected,
-                   payload_is_finite, scale_and_check, validate_cf, wire_bytes)
+from .base import (Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker,
+                   is_finite, num_selected, payload_is_finite, scale_and_check, validate_cf,
+                   wire_bytes)
 from .lowrank import PowerSGD
 from .memory import MEMORIES, DGCMemory, EFSignSGDMemory, Memory, ResidualMemory
 from .selection import DEFAULT_MIN_COMPRESS_NUMEL, uncompressed_tensors
@@ -123,10 +124,9 @@ def create_memory(name: str | Memory | None, compressor: Compressor, **params: A
 
 __all__ = [
     "COMPRESSORS", "MEMORIES", "Compressor", "Ctx", "Exchange", "Memory", "Payload",
-    "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "check_adjustable", "create", "create_memory", "names",
-    "parse_spec", "num_selected", "DEFAULT_MIN_COMPRESS_NUMEL", "uncompressed_tensors",
-    "validate_cf", "wire_bytes", "finite_marker", "is_finite", "payload_is_finite",
-    "scale_and_check",
-    "payload_is_finite", "scale_and_check",
+    "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "SeededCompressor", "check_adjustable",
+    "create", "create_memory", "names", "parse_spec", "num_selected",
+    "DEFAULT_MIN_COMPRESS_NUMEL", "uncompressed_tensors", "validate_cf", "wire_bytes",
+    "finite_marker", "is_finite", "payload_is_finite", "scale_and_check",
     *(cls.__name__ for cls in COMPRESSORS.values()),
 ]

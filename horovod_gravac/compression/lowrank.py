@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from ..validation import check_number
+from ..validation import check_bool, check_number
 from .base import Ctx, Exchange, Payload, SeededCompressor, is_finite, validate_cf
 
 
@@ -65,7 +65,7 @@ class PowerSGD(SeededCompressor):
         super().__init__(None, seed)
         self.rank = check_number("rank (PowerSGD uses 1-4)", rank, 1, integer=True)
         self.max_rank = check_number("max_rank", max_rank, self.rank, integer=True)
-        self.warm_start = bool(warm_start)
+        self.warm_start = check_bool("warm_start", warm_start)
         self._cf = None if cf is None else validate_cf(cf)
         self.qs: dict[str, Tensor] = {}
 
@@ -185,9 +185,7 @@ class PowerSGD(SeededCompressor):
         else:
             side, p = matrix.t(), matrix @ q
         energies = (side @ orthogonalize(p)).pow(2).sum(0).cumsum(0)
-        ranks = torch.tensor([min(self.rank_for(n, m, cf), top) - 1 for cf in cfs],
-                             device=energies.device)
-        return energies[ranks]
+        return torch.stack([energies[min(self.rank_for(n, m, cf), top) - 1] for cf in cfs])
 
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
         """P (n×r) and Q (m×r) in float32, or the dense tensor where rank r would not gain."""

@@ -113,7 +113,6 @@ class QSGD(SeededCompressor):
         super().__init__(None, seed)
         self.levels = check_number("levels", levels, 1, 32767, integer=True)
         self.bucket_size = check_number("bucket_size", bucket_size, 1, integer=True, optional=True)
-        self.salt = 0
 
     def _buckets(self, x: Tensor) -> Tensor:
         size = self.bucket_size or max(1, x.numel())
@@ -125,7 +124,7 @@ class QSGD(SeededCompressor):
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         scaled = torch.abs(x, out=self.scratch(x, torch.float32).view(x.shape))
         scaled.mul_(self.levels / _nonzero(norms))
-        gen = self.generator(x.device, "qsgd", name, step, self.salt)
+        gen = self.generator(x.device, "qsgd", name, step, self.rank)
         noise = self.scratch(x, torch.float32, slot=1).view(x.shape).uniform_(generator=gen)
         # ⌊s + u⌋, u ~ U[0, 1): s rounded up with probability frac(s), the stochastic rounding
         level = scaled.add_(noise).floor_()
@@ -173,7 +172,6 @@ class TernGrad(SeededCompressor):
     def __init__(self, clip: float = 2.5, seed: int = 0) -> None:
         super().__init__(None, seed)
         self.clip = check_number("clip (in standard deviations)", clip, 0, low_open=True)
-        self.salt = 0
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         x = tensor.reshape(-1).float()
@@ -182,7 +180,7 @@ class TernGrad(SeededCompressor):
         bound = self.clip * x.std(correction=0)
         x = torch.maximum(torch.minimum(x, bound), -bound)
         scale = x.abs().amax().reshape(1) + finite_marker(tensor)
-        gen = self.generator(x.device, "terngrad", name, step, self.salt)
+        gen = self.generator(x.device, "terngrad", name, step, self.rank)
         keep = torch.rand(x.shape, generator=gen, device=x.device) < x.abs() / _nonzero(scale)
         codes = (torch.sign(x) * keep).to(torch.int8)
         return (codes, scale), Ctx(tensor.shape, tensor.dtype, self.exchange)
@@ -207,12 +205,11 @@ class Natural(SeededCompressor):
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__(None, seed)
-        self.salt = 0
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         x = tensor.reshape(-1).float()
         mantissa, exponent = torch.frexp(x.abs())  # |x| = m·2^e, m ∈ [0.5, 1)
-        gen = self.generator(x.device, "natural", name, step, self.salt)
+        gen = self.generator(x.device, "natural", name, step, self.rank)
         up = torch.rand(x.shape, generator=gen, device=x.device) < (2 * mantissa - 1)
         exponent = exponent - 1 + up  # |x| rounded to 2^exponent
         top = exponent.amax() if x.numel() else exponent.new_zeros(())

@@ -19,7 +19,7 @@ from typing import ClassVar, Sequence
 import torch
 from torch import Tensor
 
-from ..validation import check_number
+from ..validation import check_bool, check_number
 from .base import (Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker,
                    num_selected, sizes_may_depend_on_data)
 from .quantizers import pack_bits, unpack_bits
@@ -186,7 +186,8 @@ class Sparsifier(Compressor):
                 torch.linalg.vector_norm(picked).square().clamp_min(tiny)
         counts = [num_selected(picked.numel(), cf) for cf in cfs]
         top = torch.topk(picked.abs(), max(counts), sorted=True).values
-        energies = top.pow(2).cumsum(0)[torch.tensor(counts, device=top.device) - 1]
+        cumulative = top.pow(2).cumsum(0)
+        energies = torch.stack([cumulative[c - 1] for c in counts])  # views: no host copy
         return energies if scale is None else energies * scale
 
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
@@ -257,7 +258,7 @@ class RandomK(SeededCompressor, Sparsifier):
 
     def __init__(self, cf: float | None = None, seed: int = 0, unbiased: bool = False) -> None:
         super().__init__(cf, seed)
-        self.unbiased = bool(unbiased)
+        self.unbiased = check_bool("unbiased", unbiased)
 
     def sample_indices(self, numel: int, k: int, device: torch.device, name: str,
                        step: int) -> Tensor:
@@ -314,7 +315,7 @@ class RandomK(SeededCompressor, Sparsifier):
         for cf in cfs:
             k = num_selected(n, cf)
             fractions.append(k / n * ((n / k) ** 2 if self.unbiased else 1.0) if n else 0.0)
-        return total * torch.tensor(fractions, device=tensor.device)
+        return torch.stack([total * f for f in fractions])  # no host-to-device copy
 
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
         """k values and the finiteness marker, summed over ranks (the indices are shared)."""

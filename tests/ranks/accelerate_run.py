@@ -34,11 +34,6 @@ def gravac():
                   omega_throughput=0.0, settle_steps=1, policy="geometric", search="throughput")
 
 
-def communication(state):
-    stats = getattr(state, "communication", None)
-    return stats if stats is not None else state.exchange.communication
-
-
 results = {}
 for name, compression in (("topk", "topk:100"), ("powersgd", "powersgd")):
     torch.manual_seed(0)
@@ -54,7 +49,7 @@ for name, compression in (("topk", "topk:100"), ("powersgd", "powersgd")):
             opt.zero_grad()
             accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
             opt.step()
-    stats = communication(state)
+    stats = state.communication
     plain = accelerator.unwrap_model(model)
     results[name] = {"ddp": isinstance(model, DistributedDataParallel),
                      "params": {k: v.detach().clone() for k, v in plain.state_dict().items()},

@@ -155,6 +155,29 @@ state = ddp.register_comm_hook(model, state=loaded["hook"], optimizer=opt)
 train(model, opt, state, half, STEPS)
 runs["resumed_gravac"] = result(model, state)
 
+# The live state attached to a new model halfway (register_comm_hook(model, state=state)):
+# it goes on from where it was, as an uninterrupted run.
+model, opt, state = build(compression="topk", agent=gravac())
+train(model, opt, state, 0, half)
+again = DDP(Net(), bucket_cap_mb=0.01)
+again.module.load_state_dict(model.module.state_dict())
+opt_again = torch.optim.SGD(again.parameters(), lr=0.05, momentum=0.9)
+opt_again.load_state_dict(opt.state_dict())
+ddp.register_comm_hook(again, state=state, optimizer=opt_again)
+train(again, opt_again, state, half, STEPS)
+runs["reattached_gravac"] = result(again, state)
+
+# A parameter DDP is told to ignore never reaches a hook: the state leaves it out.
+torch.manual_seed(0)
+net = Net()
+DDP._set_params_and_buffers_to_ignore_for_model(net, ["head.bias"])
+model = DDP(net, bucket_cap_mb=0.01)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+state = ddp.register_comm_hook(model, compression="topk:10", optimizer=opt)
+errors = train(model, opt, state, 0, 5)
+runs["ignored_parameter"] = dict(result(model, state, errors), names=state.engine.names)
+
+
 def one_step_grads(**hook):
     """The averaged gradients of one step, and what each bucket's future held."""
     torch.manual_seed(0)
@@ -193,6 +216,15 @@ try:
     ddp.register_comm_hook(Net())
 except ValueError as exc:
     bad["not ddp"] = str(exc)
+try:
+    ddp.register_comm_hook(DDP(Net(), static_graph=True))
+except ValueError as exc:
+    bad["static_graph"] = str(exc)
+_, _, live = build(compression="topk:10")
+try:
+    ddp.register_comm_hook(DDP(Net()), state=live, compression="topk:100", bucket_cap_mb=5)
+except ValueError as exc:
+    bad["state and settings"] = str(exc)
 report(RANK, runs=runs, bad=bad, fused=fused,
        torchrun=os.environ.get("TORCHELASTIC_RUN_ID") is not None)
 dist.destroy_process_group()

@@ -134,5 +134,22 @@ for cls in OPTIMIZERS:
 net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
 unnamed = hg.DistributedOptimizer(torch.optim.SGD(
     [{"params": net[0].parameters()}, {"params": net[1].parameters()}], lr=0.1))
+
+def skipped_backward():
+    """The last rank skips one backward (its gradients None after zero_grad) but still calls
+    step(), with an optimizer that never has state: that is not broadcast_optimizer_state's
+    call, so it exchanges zeros as Horovod's optimizer does instead of stepping alone."""
+    model, opt = build("topk:4", momentum=0.0)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for step in range(3):
+        opt.zero_grad()
+        if not (step == 1 and RANK == SIZE - 1):
+            idx = torch.randint(0, len(X), (32,), generator=torch.Generator().manual_seed(step))
+            torch.nn.functional.cross_entropy(model(X[idx]), Y[idx]).backward()
+        opt.step()
+    return {"params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "steps": opt.step_count}
+
+
 report(RANK, flows=flows, cases=cases, optimizers=[c.__name__ for c in OPTIMIZERS],
-       unnamed=sorted(unnamed._parameter_names.values()))
+       unnamed=sorted(unnamed._parameter_names.values()), skipped_backward=skipped_backward())
