@@ -97,8 +97,9 @@ class EFSignSGDMemory(ResidualMemory):
 
     def compensate(self, tensor: Tensor, name: str) -> Tensor:
         residual = self.residuals.get(name)
-        if residual is not None and residual.shape == tensor.shape:
-            residual.mul_(self._stored_lr.get(name, self.lr) / self.lr)  # to current units
+        ratio = self._stored_lr.get(name, self.lr) / self.lr
+        if residual is not None and residual.shape == tensor.shape and ratio != 1.0:
+            residual.mul_(ratio)  # to the current units (no pass while the rate is constant)
         return super().compensate(tensor, name)
 
     def update(self, name: str, compensated: Tensor, compressor: Compressor, payload: Payload,
