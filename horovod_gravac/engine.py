@@ -353,7 +353,7 @@ class StepEngine:
         self.compressor, self.memory, self.agent = config.compressor, config.memory, config.agent
         self.transport = transport
         if isinstance(self.compressor, C.SeededCompressor):  # ranks' rounding noise independent
-            self.compressor.rank = transport.rank
+            self.compressor.process_rank = transport.rank
         self.names = [name for name, _, _ in tensors]
         self.shapes = {name: torch.Size(shape) for name, shape, _ in tensors}
         self.uncompressed = config.uncompressed(

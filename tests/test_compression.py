@@ -538,7 +538,7 @@ def _flat(payload):
 def test_stochastic_rounding_is_independent_across_ranks_and_repeats_on_resume(name):
     x = torch.randn(4096)
     rank0, rank1 = C.create(name), C.create(name)
-    rank1.rank = 1  # what the engine sets from its transport
+    rank1.process_rank = 1  # what the engine sets from its transport
     first = _flat(rank0.compress(x, "w", 3)[0])
     assert torch.equal(first, _flat(rank0.compress(x, "w", 3)[0]))  # same step: same draws
     assert not torch.equal(first, _flat(rank1.compress(x, "w", 3)[0]))
@@ -547,7 +547,7 @@ def test_stochastic_rounding_is_independent_across_ranks_and_repeats_on_resume(n
 def test_randomk_positions_are_the_same_on_every_rank():
     x = torch.randn(4096)
     rank0, rank1 = C.create("randomk:16"), C.create("randomk:16")
-    rank1.rank = 1
+    rank1.process_rank = 1
     assert torch.equal(_flat(rank0.compress(x, "w", 3)[0]), _flat(rank1.compress(x, "w", 3)[0]))
 
 

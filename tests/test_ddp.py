@@ -78,9 +78,12 @@ def test_state_saved_with_torch_save_or_attached_again_goes_on_bit_for_bit(job, 
 
 
 def test_a_parameter_ddp_ignores_is_left_out(job):
-    for r in runs(job, "ignored_parameter"):
+    ranks = runs(job, "ignored_parameter")
+    for r in ranks:
         assert not r["errors"] and r["steps"] == 5 and "head.bias" not in r["names"]
-    assert_identical_across_ranks(runs(job, "ignored_parameter"))
+    # DDP leaves an ignored parameter to each rank (it trains on local gradients)
+    assert_identical_across_ranks([{"params": {k: v for k, v in r["params"].items()
+                                               if k != "head.bias"}} for r in ranks])
 
 
 @pytest.mark.parametrize("spec", ["none", "topk:10", "powersgd", "qsgd", "randomk:4", "fp16"])

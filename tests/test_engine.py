@@ -86,4 +86,13 @@ def test_the_engine_gives_a_seeded_compressor_its_rank():
 
     config = EngineConfig.create("qsgd")
     StepEngine(config, SecondOfTwo(), [("w", (64, 64), 4)])
-    assert config.compressor.rank == 1
+    assert config.compressor.process_rank == 1
+
+
+def test_the_rank_given_to_a_seeded_compressor_is_not_powersgds_rank():
+    class SecondOfTwo:
+        rank, size, control_device = 1, 2, torch.device("cpu")
+
+    config = EngineConfig.create("powersgd:4")
+    StepEngine(config, SecondOfTwo(), [("w", (64, 64), 4)])
+    assert config.compressor.rank == 4 and config.compressor.process_rank == 1

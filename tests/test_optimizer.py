@@ -317,7 +317,7 @@ def step_on_constructed_gradients(residual_w=None, **gravac):
 
     w = torch.zeros(10, requires_grad=True)
     b = torch.zeros(2, requires_grad=True)
-    agent = Recording(**gravac)
+    agent = Recording(**{"settle_steps": 0, **gravac})  # settle steps are not measured
     opt = hg.DistributedOptimizer(torch.optim.SGD([w, b], lr=1.0), named_parameters=[
         ("w", w), ("b", b)], compression="topk", agent=agent, min_compress_numel=0)
     if residual_w is not None:

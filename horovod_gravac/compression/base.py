@@ -274,13 +274,13 @@ class SeededCompressor(Compressor):
     restarted job sees the same randomness at the same step. Draws that every rank must
     share (RandomK's positions) leave the rank out; draws meant to be independent across
     ranks (stochastic rounding, whose noise then averages out over N ranks) include
-    ``rank``, which the engine driving this compressor sets to its process's rank.
+    ``process_rank``, which the engine driving this compressor sets to its process's rank.
     """
 
     def __init__(self, cf: float | None = None, seed: int = 0) -> None:
         super().__init__(cf)
         self.seed = check_number("seed", seed, integer=True)
-        self.rank = 0
+        self.process_rank = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device, *key: Any) -> torch.Generator:

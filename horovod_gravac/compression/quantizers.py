@@ -124,7 +124,7 @@ class QSGD(SeededCompressor):
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         scaled = torch.abs(x, out=self.scratch(x, torch.float32).view(x.shape))
         scaled.mul_(self.levels / _nonzero(norms))
-        gen = self.generator(x.device, "qsgd", name, step, self.rank)
+        gen = self.generator(x.device, "qsgd", name, step, self.process_rank)
         noise = self.scratch(x, torch.float32, slot=1).view(x.shape).uniform_(generator=gen)
         # ⌊s + u⌋, u ~ U[0, 1): s rounded up with probability frac(s), the stochastic rounding
         level = scaled.add_(noise).floor_()
@@ -180,7 +180,7 @@ class TernGrad(SeededCompressor):
         bound = self.clip * x.std(correction=0)
         x = torch.maximum(torch.minimum(x, bound), -bound)
         scale = x.abs().amax().reshape(1) + finite_marker(tensor)
-        gen = self.generator(x.device, "terngrad", name, step, self.rank)
+        gen = self.generator(x.device, "terngrad", name, step, self.process_rank)
         keep = torch.rand(x.shape, generator=gen, device=x.device) < x.abs() / _nonzero(scale)
         codes = (torch.sign(x) * keep).to(torch.int8)
         return (codes, scale), Ctx(tensor.shape, tensor.dtype, self.exchange)
@@ -209,7 +209,7 @@ class Natural(SeededCompressor):
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         x = tensor.reshape(-1).float()
         mantissa, exponent = torch.frexp(x.abs())  # |x| = m·2^e, m ∈ [0.5, 1)
-        gen = self.generator(x.device, "natural", name, step, self.rank)
+        gen = self.generator(x.device, "natural", name, step, self.process_rank)
         up = torch.rand(x.shape, generator=gen, device=x.device) < (2 * mantissa - 1)
         exponent = exponent - 1 + up  # |x| rounded to 2^exponent
         top = exponent.amax() if x.numel() else exponent.new_zeros(())
