@@ -62,6 +62,8 @@ def worker(args: argparse.Namespace) -> None:
     spec.loader.exec_module(module)
     if args.which == "ours":
         hvd.DistributedOptimizer = ours()
+    hvd.init()
+    rank = hvd.rank()  # now: the tests shut Horovod down
     results = {}
     for name in TESTS:
         outcome = unittest.TextTestRunner(stream=open(os.devnull, "w")).run(
@@ -69,7 +71,7 @@ def worker(args: argparse.Namespace) -> None:
         problems = outcome.failures + outcome.errors
         results[name] = f"skipped ({outcome.skipped[0][1]})" if outcome.skipped else (
             "passed" if not problems else "failed: " + problems[0][1].strip().splitlines()[-1])
-    if int(os.environ["HOROVOD_RANK"]) == 0:  # the tests shut Horovod down: no hvd.rank()
+    if rank == 0:
         Path(args.result).write_text(json.dumps(results))
 
 
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--horovod", type=Path, required=True, help="a checkout of Horovod")
     p.add_argument("--np", type=int, default=2)
+    p.add_argument("--controller", choices=("gloo", "mpi"), default="gloo",
+                   help="horovodrun's controller (Adasum's test needs mpi)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
     p.add_argument("--out", type=Path, default=Path("results/horovod_optimizer_tests"))
     p.add_argument("--worker", choices=("horovod", "ours"), dest="which", default=None)
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     for which in ("horovod", "ours"):
         result = args.out / f"{which}.json"
         cmd = [str(Path(sys.executable).parent / "horovodrun"), "-np", str(args.np), "-H",
-               f"localhost:{args.np}", "--gloo", sys.executable, "-m",
+               f"localhost:{args.np}", f"--{args.controller}", sys.executable, "-m",
                "benchmarks.horovod_optimizer_tests", "--horovod", str(args.horovod.resolve()),
                "--worker", which, "--result", str(result.resolve())]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             table[which] = {name: f"no result ({why})" for name in TESTS}
     passed = {w: sum(v == "passed" for v in r.values()) for w, r in table.items()}
     skipped = {w: sum(v.startswith("skipped") for v in r.values()) for w, r in table.items()}
-    lines = [f"Horovod's optimizer tests, {args.np} ranks, Gloo: Horovod's optimizer "
+    lines = [f"Horovod's optimizer tests, {args.np} ranks, {args.controller}: Horovod's optimizer "
              f"{passed['horovod']}/{len(TESTS)} passed ({skipped['horovod']} skipped by the "
              f"tests themselves), horovod_gravac's {passed['ours']}/{len(TESTS)} "
              f"({skipped['ours']} skipped)",
