@@ -243,8 +243,8 @@ def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
         agent: ``"static"``, ``"gravac"``, ``"accordion"`` or an agent object; rank 0 of the
             process group decides, the decision is broadcast.
         process_group: the group to exchange on (default: the DDP model's).
-        on_nonfinite: ``"skip"`` (the default: the gradients of a non-finite step become None on every
-            rank, counted in ``state.engine.skipped_steps``) or ``"raise"``.
+        on_nonfinite: ``"skip"`` (the default: the gradients of a non-finite step become
+            None on every rank, counted in ``state.engine.skipped_steps``) or ``"raise"``.
         min_compress_numel: gradients with fewer elements are sent uncompressed (default
             ``compression.DEFAULT_MIN_COMPRESS_NUMEL``).
         compress_patterns: name patterns → always (True) / never (False) compress.
@@ -263,19 +263,15 @@ def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
     settings = {"compression": compression, "memory": memory, "agent": agent,
                 "on_nonfinite": on_nonfinite, "min_compress_numel": min_compress_numel,
                 "compress_patterns": compress_patterns, "bucket_cap_mb": bucket_cap_mb}
-    if state is None:
-        defaults = {"compression": "topk:100", "on_nonfinite": "skip",
-                    "min_compress_numel": C.DEFAULT_MIN_COMPRESS_NUMEL,
-                    "bucket_cap_mb": DEFAULT_BUCKET_CAP_MB}
-        given = {k: v if v is not None else defaults.get(k) for k, v in settings.items()}
+    given = {k: v for k, v in settings.items() if v is not None}
+    if state is None:  # DDPCompressionState's defaults for what is not given
         state = DDPCompressionState(ddp_model, process_group=process_group,
                                     optimizer=optimizer, **given)
     elif not isinstance(state, DDPCompressionState):
         raise ValueError(f"state must be a DDPCompressionState, got {type(state).__name__}")
-    elif any(v is not None for v in settings.values()):
-        given = ", ".join(k for k, v in settings.items() if v is not None)
+    elif given:
         raise ValueError(f"give either state (to continue from a saved one) or settings, not "
-                         f"both: the state carries its own, but {given} was given too")
+                         f"both: the state carries its own, but {', '.join(given)} was given too")
     else:
         state.attach(ddp_model, process_group, optimizer)
     ddp_model.register_comm_hook(state, compression_hook)

@@ -96,7 +96,6 @@ The paper's behaviour is reachable with ``search="throughput"``, ``gain="error_f
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 from ..validation import check_bool, check_number
@@ -554,12 +553,9 @@ class GraVAC(Agent):
 
     def policy(self, theta_s: float) -> float:
         if self.policy_name is None:
-            scaled = self._policy(theta_s)
-            if isinstance(scaled, bool) or not isinstance(scaled, (int, float)) \
-                    or not math.isfinite(scaled) or scaled <= theta_s:
-                raise ValueError(f"policy({theta_s:g}) must return a number greater than "
-                                 f"{theta_s:g} (the next CF to try), got {scaled!r}")
-            return float(scaled)
+            # the next CF to try: above the last one, or the search would stall
+            return check_number(f"policy({theta_s:g})", self._policy(theta_s), theta_s,
+                                low_open=True)
         return SCALING_POLICIES[self.policy_name](theta_s)
 
     def alpha(self, world_size: int) -> float:
