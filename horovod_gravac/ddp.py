@@ -183,9 +183,8 @@ class DDPCompressionState:
         its averaged gradients."""
         views, futures = self._views, self._futures
         self._reset_step()
-        def write_back(name: str, averaged: Tensor) -> None:
-            if averaged.data_ptr() != views[name].data_ptr():  # dense ones: summed in place
-                views[name].copy_(averaged.view_as(views[name]))
+        def write_back(name: str, averaged: Tensor) -> None:  # no copy where decoded in place
+            C.write_into(views[name], averaged)
 
         outcome = self.engine.finish(write_back, self._lr(), views.get)
         for future, buffer in futures:

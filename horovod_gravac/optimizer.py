@@ -242,8 +242,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
             p.grad = averaged
         elif p in self._densified:  # sparse_as_dense: back to sparse, as Horovod
             p.grad = averaged.view(p.shape).to_sparse(self._densified.pop(p))
-        elif averaged.data_ptr() != p.grad.data_ptr():  # dense ones were summed in place
-            p.grad.copy_(averaged.view_as(p.grad))
+        else:  # no copy where it was decoded into p.grad (see _destination)
+            C.write_into(p.grad, averaged)
 
     def _destination(self, name: str) -> Tensor | None:
         """Where the engine may decode ``name``'s averaged gradient: ``p.grad`` itself (its
@@ -310,10 +310,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
         gradient (Horovod's zeros) on every trainable parameter. A rank that merely skipped
         its backward (gradients None after ``zero_grad()``) exchanges zeros instead, as
         Horovod's optimizer does, so its peers do not wait for it."""
-        trainable = [p for group in self.optimizer.param_groups for p in group["params"]
-                     if p.requires_grad]
         return (not self._passes and not self.engine.in_flight and not self.optimizer.state
-                and all(p.grad is not None for p in trainable))
+                and all(p.grad is not None for group in self.optimizer.param_groups
+                        for p in group["params"] if p.requires_grad))
 
     def step(self, closure=None):
         if self._should_synchronize:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .base import (Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker,
                    is_finite, num_selected, payload_is_finite, scale_and_check, validate_cf,
-                   wire_bytes)
+                   wire_bytes, write_into)
 from .lowrank import PowerSGD
 from .memory import MEMORIES, DGCMemory, EFSignSGDMemory, Memory, ResidualMemory
 from .selection import DEFAULT_MIN_COMPRESS_NUMEL, uncompressed_tensors
@@ -127,6 +127,6 @@ __all__ = [
     "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "SeededCompressor", "check_adjustable",
     "create", "create_memory", "names", "parse_spec", "num_selected",
     "DEFAULT_MIN_COMPRESS_NUMEL", "uncompressed_tensors", "validate_cf", "wire_bytes",
-    "finite_marker", "is_finite", "payload_is_finite", "scale_and_check",
+    "finite_marker", "is_finite", "payload_is_finite", "scale_and_check", "write_into",
     *(cls.__name__ for cls in COMPRESSORS.values()),
 ]
