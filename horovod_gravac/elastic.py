@@ -5,7 +5,8 @@ Importing this module registers a state handler in Horovod's elastic handler reg
 :class:`TorchState`) handles the optimizer correctly:
 
 * ``commit``/``save`` keeps a copy of the whole optimizer state, error-feedback memories
-  included; ``restore`` (after a failure) rolls every rank back to its own copy.
+  included; ``restore`` (after a failure) rolls every rank back to its own copy, as often as
+  failures come before the next commit.
 * ``sync`` (at start and after every reset of the world) takes from rank 0 what must be the
   same everywhere — the wrapped optimizer's state, the step, a shared compressor state
   (PowerSGD's Q) and the agent with its current decision — and **keeps each rank's own
@@ -39,7 +40,10 @@ class OptimizerStateHandler(StateHandler):
         self._saved = copy.deepcopy(self.value.state_dict())
 
     def restore(self) -> None:
-        self.value.load_state_dict(self._saved)
+        # a copy: ``torch.optim.Optimizer.load_state_dict`` keeps the tensors it is given (the
+        # momentum buffers), so the steps after a restore would otherwise update the saved
+        # state in place and a second failure before the next commit would roll back to it
+        self.value.load_state_dict(copy.deepcopy(self._saved))
 
     def sync(self) -> None:
         state = self.value.state_dict()

@@ -23,10 +23,11 @@ def test_fixed_size_elastic_run_keeps_residuals_per_rank_and_takes_the_agent_fro
     assert reports[0]["residual_norm"] != reports[1]["residual_norm"]
 
 
-def test_failure_rolls_back_to_the_commit_and_ends_like_an_undisturbed_run(fixed):
+def test_two_failures_before_a_commit_roll_back_to_it_twice_and_end_like_an_undisturbed_run(
+        fixed):
     whole = fixed
     failed = run_elastic("elastic_train.py", 2, 2, 2, "localhost:2", ["fail", str(STEPS)])
-    assert all(r["resets"] == 1 for r in failed)
+    assert all(r["failures"] == 2 and r["resets"] >= 2 for r in failed)
     assert_identical_across_ranks(failed)
     for key, value in whole[0]["params"].items():
         assert torch.equal(value, failed[0]["params"][key]), key

@@ -3,8 +3,10 @@
 argv: mode steps
   fixed  a fixed-size elastic run; right after the commit at SYNC_STEP every rank calls
          state.sync() (what a reset does): residuals must stay each rank's own, the agent must become rank 0's
-  fail   every rank raises HorovodInternalError once at FAIL_STEP: state rolls back to the
-         last commit, the world is reset, training resumes; must end like an undisturbed run
+  fail   every rank raises HorovodInternalError at FAIL_STEPS[0] and, after the rollback to
+         the commit before it, again at FAIL_STEPS[1] (before the next commit): state rolls
+         back to that commit twice, the world is reset, training resumes; must end like an
+         undisturbed run (a rank may also see its peer's failure first: one more rollback)
   remove at REMOVE_STEP rank 0 rewrites the host list the discovery script prints
          ($HOROVOD_GRAVAC_HOSTS_FILE) to one slot: one worker is removed, training goes on
 """
@@ -21,7 +23,7 @@ import horovod_gravac as hg
 from tests.multirank import report
 
 MODE, STEPS = sys.argv[1], int(sys.argv[2])
-SYNC_STEP, FAIL_STEP, REMOVE_STEP, COMMIT_EVERY = 10, 13, 8, 5
+SYNC_STEP, FAIL_STEPS, REMOVE_STEP, COMMIT_EVERY = 10, (13, 12), 8, 5
 hvd.init()
 torch.set_num_threads(1)
 x_all, y_all = load_digits(return_X_y=True)
@@ -36,7 +38,8 @@ opt = hg.DistributedOptimizer(
     agent=hg.agents.GraVAC(theta_min=2, theta_max=1e6, epsilon=0.3, window=5, omega=0.0,
                            omega_throughput=0.0, policy="geometric", search="throughput"))
 state = hg.elastic.TorchState(model=model, optimizer=opt, step=0)
-checks = {"resets": 0, "sizes": []}
+checks = {"failures": 0, "resets": 0, "sizes": []}
+state.register_reset_callbacks([lambda: checks.update(resets=checks["resets"] + 1)])
 
 
 def residuals():
@@ -71,8 +74,9 @@ def train(state):
                 torch.equal(before[k], after[k]) for k in before)
             checks["agent_marker"] = opt.agent.history[-1].get("marker")
             checks["residual_norm"] = float(sum(v.norm() for v in after.values()))
-        if MODE == "fail" and state.step == FAIL_STEP and checks["resets"] == 0:
-            checks["resets"] += 1
+        if MODE == "fail" and checks["failures"] < len(FAIL_STEPS) and \
+                state.step == FAIL_STEPS[checks["failures"]]:
+            checks["failures"] += 1
             raise HorovodInternalError("injected failure on every rank")
 
 
