@@ -2,8 +2,9 @@
 # One-step, idempotent set-up of the horovod-gravac stack on Debian/Ubuntu:
 #   Open MPI, ssh, iproute2 (apt) -> .venv -> torch -> Horovod 0.28.1 built from source (cached wheel)
 #   -> horovod_gravac (editable, with extras).
-# INSTALL_PACKAGE=0 stops before the last step (the Docker image caches the dependencies in
-# a layer of their own, so editing the source does not rebuild Horovod).
+# INSTALL_PACKAGE=0 installs the package's dependencies (those pyproject.toml lists for it and
+# its EXTRAS) instead of the last step: the Docker image caches them in a layer of their own,
+# so editing the source rebuilds neither Horovod nor them.
 # A second run on a ready machine only checks and returns in seconds.
 #
 # Variables (all optional):
@@ -12,10 +13,11 @@
 #   TORCH_VERSION          torch version to install / keep              (2.13.0)
 #   TORCH_INDEX_URL        extra wheel index for torch, e.g. PyTorch's CPU or CUDA index (unset)
 #   HOROVOD_VERSION        Horovod release built from the PyPI sdist    (0.28.1)
-#   HOROVOD_GPU_OPERATIONS NCCL to build the GPU collectives (Docker image does)  (unset)
+#   HOROVOD_GPU_OPERATIONS NCCL to build the GPU collectives (the GPU image does)  (unset)
 #   HOROVOD_WHEEL_CACHE    where built Horovod wheels are kept          (~/.cache/horovod-gravac/wheels)
 #   EXTRAS                 extras of horovod_gravac to install          (bench,test)
 #   INSTALL_PACKAGE        0: dependencies only, not this package       (1)
+#   INSTALL_IMAGE_TOOLS    1: also buildah and debootstrap (as root), for `make test-docker`  (0)
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +26,8 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 HOROVOD_VERSION="${HOROVOD_VERSION:-0.28.1}"
 HOROVOD_WHEEL_CACHE="${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/horovod-gravac/wheels}"
 EXTRAS="${EXTRAS:-bench,test}"
+# empty means none (the CPU image passes it empty): Horovod's build must not see it at all
+[ -n "${HOROVOD_GPU_OPERATIONS:-}" ] || unset HOROVOD_GPU_OPERATIONS
 
 say() { printf '[install] %s\n' "$*"; }
 die() { printf '[install] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -40,6 +44,10 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     command -v ssh >/dev/null 2>&1 || need_pkgs+=(openssh-client)
     [ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
     command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
+fi
+if [ "${INSTALL_IMAGE_TOOLS:-0}" = 1 ]; then
+    command -v buildah >/dev/null 2>&1 || need_pkgs+=(buildah)
+    command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
 fi
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -121,7 +129,24 @@ say "Horovod $HOROVOD_VERSION ready (PyTorch, MPI, Gloo${HOROVOD_GPU_OPERATIONS:
 
 # ---------------------------------------------------------------- this package
 if [ "${INSTALL_PACKAGE:-1}" = 0 ]; then
-    say "dependencies ready (INSTALL_PACKAGE=0: horovod_gravac not installed)"
+    # the requirements pyproject.toml gives the package and its EXTRAS, without the package
+    listed="$("$py" - "$repo/pyproject.toml" "$EXTRAS" <<'PY'
+import sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+extras = project.get("optional-dependencies", {})
+for extra in filter(None, sys.argv[2].split(",")):
+    if extra not in extras:
+        sys.exit(f"EXTRAS: {extra!r} is not an extra of horovod_gravac ({', '.join(extras)})")
+    project["dependencies"] += extras[extra]
+print("\n".join(project["dependencies"]))
+PY
+    )" || die "could not read the requirements from $repo/pyproject.toml"
+    mapfile -t requirements <<<"$listed"
+    if [ -n "$listed" ]; then
+        say "installing the dependencies of horovod_gravac[$EXTRAS]"
+        pip install "${requirements[@]}"
+    fi
+    say "dependencies ready (INSTALL_PACKAGE=0: horovod_gravac itself not installed)"
     exit 0
 fi
 pkg_stamp="$VENV/.horovod-gravac-installed"

@@ -1,4 +1,5 @@
-"""No Docker engine runs in CI: lint the Dockerfile so it cannot rot silently."""
+"""No Docker engine runs in CI: lint the Dockerfile so it cannot rot silently (the image is
+built and run for real by ``tests/test_docker_image.py``, ``make test-docker``)."""
 import shutil
 import subprocess
 import sys
@@ -39,7 +40,23 @@ def test_dependencies_are_a_layer_of_their_own_before_the_source():
     """Editing the source must not rebuild Horovod: the heavy RUN sees only the script."""
     lines = [line.strip() for line in DOCKERFILE.read_text().splitlines()]
     copies = [i for i, line in enumerate(lines) if line.startswith("COPY ")]
-    assert lines[copies[0]] == "COPY launch/install.sh launch/install.sh"
     source = lines.index("COPY . .")
     deps = next(i for i, line in enumerate(lines) if "INSTALL_PACKAGE=0 bash launch/install.sh" in line)
-    assert copies[0] < deps < source
+    assert [lines[i] for i in copies if i < deps] == [
+        "COPY launch/install.sh launch/install.sh", "COPY pyproject.toml pyproject.toml"]
+    assert deps < source
+
+
+def test_the_gpu_and_cpu_images_differ_only_in_build_arguments():
+    """Nothing GPU-specific outside an ARG's default: the CPU image passes other values."""
+    steps = [line.strip() for line in DOCKERFILE.read_text().splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    for line in steps:
+        if any(word in line.lower() for word in ("cuda", "nvidia", "=nccl")):
+            assert line.startswith("ARG "), line
+    assert "ARG BASE_IMAGE=nvidia/cuda:" in steps[0] and steps[1] == "FROM ${BASE_IMAGE}"
+
+
+def test_the_build_context_leaves_out_the_local_venv_and_git_history():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored and "runs" in ignored

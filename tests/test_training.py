@@ -349,3 +349,13 @@ def test_ptb_download_refuses_a_bad_checksum_and_says_where_to_put_files(
     with pytest.raises(FileNotFoundError, match=r"Put ptb.train.txt, ptb.valid.txt and "
                        r"ptb.test.txt .* into .*empty/horovod-gravac/ptb"):
         D.find_ptb()
+
+
+def test_an_unresolvable_hostname_under_gloo_is_an_error_before_horovod_starts(monkeypatch):
+    monkeypatch.setattr(T.socket, "gethostname", lambda: "no-such-host.invalid")
+    monkeypatch.delenv("HOROVOD_GLOO_RENDEZVOUS_ADDR", raising=False)
+    monkeypatch.delenv("HOROVOD_CONTROLLER", raising=False)
+    T.check_gloo_hostname()  # MPI (or no launcher): the name is not needed
+    monkeypatch.setenv("HOROVOD_CONTROLLER", "gloo")
+    with pytest.raises(RuntimeError, match="'no-such-host.invalid' does not resolve.*/etc/hosts"):
+        T.check_gloo_hostname()

@@ -453,6 +453,23 @@ def reached(metric: str, value: float, target: float) -> bool:
     return value <= target if metric == "perplexity" else value >= target
 
 
+def check_gloo_hostname() -> None:
+    """Under Horovod's Gloo controller, ``hvd.init()`` dies of a segmentation fault when this
+    host's name does not resolve (seen in a container whose ``/etc/hosts`` lacks it, as
+    ``buildah run`` makes them): say so before it starts."""
+    if os.environ.get("HOROVOD_CONTROLLER") != "gloo" and \
+            "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in os.environ:
+        return
+    name = socket.gethostname()
+    try:
+        socket.getaddrinfo(name, None)
+    except socket.gaierror as exc:
+        raise RuntimeError(
+            f"this host's name {name!r} does not resolve ({exc.strerror}), and Horovod's Gloo "
+            "controller needs it (hvd.init() would crash): add it to /etc/hosts (a container: "
+            "--add-host or --hostname), or launch with MPI (horovodrun --mpi, mpirun)") from None
+
+
 def init_torch_distributed(hvd) -> None:
     """torch.distributed (Gloo) bootstrapped from Horovod's world: rank 0 picks the address
     (``MASTER_ADDR``, the emulator's rank-0 address, or its own host's) and a free port and
@@ -635,6 +652,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     import horovod_gravac as hg
 
+    check_gloo_hostname()
     hvd.init()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
