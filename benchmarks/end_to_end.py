@@ -34,6 +34,7 @@ is a tenth of the run (gravac-train's default), Accordion's interval the same.
 
     sudo .venv/bin/python -m benchmarks.end_to_end --workload ptb --np 4 --rate 100mbit
     sudo .venv/bin/python -m benchmarks.end_to_end --workload digits --np 4 --rate 100mbit
+    sudo .venv/bin/python -m benchmarks.end_to_end --workload gpt --np 4 --rate 100mbit
     .venv/bin/python -m benchmarks.end_to_end --workload ptb --merge-only   # table only
 """
 from __future__ import annotations
@@ -126,6 +127,11 @@ WORKLOADS = {  # --workload → (gravac-train flags, target metric, default step
              "--clip", "0.25"), "perplexity", 200),
     "digits": (("--model", "cnn_digits", "--data", "digits", "--lr", "0.05",
                 "--batch-size", "16"), "accuracy", 150),
+    # the Transformer: AdamW (eps 1e-6, examples/adam.py's advice under compression), a
+    # linear warm-up over a tenth of the default run, then a cosine to 0
+    "gpt": (("--model", "gpt4x256", "--data", "ptb", "--optimizer", "adamw", "--lr", "1e-3",
+             "--weight-decay", "0.01", "--adam-eps", "1e-6", "--warmup-steps", "20",
+             "--lr-schedule", "cosine"), "perplexity", 200),
 }
 TIMING_WARMUP = 3  # first steps of a timing run left out of its median
 
@@ -305,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default="ptb", choices=sorted(WORKLOADS))
     p.add_argument("--np", type=int, default=4)
-    p.add_argument("--steps", type=int, default=None, help="ptb: 200, digits: 150")
+    p.add_argument("--steps", type=int, default=None, help="ptb: 200, digits: 150, gpt: 200")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
     p.add_argument("--target", type=float, default=None,
                    help="default: dense's metric at 75%% of the run")

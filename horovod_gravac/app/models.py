@@ -4,11 +4,14 @@
   the paper's) and the basic-block CIFAR ResNet-20 (0.27M) for CPUs.
 * VGG: VGG16 with a CIFAR-100 head (134.7M, the paper's) and a small VGG for CPUs.
 * LSTM language model for PTB: 2×1500 (66M, the paper's), 2×650 and 2×200.
+* A GPT-style Transformer language model for PTB (4 layers, width 256, 4 heads, context 64:
+  5.7M parameters in 52 tensors), the Transformer workload sized for CPUs.
 
 ``torchvision``'s ResNet/VGG are used instead when it is importable and asked for.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -117,6 +120,87 @@ class LSTMLanguageModel(nn.Module):
         return self.decoder(self.dropout(out)), state
 
 
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention over the past tokens only (PyTorch's fused kernel)."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, w = x.shape
+        q, k, v = (y.view(b, t, self.heads, w // self.heads).transpose(1, 2)
+                   for y in self.qkv(x).split(w, dim=2))
+        y = nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, w))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: x + attention(LN(x)), then x + MLP(LN(x)) (GELU, 4× width)."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = CausalSelfAttention(width, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width), nn.Dropout(dropout))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.dropout(self.attention(self.norm1(x)))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPTLanguageModel(nn.Module):
+    """Word-level decoder-only Transformer LM in GPT-2's layout (Radford et al. 2019): token
+    and learned position embeddings, pre-LayerNorm blocks of causal self-attention and MLP,
+    a final LayerNorm, and a decoder tied to the token embedding.
+
+    ``forward(tokens, state)`` has the LSTM's signature so that both train alike; a
+    Transformer keeps no state between windows, so ``state`` is ignored and None returned.
+    Windows are at most ``context`` tokens.
+    """
+
+    def __init__(self, vocab: int = 10000, width: int = 256, layers: int = 4, heads: int = 4,
+                 context: int = 64, dropout: float = 0.1) -> None:
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be a multiple of heads {heads}")
+        self.context = context
+        self.token = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(context, width)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.decoder = nn.Linear(width, vocab, bias=False)
+        self.decoder.weight = self.token.weight
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual outputs
+            if name.endswith(("proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * layers))
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: Tensor, state: None = None) -> tuple[Tensor, None]:
+        length = tokens.size(1)
+        if length > self.context:
+            raise ValueError(f"a window of {length} tokens is longer than the model's context "
+                             f"of {self.context} (--bptt must be <= {self.context})")
+        positions = torch.arange(length, device=tokens.device)
+        x = self.dropout(self.token(tokens) + self.position(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.decoder(self.norm(x)), None
+
+
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
 _VGG_SMALL = [32, "M", 64, "M", 128, 128, "M", 256, 256, "M"]
 
@@ -157,6 +241,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "lstm1500": lambda vocab=10000: LSTMLanguageModel(vocab, 1500, 2),
     "lstm650": lambda vocab=10000: LSTMLanguageModel(vocab, 650, 2, dropout=0.5),
     "lstm200": lambda vocab=10000: LSTMLanguageModel(vocab, 200, 2, dropout=0.2),
+    "gpt4x256": lambda vocab=10000: GPTLanguageModel(vocab, 256, 4, heads=4, context=64),
 }
 
 
@@ -165,6 +250,12 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid models: {', '.join(sorted(MODELS))}")
     return MODELS[name](**kwargs)
+
+
+def model_context(name: str) -> int | None:
+    """The longest window a language model takes (None: any, as an LSTM)."""
+    with torch.device("meta"):
+        return getattr(create_model(name), "context", None)
 
 
 def parameter_shapes(name: str) -> list[tuple[str, torch.Size]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 WORKLOADS = {  # data → (task, models that fit, classes or None)
-    "ptb": ("lm", ("lstm200", "lstm650", "lstm1500"), None),
+    "ptb": ("lm", ("lstm200", "lstm650", "lstm1500", "gpt4x256"), None),
     "cifar10": ("image", ("resnet20", "resnet101", "vgg_small", "vgg16"), 10),
     "cifar100": ("image", ("resnet20", "resnet101", "vgg_small", "vgg16"), 100),
     "digits": ("image", ("mlp", "cnn_digits"), 10),
@@ -55,10 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=float, default=1.0)
     g.add_argument("--steps", type=int, default=None, help="stop after this many steps")
     g.add_argument("--batch-size", type=int, default=None, help="per rank (paper: 32 CNN, 20 LSTM)")
-    g.add_argument("--bptt", type=int, default=35)
+    g.add_argument("--bptt", type=int, default=None,
+                   help="tokens per window (default: 35 for an LSTM, a Transformer's context)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd",
+                   help="sgd (with --momentum) or adamw (betas 0.9, 0.999)")
     g.add_argument("--lr", type=float, default=0.1)
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--adam-eps", type=float, default=1e-8,
+                   help="AdamW's eps (raise it, e.g. 1e-6, under high CFs: examples/adam.py)")
+    g.add_argument("--lr-schedule", choices=("step", "cosine"), default="step",
+                   help="step: × --lr-decay-factor at each of --lr-decay-steps; cosine: to 0 "
+                        "at the last step")
+    g.add_argument("--warmup-steps", type=int, default=0,
+                   help="linear learning-rate warm-up over the first steps (both schedules)")
     g.add_argument("--lr-decay-steps", default="", help="comma-separated steps, e.g. 9000,14000")
     g.add_argument("--lr-decay-factor", type=float, default=0.1)
     g.add_argument("--clip", type=float, default=None, help="gradient norm clipping (LSTM: 0.25)")
@@ -243,9 +254,23 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--momentum must be in [0, 1), got {args.momentum!r}")
     if args.weight_decay < 0:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay!r}")
+    if not args.adam_eps > 0:
+        raise ValueError(f"--adam-eps must be > 0, got {args.adam_eps!r}")
+    if args.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be >= 0, got {args.warmup_steps!r}")
+    if task == "lm":
+        from .models import model_context
+        context = model_context(args.model)
+        if args.bptt is None:
+            args.bptt = context or 35
+        elif context is not None and args.bptt > context:
+            raise ValueError(f"--bptt {args.bptt} is longer than --model {args.model}'s context "
+                             f"of {context} tokens; use at most {context}")
     if args.clip is not None and not args.clip > 0:
         raise ValueError(f"--clip must be > 0, got {args.clip!r}")
     args.decay_steps = parse_steps(args.lr_decay_steps)
+    if args.decay_steps and args.lr_schedule == "cosine":
+        raise ValueError("--lr-decay-steps applies to --lr-schedule step, not cosine")
     if args.target_metric is not None and args.target_metric not in METRICS[task]:
         raise ValueError(f"--target-metric {args.target_metric!r} does not apply to --data "
                          f"{args.data!r}; use one of {', '.join(METRICS[task])}")
@@ -447,6 +472,46 @@ class Workload:
             return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         return {"loss": loss, "accuracy": (totals[2] / totals[1]).item(),
                 "top5": (totals[3] / totals[1]).item()}
+
+
+@dataclasses.dataclass
+class LearningRateFactor:
+    """The factor on ``--lr`` after ``step`` scheduler steps (``LambdaLR``'s function): a
+    linear warm-up to 1 over ``warmup`` steps, then either × ``decay_factor`` at each of
+    ``decay_steps`` (as ``MultiStepLR``) or a cosine from 1 to 0 at step ``total``."""
+    warmup: int
+    total: int
+    cosine: bool
+    decay_steps: tuple[int, ...] = ()
+    decay_factor: float = 0.1
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.cosine:
+            progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.decay_factor ** sum(step >= s for s in self.decay_steps)
+
+
+def build_base_optimizer(model, args: argparse.Namespace):
+    """The optimizer the exchange wraps: SGD with momentum, or AdamW."""
+    import torch
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=args.lr, eps=args.adam_eps,
+                                 weight_decay=args.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                           weight_decay=args.weight_decay)
+
+
+def build_scheduler(base, args: argparse.Namespace, total_steps: int):
+    """The learning-rate schedule (None: constant), stepped once per training step."""
+    import torch
+    if not (args.warmup_steps or args.decay_steps or args.lr_schedule == "cosine"):
+        return None
+    factor = LearningRateFactor(args.warmup_steps, total_steps, args.lr_schedule == "cosine",
+                                tuple(args.decay_steps), args.lr_decay_factor)
+    return torch.optim.lr_scheduler.LambdaLR(base, factor)
 
 
 def reached(metric: str, value: float, target: float) -> bool:
@@ -665,14 +730,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.agent_obj = hg.agents.Accordion(**{**agent_params(args), "steps_per_epoch": work.steps_per_epoch})
     if args.agent == "gravac" and args.window is None:  # the run's length is known now
         args.agent_obj = hg.agents.GraVAC(**{**agent_params(args), "window": auto_window(total_steps)})
-    base = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                           weight_decay=args.weight_decay)
+    base = build_base_optimizer(model, args)
     opt, frontend = build_exchange(args, work, base, hvd)
     through_ddp = work.model is not model
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     hvd.broadcast_optimizer_state(base, root_rank=0)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(base, args.decay_steps, args.lr_decay_factor) \
-        if args.decay_steps else None
+    scheduler = build_scheduler(base, args, total_steps)
     first_step, total_bytes, evals, batches, resumed = 1, 0, [], work.batches(), None
     if args.resume:
         resumed = hg.checkpoint.load(args.checkpoint, model, opt, convert=args.resume_convert)
