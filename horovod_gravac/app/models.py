@@ -125,7 +125,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout_p = heads, dropout
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
@@ -134,7 +134,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (y.view(b, t, self.heads, w // self.heads).transpose(1, 2)
                    for y in self.qkv(x).split(w, dim=2))
         y = nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+            q, k, v, is_causal=True, dropout_p=self.dropout_p if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, w))
 
 
