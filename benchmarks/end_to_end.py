@@ -12,7 +12,8 @@ its defaults (the cost-model search) on TopK and on PowerSGD, GraVAC with the pa
 gain definitions (error-fed, the authors' code), GraVAC with the paper's parameters (its
 search, error-fed gain measured exactly, one 1% tolerance, EWMA N/100, no settling, no
 reopening, every tensor compressed), GraVAC's and Accordion's PowerSGD rank, GraVAC with a
-CF per tensor, PyTorch DDP with its PowerSGD hook, and TopK, PowerSGD and GraVAC-PowerSGD
+CF per tensor (the byte budget), static TopK and GraVAC under the error-budgeted layer plan
+(``--layer-plan``), PyTorch DDP with its PowerSGD hook, and TopK, PowerSGD and GraVAC-PowerSGD
 through DDP with this library's hook.
 
 How time to target is measured (the table says which, per configuration):
@@ -110,6 +111,12 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
         "GraVAC per-layer CF (TopK)": Config((*gravac, "--per-layer-cf"), adaptive=True),
         "GraVAC per-layer CF (PowerSGD)": Config(
             ("--compression", "powersgd", "--agent", "gravac", "--per-layer-cf"), adaptive=True),
+        # an error-budgeted CF per tensor under the agent's uniform CF (agents.LayerPlan)
+        "TopK 100x + layer plan": Config((*topk, "100", "--layer-plan")),
+        "GraVAC defaults (TopK) + layer plan": Config(
+            ("--compression", "topk", "--agent", "gravac", "--layer-plan"), adaptive=True),
+        "GraVAC defaults (PowerSGD) + layer plan": Config(
+            ("--compression", "powersgd", "--agent", "gravac", "--layer-plan"), adaptive=True),
         "Accordion PowerSGD (CF 40/160)": Config(
             ("--compression", "powersgd", "--agent", "accordion", "--low-cf", "40", "--high-cf",
              "160", "--interval", window, "--interval-unit", "steps"), adaptive=True),

@@ -52,7 +52,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import agents as A
 from . import compression as C
-from .probing import GainProbe
+from .probing import ErrorProbe, GainProbe
 from .transport import Handle, Transport, align, link_bytes, pack, unpack
 from .validation import check_number
 
@@ -367,6 +367,12 @@ class StepEngine:
         spec = self.agent.probe if self.agent is not None else None
         self.probe = GainProbe(spec, self.compressor, [
             (n, self.shapes[n].numel()) for n in self.names]) if spec is not None else None
+        errors = self.agent.error_probe if self.agent is not None else None
+        self.error_probe = ErrorProbe(errors, self.compressor, [
+            (n, self.shapes[n].numel()) for n in self.names if n not in self.uncompressed]) \
+            if errors is not None else None
+        #: whether steps carry statistics for the agent (at the end of the carrier's first sum)
+        self._measures = spec is not None or errors is not None
         #: the bucket whose first collective carries the agent's statistics: the one with the
         #: model's first tensor, which backprop reaches last
         self._carrier = self._bucket_of[self.names[0]] if self.names else None
@@ -422,8 +428,9 @@ class StepEngine:
         self._device: torch.device | None = None
         for bucket in self._buckets:
             bucket.reset()
-        if self.probe is not None:
-            self.probe.clear()
+        for probe in (self.probe, self.error_probe):
+            if probe is not None:
+                probe.clear()
 
     def _start_step(self, device: torch.device) -> None:
         if self._applied is None and self.agent is not None:
@@ -449,6 +456,8 @@ class StepEngine:
             compensated = self.memory.compensate(grad, name)
             if self.probe is not None and decision.measure_gain:
                 self.probe.measure(name, grad, compensated, decision, self.step_count)
+            if self.error_probe is not None and decision.measure_errors:
+                self.error_probe.measure(name, compensated, decision, self.step_count)
             cf = decision.sent_cf_for(name) if decision is not None else None
             if cf == 1.0:  # dense, and the residual restarts at zero (GraVAC's third branch)
                 self.memory.reset(name)
@@ -502,7 +511,7 @@ class StepEngine:
     def _joined(self, bucket: _Bucket) -> None:
         """Launch what is complete: ``bucket``, and the carrier once every tensor began."""
         if bucket.complete and not bucket.rounds and \
-                (bucket is not self._carrier or self.probe is None or self._all_begun):
+                (bucket is not self._carrier or not self._measures or self._all_begun):
             self._launch(bucket, 0)
         carrier = self._carrier
         if carrier is not bucket and carrier.complete and not carrier.rounds and self._all_begun:
@@ -523,9 +532,7 @@ class StepEngine:
         """Start the fused collectives of ``bucket``'s round ``rnd``."""
         active = [bucket.tickets[n] for n in bucket.names
                   if n in bucket.tickets and bucket.tickets[n].ctx.rounds > rnd]
-        stats = None
-        if rnd == 0 and bucket is self._carrier and self.probe is not None:
-            stats = self.probe.take(self._device)
+        stats = self._take_statistics() if rnd == 0 and bucket is self._carrier else None
         sums: dict[torch.dtype, list[Ticket]] = {}
         gathers: list[Ticket] = []
         for t in active:
@@ -574,6 +581,14 @@ class StepEngine:
                 gathers, True, stats=carried, dtypes=[x.dtype for x in tensors],
                 counts=None if varying else [x.numel() for x in tensors]))
         bucket.rounds.append(messages)
+
+    def _take_statistics(self) -> Tensor | None:
+        """This step's statistics for the agent as one vector: the gain terms (every step
+        of an agent with a probe), then the plan's errors (the steps that measure them)."""
+        parts = [] if self.probe is None else [self.probe.take(self._device)]
+        if self.error_probe is not None and self._applied.measure_errors:
+            parts.append(self.error_probe.take(self._device))
+        return torch.cat(parts) if parts else None
 
     def _receive(self, bucket: _Bucket, rnd: int) -> None:
         """Wait for ``bucket``'s round ``rnd``; advance its tensors (next payload or result)."""
@@ -726,7 +741,16 @@ class StepEngine:
                     norms: dict[str, float], iter_time: float,
                     lr: float | None) -> A.StepStats:
         spec = self.probe.spec if self.probe is not None else None
-        gains = spec.decode(terms, self.names) if spec is not None and terms is not None else {}
+        gain_terms = spec.encoded_length(self.names) if spec is not None else 0
+        gains = spec.decode(terms[:gain_terms], self.names) \
+            if spec is not None and terms is not None else {}
+        errors_measured = applied.measure_errors and self.error_probe is not None and \
+            terms is not None
+        errors = self.error_probe.spec.decode(terms[gain_terms:], self.error_probe.names) \
+            if errors_measured else {}
+        candidate_bytes = {n: self._link_bytes_at(n, self.error_probe.spec.cfs(applied.cf))
+                           for n in errors} if errors_measured and self.transport.rank == 0 \
+            else {}
         ladder, per_tensor = self._ladder_link_bytes() if spec is not None and spec.ladder \
             and self.transport.rank == 0 else ({}, {})
         measured = applied.measure_gain and spec is not None
@@ -737,7 +761,19 @@ class StepEngine:
             **{k: v for k, v in gains.items() if measured},
             ladder_link_bytes=ladder if measured else {},
             layer_link_bytes={n: per_tensor[n] for n in gains.get("layer_ladder", {})
-                              if n in per_tensor} if measured else {})
+                              if n in per_tensor} if measured else {},
+            errors_measured=errors_measured, layer_errors=errors,
+            candidate_link_bytes=candidate_bytes)
+
+    def _link_bytes_at(self, name: str, cfs: Sequence[float]) -> tuple[float, ...]:
+        """The link bytes compressed tensor ``name`` costs at each CF (from its shape; CF 1
+        goes dense, as ``begin`` sends it)."""
+        shape, priced = self.shapes[name], []
+        for cf in cfs:
+            nbytes, kind = (4 * shape.numel(), C.Exchange.ALLREDUCE) if cf == 1.0 else \
+                self.compressor.expected_bytes(shape, cf)
+            priced.append(link_bytes(kind, nbytes, self.transport.size))
+        return tuple(priced)
 
     def _ladder_link_bytes(self) -> tuple[dict[float, float], dict[str, tuple[float, ...]]]:
         """Per ladder CF, the link bytes of a step at it (and per compressed tensor): from
@@ -746,13 +782,8 @@ class StepEngine:
             ladder, size = self.probe.spec.ladder, self.transport.size
             fixed = sum(link_bytes(C.Exchange.ALLREDUCE, 4 * self.shapes[n].numel(), size)
                         for n in self.names if n in self.uncompressed)
-            per_tensor = {}
-            for n in self.names:
-                if n in self.uncompressed:
-                    continue
-                per_tensor[n] = tuple(link_bytes(kind, nbytes, size) for nbytes, kind in
-                                      (self.compressor.expected_bytes(self.shapes[n], cf)
-                                       for cf in ladder))
+            per_tensor = {n: self._link_bytes_at(n, ladder) for n in self.names
+                          if n not in self.uncompressed}
             total = {cf: fixed + sum(row[i] for row in per_tensor.values())
                      for i, cf in enumerate(ladder)}
             self._ladder_bytes = (total, per_tensor)

@@ -1,17 +1,20 @@
-"""The tensor side of an agent's :class:`~horovod_gravac.agents.ProbeSpec`.
+"""The tensor side of an agent's :class:`~horovod_gravac.agents.ProbeSpec` and
+:class:`~horovod_gravac.agents.ErrorSpec`.
 
 An agent says what to measure (which tensor, which CFs, which power, summed or per tensor);
 :class:`GainProbe` measures it on this rank's tensors, before error feedback changes them,
 and hands the engine one float32 vector per step to sum over ranks. The energies come from
 the compressor's :meth:`~horovod_gravac.compression.Compressor.energy_profile`, estimated on
 a sample where the compressor can (no second compression of the gradient).
+:class:`ErrorProbe` does the same for a layer plan's compression errors
+(:meth:`~horovod_gravac.compression.Compressor.error_profile`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .agents import COMPENSATED, Decision, ProbeSpec
+from .agents import COMPENSATED, Decision, ErrorSpec, ProbeSpec
 from .compression import Compressor
 
 
@@ -37,9 +40,7 @@ class GainProbe:
                  sizes: list[tuple[str, int]]) -> None:
         self.spec, self.compressor = spec, compressor
         self.names = [name for name, _ in sizes]
-        total = max(1, sum(n for _, n in sizes))
-        self.samples = {name: None if spec.sample is None else
-                        max(MIN_SAMPLE, -(-spec.sample * n // total)) for name, n in sizes}
+        self.samples = shares(spec.sample, sizes)
         self._rows: dict[str, Tensor] = {}
 
     def measure(self, name: str, grad: Tensor, compensated: Tensor, decision: Decision,
@@ -64,6 +65,49 @@ class GainProbe:
                 return torch.zeros(width, device=device)
             return torch.stack([r.to(device) for r in rows.values()]).sum(0)
         zeros = torch.zeros(width, device=device)
+        return torch.cat([rows[n].to(device) if n in rows else zeros for n in self.names])
+
+    def clear(self) -> None:
+        self._rows = {}
+
+
+def shares(sample: int | None, sizes: list[tuple[str, int]]) -> dict[str, int | None]:
+    """``sample`` elements shared among tensors in proportion to their sizes (at least
+    ``MIN_SAMPLE`` each; None: every element)."""
+    total = max(1, sum(n for _, n in sizes))
+    return {name: None if sample is None else max(MIN_SAMPLE, -(-sample * n // total))
+            for name, n in sizes}
+
+
+class ErrorProbe:
+    """Measures ``spec`` (a layer plan's errors) for ``compressor`` on the tensors ``sizes``
+    names, in that order (the compressed ones; every rank alike).
+
+    Arguments:
+        spec: what the plan asks for.
+        compressor: whose compression errors are measured.
+        sizes: ``(name, numel)`` of every tensor measured, in the order rows travel.
+    """
+
+    def __init__(self, spec: ErrorSpec, compressor: Compressor,
+                 sizes: list[tuple[str, int]]) -> None:
+        self.spec, self.compressor = spec, compressor
+        self.names = [name for name, _ in sizes]
+        self.samples = shares(spec.sample, sizes)
+        self._rows: dict[str, Tensor] = {}
+
+    def measure(self, name: str, compensated: Tensor, decision: Decision, step: int) -> None:
+        """Record tensor ``name``'s row: [‖x‖², ‖x − C(x, c)‖² per candidate], x = g + e."""
+        errors = self.compressor.error_profile(compensated, self.spec.cfs(decision.cf), name,
+                                               step, sample=self.samples[name])
+        norm = torch.linalg.vector_norm(compensated, dtype=torch.float32)
+        self._rows[name] = torch.cat([norm.square().reshape(1), errors.float()])
+
+    def take(self, device: torch.device) -> Tensor:
+        """This step's rows as one vector (:meth:`ErrorSpec.encoded_length` floats; zeros for
+        a tensor not measured); forgets them."""
+        rows, self._rows = self._rows, {}
+        zeros = torch.zeros(self.spec.width, device=device)
         return torch.cat([rows[n].to(device) if n in rows else zeros for n in self.names])
 
     def clear(self) -> None:

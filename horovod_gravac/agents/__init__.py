@@ -8,8 +8,9 @@ from typing import Any
 
 from .accordion import Accordion
 from .base import (COMPENSATED, GRADIENT, RECENT_STEPS, SEND_CHOICES, SEND_COMPRESSED, SEND_DENSE,
-                   SEND_MIN, Agent, Decision, GainMeasure, ProbeSpec, StepStats)
+                   SEND_MIN, Agent, Decision, ErrorSpec, GainMeasure, ProbeSpec, StepStats)
 from .gravac import GAINS, SCALING_POLICIES, GraVAC
+from .plan import LayerPlan, plan_layers
 from .static import Static
 
 AGENTS: dict[str, type[Agent]] = {cls.name: cls for cls in (Static, GraVAC, Accordion)}
@@ -30,7 +31,7 @@ def create(spec: str | Agent | None, **params: Any) -> Agent | None:
         raise ValueError(f"bad parameters for agent {spec!r}: {exc}") from None
 
 
-__all__ = ["AGENTS", "Agent", "Accordion", "COMPENSATED", "Decision", "GAINS", "GRADIENT",
-           "GainMeasure", "GraVAC", "ProbeSpec", "RECENT_STEPS", "SCALING_POLICIES",
-           "SEND_CHOICES", "SEND_COMPRESSED", "SEND_DENSE", "SEND_MIN", "Static", "StepStats",
-           "create"]
+__all__ = ["AGENTS", "Agent", "Accordion", "COMPENSATED", "Decision", "ErrorSpec", "GAINS",
+           "GRADIENT", "GainMeasure", "GraVAC", "LayerPlan", "ProbeSpec", "RECENT_STEPS",
+           "SCALING_POLICIES", "SEND_CHOICES", "SEND_COMPRESSED", "SEND_DENSE", "SEND_MIN", "Static", "StepStats",
+           "create", "plan_layers"]

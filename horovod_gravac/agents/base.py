@@ -29,8 +29,10 @@ class Decision:
 
     ``cf`` is the CF of the compressed level (GraVAC: θmin·θs); ``theta_min`` the first level
     of multi-level compression; ``send`` which of the two levels (or dense) goes on the wire;
-    ``layer_cf`` per-layer overrides (Accordion's per-layer mode); ``measure_gain`` whether
-    the optimizer measures the compression gain at that step (GraVAC's ``gain_interval``).
+    ``layer_cf`` per-layer overrides (Accordion's per-layer mode, a layer plan);
+    ``measure_gain`` whether the optimizer measures the compression gain at that step
+    (GraVAC's ``gain_interval``), ``measure_errors`` whether it measures a layer plan's
+    compression errors (:class:`ErrorSpec`).
     """
 
     cf: float
@@ -38,6 +40,7 @@ class Decision:
     send: str = SEND_COMPRESSED
     layer_cf: dict[str, float] | None = None
     measure_gain: bool = True
+    measure_errors: bool = False
 
     @property
     def sent_cf(self) -> float:
@@ -55,10 +58,11 @@ class Decision:
         return self.theta_min if self.send == SEND_MIN else 1.0
 
     # A fixed-length vector of floats, so the decision travels as one small broadcast
-    # (no pickling, no size exchange): [cf, θmin, send, measure_gain, has layer_cf, per layer].
+    # (no pickling, no size exchange):
+    # [cf, θmin, send, measure_gain, measure_errors, has layer_cf, per layer].
     @staticmethod
     def encoded_length(layers: list[str]) -> int:
-        return 5 + len(layers)
+        return 6 + len(layers)
 
     def encode(self, layers: list[str]) -> list[float]:
         """This decision as ``encoded_length(layers)`` floats; NaN marks "not set"."""
@@ -69,18 +73,18 @@ class Decision:
             raise ValueError(f"layer_cf names unknown tensors: {sorted(unknown)}")
         return [float(self.cf), nan if self.theta_min is None else float(self.theta_min),
                 float(SEND_CHOICES.index(self.send)), float(self.measure_gain),
-                float(self.layer_cf is not None),
+                float(self.measure_errors), float(self.layer_cf is not None),
                 *(float(overrides.get(name, nan)) for name in layers)]
 
     @classmethod
     def decode(cls, values: list[float], layers: list[str]) -> "Decision":
         """The decision :meth:`encode` turned into ``values``."""
-        cf, theta_min, send, measure_gain, has_layer_cf = values[:5]
-        layer_cf = {name: v for name, v in zip(layers, values[5:]) if v == v} \
+        cf, theta_min, send, measure_gain, measure_errors, has_layer_cf = values[:6]
+        layer_cf = {name: v for name, v in zip(layers, values[6:]) if v == v} \
             if has_layer_cf else None
         return cls(cf=cf, theta_min=None if theta_min != theta_min else theta_min,
                    send=SEND_CHOICES[int(send)], layer_cf=layer_cf,
-                   measure_gain=bool(measure_gain))
+                   measure_gain=bool(measure_gain), measure_errors=bool(measure_errors))
 
 
 GRADIENT, COMPENSATED = "gradient", "compensated"
@@ -148,6 +152,37 @@ class ProbeSpec:
                 if self.per_tensor else {}}
 
 
+@dataclass(frozen=True)
+class ErrorSpec:
+    """What the engine measures for a layer plan, at the steps its decision marks
+    (``Decision.measure_errors``): per compressed tensor, on this rank's error-fed tensor
+    x = g + residual, ‖x‖² and the compression error ‖x − C(x, c)‖² for each candidate CF
+    c = factor × the decision's CF (the compressor's ``error_profile``, estimated from
+    ``sample`` elements a step shared among the tensors by size; None: exact). One row per
+    tensor, summed over ranks; only the marked steps carry it.
+    """
+
+    factors: tuple[float, ...]
+    sample: int | None = None
+
+    def cfs(self, cf: float) -> tuple[float, ...]:
+        """The candidate CFs around the uniform ``cf``, ascending (none below 1)."""
+        return tuple(max(1.0, cf * f) for f in self.factors)
+
+    @property
+    def width(self) -> int:
+        """Terms per row: ‖x‖², then one error per candidate."""
+        return 1 + len(self.factors)
+
+    def encoded_length(self, names: list[str]) -> int:
+        return self.width * len(names)
+
+    def decode(self, values: list[float], names: list[str]) -> dict[str, tuple[float, ...]]:
+        """Per tensor, (‖x‖², error at each candidate), summed over ranks."""
+        w = self.width
+        return {name: tuple(values[i * w:(i + 1) * w]) for i, name in enumerate(names)}
+
+
 @dataclass
 class StepStats:
     """Statistics of one step, already combined across ranks.
@@ -163,7 +198,10 @@ class StepStats:
     ``ladder_link_bytes``: per CF of the agent's ``ladder`` (GraVAC's cost-model search), the
     gain term and the link bytes a step at that CF would carry. With per-layer CFs,
     ``layer_ladder`` holds per measured tensor (reference, *ladder gain terms) and
-    ``layer_link_bytes`` its link bytes per ladder CF.
+    ``layer_link_bytes`` its link bytes per ladder CF. At steps whose decision measured a
+    layer plan's errors (``errors_measured``), ``layer_errors`` holds per compressed tensor
+    (‖x‖², error per candidate CF) (see :class:`ErrorSpec`) and ``candidate_link_bytes``
+    the link bytes each candidate would cost it.
     """
 
     step: int
@@ -182,6 +220,9 @@ class StepStats:
     ladder_link_bytes: dict[float, float] = field(default_factory=dict)
     layer_ladder: dict[str, tuple[float, ...]] = field(default_factory=dict)
     layer_link_bytes: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    errors_measured: bool = False
+    layer_errors: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    candidate_link_bytes: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 class Agent:
@@ -196,6 +237,11 @@ class Agent:
     @property
     def probe(self) -> ProbeSpec | None:
         """What the engine measures for this agent on marked steps; None: nothing."""
+        return None
+
+    @property
+    def error_probe(self) -> ErrorSpec | None:
+        """What the engine measures for a layer plan on marked steps; None: nothing."""
         return None
 
     def __init__(self) -> None:

@@ -130,6 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-layer-cf", action="store_true",
                    help="GraVAC with --search cost_model: a CF per tensor, spending the chosen "
                         "CF's bytes where they keep the most gradient energy")
+    g.add_argument("--layer-plan", action="store_true",
+                   help="under the agent's uniform CF, a CF per tensor that minimises the bytes "
+                        "within the uniform CF's total compression error (re-planned every "
+                        "--plan-interval steps; not with --per-layer-cf or Accordion's "
+                        "per-layer norms)")
+    g.add_argument("--plan-alpha", type=float, default=1.0,
+                   help="layer plan: error budget relative to the uniform CF's total error")
+    g.add_argument("--plan-interval", type=int, default=None,
+                   help="layer plan: steps between plans (default: a tenth of the run, at "
+                        "least 10 steps)")
+    g.add_argument("--plan-factors", default=None,
+                   help="layer plan: candidate CFs per tensor as factors of the uniform CF, "
+                        "comma-separated, with 1 among them (default: the library's, "
+                        "0.25,0.5,1,2,4,8)")
+    g.add_argument("--plan-measure-steps", type=int, default=3,
+                   help="layer plan: steps at each interval's end whose errors are measured")
     g.add_argument("--theta-s", type=float, default=2.0)
     g.add_argument("--policy", default="exponential", choices=("exponential", "geometric"))
     g.add_argument("--ewma", type=float, default=None,
@@ -312,7 +328,20 @@ def validate(args: argparse.Namespace) -> None:
     # unknown names and bad values fail here
     compressor = compression.create(args.compression, **compression_params(args))
     compression.create_memory(args.memory, compressor)
-    args.agent_obj = agents.create(args.agent, **agent_params(args))
+    if args.layer_plan and args.agent == "none":
+        raise ValueError("--layer-plan redistributes an agent's CF: give --agent static, gravac "
+                         "or accordion")
+    if args.layer_plan and (args.per_layer_cf or
+                            args.agent == "accordion" and not args.whole_model_norms):
+        raise ValueError("--layer-plan plans the tensors' CFs itself: drop --per-layer-cf, or "
+                         "give Accordion --whole-model-norms (one CF for the model)")
+    try:
+        if args.plan_factors is not None:
+            args.plan_factors = tuple(float(f) for f in str(args.plan_factors).split(","))
+    except ValueError:
+        raise ValueError("--plan-factors must be comma-separated numbers like 0.5,1,2, got "
+                         f"{args.plan_factors!r}") from None
+    args.agent_obj = make_agent(args)
     if args.agent_obj is not None:
         compression.check_adjustable(compressor, args.agent)
 
@@ -362,6 +391,27 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
         return {"low_cf": args.low_cf, "high_cf": args.high_cf, "interval": args.interval,
                 "eta": args.eta, "per_layer": not args.whole_model_norms}
     return {}
+
+
+def make_agent(args: argparse.Namespace, total_steps: int | None = None,
+               steps_per_epoch: int | None = None):
+    """The run's agent (None: none): the time-level agent, under a layer plan with
+    ``--layer-plan``. GraVAC's window, Accordion's interval in epochs and the plan interval
+    follow the run's length once it is known (before, their step defaults)."""
+    from horovod_gravac import agents
+
+    params = agent_params(args)
+    if args.agent == "accordion" and args.interval_unit == "epochs" and steps_per_epoch:
+        params["steps_per_epoch"] = steps_per_epoch
+    if args.agent == "gravac" and args.window is None and total_steps:
+        params["window"] = auto_window(total_steps)
+    agent = agents.create(args.agent, **params)
+    if not args.layer_plan:
+        return agent
+    factors = {} if args.plan_factors is None else {"factors": args.plan_factors}
+    return agents.LayerPlan(agent, alpha=args.plan_alpha, measure_steps=args.plan_measure_steps,
+                            plan_interval=args.plan_interval or auto_window(total_steps or args.steps),
+                            **factors)
 
 
 def auto_window(total_steps: int | None) -> int:
@@ -611,9 +661,12 @@ def parameter_digest(model) -> str:
 #: call (with the Horovod optimizer's exchange), and the engine's own part of those: begin
 #: (error feedback, compression, starting collectives), finish (decoding, verdict, agent)
 PHASE_COLUMNS = ("forward_s", "backward_s", "update_s", "begin_s", "finish_s")
+#: a layer plan's: plans made so far, and the last plan's link bytes and total compression
+#: error relative to the uniform CF's
+PLAN_COLUMNS = ("plans", "plan_bytes_ratio", "plan_error_ratio")
 STEP_COLUMNS = ("step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf", "cf_sent",
                 "send", "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
-                "skipped_steps", *LINK_COLUMNS, *PHASE_COLUMNS)
+                "skipped_steps", *LINK_COLUMNS, *PHASE_COLUMNS, *PLAN_COLUMNS)
 
 
 class RunLog:
@@ -726,10 +779,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Workload(args, rank, size)
     model = work.model
     total_steps = args.steps or max(1, int(args.epochs * work.steps_per_epoch))
-    if args.interval_unit == "epochs" and args.agent == "accordion":
-        args.agent_obj = hg.agents.Accordion(**{**agent_params(args), "steps_per_epoch": work.steps_per_epoch})
-    if args.agent == "gravac" and args.window is None:  # the run's length is known now
-        args.agent_obj = hg.agents.GraVAC(**{**agent_params(args), "window": auto_window(total_steps)})
+    args.agent_obj = make_agent(args, total_steps, work.steps_per_epoch)  # its length known now
     base = build_base_optimizer(model, args)
     opt, frontend = build_exchange(args, work, base, hvd)
     through_ddp = work.model is not model
@@ -799,7 +849,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             measured = {"wait_s": report.wait_s, "link_bytes": report.link_bytes,
                         "begin_s": report.begin_s, "finish_s": report.finish_s} \
                 if report is not None else {}
-            log.step({**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS)},
+            log.step({**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS,
+                                                  *PLAN_COLUMNS)},
                       **measured, "forward_s": forward_end - step_start,
                       "backward_s": backward_end - forward_end, "update_s": now - backward_end,
                       "step": step, "epoch": step / work.steps_per_epoch, "wall": now - start,

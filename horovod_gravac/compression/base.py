@@ -218,6 +218,35 @@ class Compressor:
         levels = [(payload, ctx)] + [self.recompress(payload, ctx, cf) for cf in cfs[1:]]
         return torch.stack([self.sent_norm_sq(*level).float() for level in levels])
 
+    def error_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                      step: int = 0, sample: int | None = None) -> Tensor:
+        """‖tensor − C(tensor, cf)‖² for each CF of the ascending ``cfs`` (a layer plan's
+        compression errors, :class:`~horovod_gravac.agents.LayerPlan`).
+
+        Exact here, one compression per CF (one-round compressors). Compressors whose C is an
+        orthogonal projection take it from :meth:`energy_profile` instead
+        (:meth:`projection_errors`: sparsifiers, PowerSGD), on ``sample`` elements.
+        """
+        errors = []
+        for cf in cfs:
+            payload, ctx = self.compress(tensor, name, step,
+                                         **({"cf": cf} if self.adjustable_cf else {}))
+            if ctx.rounds != 1:
+                raise NotImplementedError(f"{self.name!r} exchanges in {ctx.rounds} rounds: "
+                                          "override error_profile")
+            approx = self.decompress(payload, ctx).reshape(tensor.shape)
+            errors.append(torch.linalg.vector_norm(tensor.float() - approx.float()).square())
+        return torch.stack(errors)
+
+    def projection_errors(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                          step: int = 0, sample: int | None = None) -> Tensor:
+        """:meth:`error_profile` where C(x) is an orthogonal projection of x (a sparsifier
+        keeps some coordinates; PowerSGD projects onto the span of P̂): then
+        ‖x − C(x)‖² = ‖x‖² − ‖C(x)‖², so the errors cost what the energies cost."""
+        total = torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+        energies = self.energy_profile(tensor, cfs, name, step, sample=sample).float()
+        return (total - energies).clamp_min(0)
+
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
         """(bytes this rank sends over all rounds for a float32 tensor of ``shape`` at ``cf``,
         how they travel), from the shape alone: what the cost model prices an untried CF by."""

@@ -187,6 +187,11 @@ class PowerSGD(SeededCompressor):
         energies = (side @ orthogonalize(p)).pow(2).sum(0).cumsum(0)
         return torch.stack([energies[min(self.rank_for(n, m, cf), top) - 1] for cf in cfs])
 
+    def error_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                      step: int = 0, sample: int | None = None) -> Tensor:
+        """‖M‖² − ‖P̂ᵀM‖² (P̂P̂ᵀ projects): from :meth:`energy_profile`, with the warm Q."""
+        return self.projection_errors(tensor, cfs, name, step, sample)
+
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
         """P (n×r) and Q (m×r) in float32, or the dense tensor where rank r would not gain."""
         dims = self._matrix_shape(shape, cf)

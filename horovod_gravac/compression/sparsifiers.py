@@ -190,6 +190,11 @@ class Sparsifier(Compressor):
         energies = torch.stack([cumulative[c - 1] for c in counts])  # views: no host copy
         return energies if scale is None else energies * scale
 
+    def error_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                      step: int = 0, sample: int | None = None) -> Tensor:
+        """‖t‖² less the kept energy (a selection is a projection): from :meth:`energy_profile`."""
+        return self.projection_errors(tensor, cfs, name, step, sample)
+
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
         """k values and k int32 indices (or, selecting exactly k, a bitmap when smaller)."""
         n = shape.numel()
@@ -316,6 +321,15 @@ class RandomK(SeededCompressor, Sparsifier):
             k = num_selected(n, cf)
             fractions.append(k / n * ((n / k) ** 2 if self.unbiased else 1.0) if n else 0.0)
         return torch.stack([total * f for f in fractions])  # no host-to-device copy
+
+    def error_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                      step: int = 0, sample: int | None = None) -> Tensor:
+        """The expected ‖t − C(t)‖²: (1 − k/n)‖t‖², or (n/k − 1)‖t‖² when unbiased
+        (E‖C(t)‖² − ‖t‖², C being unbiased then)."""
+        if not self.unbiased:
+            return self.projection_errors(tensor, cfs, name, step, sample)
+        total = torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
+        return (self.energy_profile(tensor, cfs, name, step).float() - total).clamp_min(0)
 
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
         """k values and the finiteness marker, summed over ranks (the indices are shared)."""

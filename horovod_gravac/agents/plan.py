@@ -1,0 +1,241 @@
+"""An error-budgeted layer plan (after L-GreCo, Markov et al., MLSys 2024) on top of any agent.
+
+The time-level agent (static, Accordion, GraVAC) sets the uniform CF u of the compressed
+level; :class:`LayerPlan` redistributes it over the tensors. Every ``plan_interval`` steps:
+
+1. On the interval's last ``measure_steps`` steps the engine measures, per compressed tensor
+   ℓ and candidate CF c = f·u (f in ``factors``, around 1), the compression error
+   e_ℓ(c) = ‖x_ℓ − C(x_ℓ, c)‖² on every rank's error-fed tensor x_ℓ = g_ℓ + residual_ℓ,
+   summed over ranks and over the measured steps (:class:`~.base.ErrorSpec`; the steps in
+   between measure nothing and carry nothing). It also prices each candidate's link bytes
+   b_ℓ(c) from the shapes (an allgather's N−1 payloads, an allreduce's 2(N−1)/N).
+2. Rank 0 solves
+
+       minimise Σ_ℓ b_ℓ(c_ℓ)   subject to   Σ_ℓ e_ℓ(c_ℓ) ≤ α · Σ_ℓ e_ℓ(u)
+
+   by dynamic programming over the tensors (:func:`plan_layers`): the budget is cut into
+   ``LEVELS_PER_TENSOR`` × (number of tensors) units and every error is rounded *up* to a
+   whole unit, so the solution is exact (the minimum bytes) on the rounded errors and meets
+   the constraint on the measured ones; it can only lose a little budget to rounding (at most
+   one unit per tensor: 1/LEVELS_PER_TENSOR of it). When it finds nothing cheaper than the
+   uniform plan, the uniform plan stays.
+3. The plan is kept as a factor per tensor, so every decision carries c_ℓ = f_ℓ·u
+   (``Decision.layer_cf``) for whatever u the time-level agent sets until the next plan; it
+   travels in the broadcast decision, and the agent's state (in checkpoints) holds it.
+
+What a CF means per compressor family: the kept fraction of TopK, DGC and the other
+sparsifiers, PowerSGD's rank (r = ⌊nm / (c(n+m))⌋). The quantizers here have a fixed CF
+(no setting to plan), as every agent requires. The plan acts on the compressed level; the
+θmin level and dense steps of GraVAC send what they always send.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..validation import check_number
+from .base import Agent, Decision, ErrorSpec, StepStats
+
+#: candidate CFs per tensor, as factors of the uniform CF (L-GreCo: ranks ½× to 2×)
+DEFAULT_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: units of the error budget per planned tensor (rounding loses at most one each)
+LEVELS_PER_TENSOR = 50
+#: elements a measured step's errors are estimated from, shared among the tensors by size
+DEFAULT_ERROR_SAMPLE = 131072
+
+
+def plan_layers(errors: Mapping[str, Sequence[float]], link_bytes: Mapping[str, Sequence[float]],
+                budget: float, levels: int) -> dict[str, int] | None:
+    """Per tensor, the index of its candidate that minimises Σ bytes with Σ error ≤ ``budget``.
+
+    ``errors[name][k]`` and ``link_bytes[name][k]`` are candidate k's error and bytes. Exact
+    on the errors rounded up to multiples of ``budget / levels`` (a knapsack by dynamic
+    programming over the tensors, O(tensors × candidates × levels)); so the real errors meet
+    the budget too. None when no choice does (with ``budget`` ≤ 0, only error-free
+    candidates fit).
+    """
+    names = list(errors)
+    if not names:
+        return {}
+    unit = budget / levels if budget > 0 else 0.0
+    weights, costs = {}, {}
+    for name in names:
+        e = np.asarray(errors[name], dtype=np.float64)
+        if unit > 0:
+            w = np.ceil(np.maximum(e, 0.0) / unit - 1e-9)
+        else:
+            w = np.where(e <= 0, 0.0, levels + 1.0)
+        weights[name] = np.minimum(w, levels + 1).astype(np.int64)  # > levels: never fits
+        costs[name] = np.asarray(link_bytes[name], dtype=np.float64)
+    best = np.zeros(levels + 1)  # best[b]: fewest bytes of the tensors so far within b units
+    picks = np.empty((len(names), levels + 1), dtype=np.int16)
+    for i, name in enumerate(names):
+        new = np.full(levels + 1, np.inf)
+        pick = np.full(levels + 1, -1, dtype=np.int16)
+        for k, (w, cost) in enumerate(zip(weights[name], costs[name])):
+            if w > levels:
+                continue
+            candidate = np.full(levels + 1, np.inf)
+            candidate[w:] = best[:levels + 1 - w] + cost
+            better = candidate < new
+            new[better], pick[better] = candidate[better], k
+        best, picks[i] = new, pick
+    if not math.isfinite(best[levels]):
+        return None
+    choice, left = {}, levels
+    for i in reversed(range(len(names))):
+        k = int(picks[i, left])
+        choice[names[i]] = k
+        left -= int(weights[names[i]][k])
+    return choice
+
+
+class LayerPlan(Agent):
+    """A time-level agent's uniform CF, redistributed over the tensors within its error.
+
+    Arguments:
+        agent: the time-level agent (an object, or a name for ``agents.create``) whose
+            decision sets the uniform CF; it must not set per-tensor CFs itself (GraVAC's
+            or Accordion's ``per_layer``).
+        alpha: the error budget α > 0, relative to the uniform plan's total error (1: the
+            same error, fewer bytes).
+        plan_interval: steps between plans (≥ 1).
+        factors: candidate CFs per tensor as factors of the uniform CF; positive, with 1
+            (the uniform plan) among them.
+        measure_steps: steps at the end of each interval whose errors are measured and
+            summed (1 … plan_interval).
+        sample: elements a measured step's errors are estimated from (None: exact).
+    """
+
+    def __init__(self, agent: Agent | str, alpha: float = 1.0, plan_interval: int = 100,
+                 factors: Sequence[float] = DEFAULT_FACTORS, measure_steps: int = 3,
+                 sample: int | None = DEFAULT_ERROR_SAMPLE) -> None:
+        from . import create  # the registry imports this module
+        inner = create(agent)
+        if inner is None:
+            raise ValueError("LayerPlan needs a time-level agent (static, accordion, gravac), "
+                             f"got {agent!r}")
+        if getattr(inner, "per_layer", False):
+            raise ValueError(f"agent {inner.name!r} sets per-tensor CFs itself (per_layer=True); "
+                             "a layer plan redistributes one uniform CF: use per_layer=False")
+        self.agent = inner
+        self.name = f"{inner.name}+plan"
+        self.alpha = check_number("alpha", alpha, 0, low_open=True)
+        self.plan_interval = check_number("plan_interval", plan_interval, 1, integer=True)
+        factors = tuple(factors) if isinstance(factors, (list, tuple)) else factors
+        if not isinstance(factors, tuple) or not factors:
+            raise ValueError(f"factors must be a non-empty list of positive numbers with 1 "
+                             f"among them, got {factors!r}")
+        for f in factors:
+            check_number("factors[...]", f, 0, low_open=True)
+        if 1 not in factors:
+            raise ValueError(f"factors must contain 1 (the uniform plan), got {factors!r}")
+        self.factors = tuple(sorted(float(f) for f in set(factors)))
+        self.measure_steps = check_number("measure_steps", measure_steps, 1,
+                                          self.plan_interval, integer=True)
+        self.sample = check_number("sample", sample, 1, integer=True, optional=True)
+        #: the plan: tensor → factor of the uniform CF ({}: uniform)
+        self.plan: dict[str, float] = {}
+        #: errors summed over this interval's measured steps, and their uniform CF
+        self.errors: dict[str, list[float]] = {}
+        self.link_bytes: dict[str, list[float]] = {}
+        self.errors_cf: float | None = None
+        self.measured_steps = 0
+        #: the uniform CF of the last decision if it measures errors (None: it does not)
+        self.measured_cf: float | None = None
+        #: the last plan's totals: link bytes and errors of the uniform plan and of the plan
+        self.summary: dict[str, float] = {}
+        self.plans = 0
+
+    # -- what the engine sees --------------------------------------------------------------
+    adaptive = True
+    probe = property(lambda self: self.agent.probe)
+    needs_layer_norms = property(lambda self: self.agent.needs_layer_norms)
+    history = property(lambda self: self.agent.history)
+
+    @property
+    def error_probe(self) -> ErrorSpec:
+        return ErrorSpec(self.factors, self.sample)
+
+    def initial_decision(self) -> Decision:
+        return self._planned(self.agent.initial_decision(), 0)
+
+    def decide(self, stats: StepStats) -> Decision:
+        if stats.errors_measured:
+            self._accumulate(stats)
+        if (stats.step + 1) % self.plan_interval == 0 and self.measured_steps:
+            self._replan()
+        decision = self._planned(self.agent.decide(stats), stats.step + 1)
+        if self.agent.history:
+            self.agent.history[-1].update(self.row())
+        return decision
+
+    def _planned(self, decision: Decision, step: int) -> Decision:
+        """``decision`` with the plan's per-tensor CFs, marked for measuring when ``step``
+        is among the last ``measure_steps`` of its interval."""
+        measure = step % self.plan_interval >= self.plan_interval - self.measure_steps
+        layer_cf = {name: max(1.0, decision.cf * f) for name, f in self.plan.items()
+                    if f != 1.0} or None
+        self.measured_cf = decision.cf if measure else None
+        return dataclasses.replace(decision, layer_cf=layer_cf, measure_errors=measure)
+
+    def _accumulate(self, stats: StepStats) -> None:
+        """Add a measured step's errors; a change of the uniform CF starts them again."""
+        cf = self.measured_cf  # the uniform CF of the decision this step applied
+        if cf is None or not stats.layer_errors:
+            return
+        if cf != self.errors_cf:
+            self.errors, self.link_bytes, self.measured_steps = {}, {}, 0
+            self.errors_cf = cf
+        for name, row in stats.layer_errors.items():
+            total = self.errors.setdefault(name, [0.0] * len(row))
+            total[:] = [t + x for t, x in zip(total, row)]
+        self.link_bytes.update({n: list(b) for n, b in stats.candidate_link_bytes.items()})
+        self.measured_steps += 1
+
+    def _replan(self) -> None:
+        """The plan from this interval's errors (see the module docstring)."""
+        names = [n for n in self.errors if n in self.link_bytes]
+        errors = {n: self.errors[n][1:] for n in names}
+        sizes = {n: self.link_bytes[n] for n in names}
+        one = self.factors.index(1.0)
+        uniform = {n: one for n in names}
+        budget = self.alpha * sum(e[one] for e in errors.values())
+        choice = plan_layers(errors, sizes, budget, LEVELS_PER_TENSOR * max(1, len(names)))
+
+        def total(of: dict[str, list[float]], pick: dict[str, int]) -> float:
+            return sum(of[n][k] for n, k in pick.items())
+
+        if choice is None or budget >= total(errors, uniform) and \
+                total(sizes, choice) >= total(sizes, uniform):
+            choice = uniform  # nothing within the budget is cheaper than the uniform CF
+        self.plan = {n: self.factors[k] for n, k in choice.items() if k != one}
+        self.summary = {"uniform_bytes": total(sizes, uniform), "bytes": total(sizes, choice),
+                        "uniform_error": total(errors, uniform), "error": total(errors, choice)}
+        self.plans += 1
+        self.errors, self.link_bytes, self.measured_steps, self.errors_cf = {}, {}, 0, None
+
+    def row(self) -> dict[str, Any]:
+        """The metrics the agent's rows get: the last plan's bytes and error relative to the
+        uniform plan's, and how many tensors it moved off the uniform CF."""
+        s = self.summary
+        if not s:
+            return {"plans": self.plans}
+        return {"plans": self.plans, "planned_tensors": len(self.plan),
+                "plan_bytes_ratio": s["bytes"] / s["uniform_bytes"] if s["uniform_bytes"] else 1.0,
+                "plan_error_ratio": s["error"] / s["uniform_error"] if s["uniform_error"] else 1.0}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The plan, this interval's measurements and the time-level agent's state."""
+        state = {k: copy.deepcopy(v) for k, v in vars(self).items() if k != "agent"}
+        return {**state, "agent": self.agent.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        self.agent.load_state_dict(state.pop("agent"))
+        for key, value in copy.deepcopy(state).items():
+            setattr(self, key, value)
