@@ -18,7 +18,8 @@ def test_broadcast_goes_over_mpi_exactly_when_horovod_runs_on_mpi(job, request):
 
 
 @pytest.mark.parametrize("run", ["gravac_exp", "gravac_geo_dgc", "gravac_powersgd",
-                                 "gravac_cost_per_layer", "accordion", "static"])
+                                 "gravac_cost_per_layer", "plan_static",
+                                 "plan_gravac_powersgd", "accordion", "static"])
 def test_identical_decisions_and_parameters_on_all_ranks(job, run):
     runs = [r["runs"][run] for r in job]
     assert len(runs[0]["decisions"]) == STEPS
@@ -44,3 +45,13 @@ def test_cost_model_metrics_stream_has_the_fitted_link_and_per_tensor_cfs(job):
     assert row["link_bytes"] > 0 and row["wait_s"] >= 0  # 4 ranks: the link carries bytes
     assert row["link_bandwidth"] > 0 and row["predicted_step_s"] > 0
     assert "layer_cf" in row
+
+
+@pytest.mark.parametrize("run", ["plan_static", "plan_gravac_powersgd"])
+def test_layer_plans_move_tensors_off_the_uniform_cf_within_its_error(job, run):
+    runs = job[0]["runs"][run]
+    planned = [d for d in runs["decisions"] if d[3]]
+    assert planned, "no plan moved a tensor off the uniform CF"
+    rows = [r for r in runs["history"] if "plan_error_ratio" in r]
+    assert rows and max(r["plan_error_ratio"] for r in rows) <= 1.0 + 1e-9
+    assert min(r["plan_bytes_ratio"] for r in rows) < 1.0

@@ -5,7 +5,8 @@ import torch
 from tests.multirank import run_ranks
 
 CONFIGS = ("topk_static", "dgc_static", "powersgd", "topk_gravac", "dgc_gravac",
-           "powersgd_gravac", "topk_gravac_cost_per_layer")
+           "powersgd_gravac", "topk_gravac_cost_per_layer", "topk_static_plan",
+           "powersgd_gravac_plan")
 SPLIT = 17
 
 

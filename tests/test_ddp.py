@@ -6,7 +6,7 @@ from tests.multirank import assert_identical_across_ranks, run_torchrun
 
 STEPS, NAN_STEP = 40, 7
 COMPRESSED = ("topk", "dgc", "powersgd", "gravac", "gravac_powersgd", "gravac_cost_per_layer",
-              "accordion", "static", "no_sync", "unused")
+              "accordion", "plan", "static", "no_sync", "unused")
 
 
 @pytest.fixture(scope="module", params=[2, 4])
@@ -48,7 +48,7 @@ def test_a_state_made_before_ddp_wraps_the_model_works_like_register_comm_hook(j
 
 
 def test_agents_change_their_minds_identically(job):
-    for name in ("gravac", "gravac_powersgd", "accordion"):
+    for name in ("gravac", "gravac_powersgd", "accordion", "plan"):
         decisions = runs(job, name)[0]["decisions"]
         assert len(decisions) == STEPS and len(set(decisions)) >= 2, (name, decisions[::5])
 

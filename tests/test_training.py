@@ -88,6 +88,18 @@ def parse(*argv):
      "per_layer=True needs search='cost_model'"),
     (["--agent", "gravac", "--search", "cost_model", "--gain", "authors"], ValueError,
      "use gain='fresh' or 'error_fed'"),
+    (["--layer-plan"], ValueError, "--layer-plan redistributes an agent's CF"),
+    (["--agent", "gravac", "--layer-plan", "--per-layer-cf"], ValueError,
+     "drop --per-layer-cf, or give Accordion --whole-model-norms"),
+    (["--agent", "accordion", "--layer-plan"], ValueError, "--whole-model-norms"),
+    (["--agent", "static", "--layer-plan", "--plan-alpha", "0"], ValueError,
+     "alpha must be a number > 0, got 0"),
+    (["--agent", "static", "--layer-plan", "--plan-interval", "-2"], ValueError,
+     "plan_interval must be an integer >= 1, got -2"),
+    (["--agent", "static", "--layer-plan", "--plan-factors", "0.5,2"], ValueError,
+     "factors must contain 1"),
+    (["--agent", "static", "--layer-plan", "--plan-factors", "half,1"], ValueError,
+     "--plan-factors must be comma-separated numbers"),
 ])
 def test_bad_flags_fail_before_training(argv, error, message):
     with pytest.raises(error, match=message):
@@ -188,7 +200,9 @@ GPT_FLAGS = ["--model", "gpt4x256", "--data", "ptb", "--optimizer", "adamw", "--
     "topk", pytest.param("qsgd", marks=pytest.mark.slow),
     pytest.param("powersgd", marks=pytest.mark.slow)])
 def test_the_transformer_trains_on_two_ranks_under_every_compressor_family(tmp_path, compression):
-    agent = ["--agent", "gravac", "--window", "5"] if compression != "qsgd" else []
+    # the adaptive CF and an error-budgeted plan under it (the quantizers have no CF to set)
+    agent = ["--agent", "gravac", "--window", "5", "--layer-plan", "--plan-interval", "8"] \
+        if compression != "qsgd" else []
     s = train_job("gloo", tmp_path / compression, *GPT_FLAGS, "--steps", "24",
                   "--eval-interval", "8", "--compression", compression, *agent)
     assert s["replicas_identical"] and s["steps"] == 24
@@ -199,6 +213,10 @@ def test_the_transformer_trains_on_two_ranks_under_every_compressor_family(tmp_p
     assert len(perplexity) == 3 and perplexity == sorted(perplexity, reverse=True), perplexity
     assert perplexity[-1] < 1500, perplexity
     assert s["total_bytes"] < s["dense_bytes"]
+    if agent:
+        with open(tmp_path / compression / "steps.csv") as f:
+            plans = [r["plans"] for r in csv.DictReader(f)]
+        assert plans[-1] == "3", plans  # planned at steps 8, 16 and 24
 
 
 PTB_FLAGS = ["--model", "lstm200", "--data", "ptb", "--lr", "1", "--momentum", "0",

@@ -19,9 +19,12 @@ level; :class:`LayerPlan` redistributes it over the tensors. Every ``plan_interv
    the constraint on the measured ones; it can only lose a little budget to rounding (at most
    one unit per tensor: 1/LEVELS_PER_TENSOR of it). When it finds nothing cheaper than the
    uniform plan, the uniform plan stays.
-3. The plan is kept as a factor per tensor, so every decision carries c_ℓ = f_ℓ·u
-   (``Decision.layer_cf``) for whatever u the time-level agent sets until the next plan; it
-   travels in the broadcast decision, and the agent's state (in checkpoints) holds it.
+3. Every decision carries the plan's c_ℓ (``Decision.layer_cf``, broadcast with the rest);
+   the agent's state (in checkpoints) holds the plan and the interval's measurements. A plan
+   holds for the uniform CF it was made for: when the time-level agent moves u, the plan is
+   dropped, the next ``measure_steps`` steps measure the errors at the new u and the plan
+   follows (a plan does not scale: PowerSGD's rank 1 is a floor that higher CFs cannot go
+   below, so factors that saved bytes at one u can cost bytes at another).
 
 What a CF means per compressor family: the kept fraction of TopK, DGC and the other
 sparsifiers, PowerSGD's rank (r = ⌊nm / (c(n+m))⌋). The quantizers here have a fixed CF
@@ -130,16 +133,19 @@ class LayerPlan(Agent):
         if not isinstance(factors, tuple) or not factors:
             raise ValueError(f"factors must be a non-empty list of positive numbers with 1 "
                              f"among them, got {factors!r}")
-        for f in factors:
-            check_number("factors[...]", f, 0, low_open=True)
+        for i, f in enumerate(factors):
+            check_number(f"factors[{i}]", f, 0, low_open=True)
         if 1 not in factors:
             raise ValueError(f"factors must contain 1 (the uniform plan), got {factors!r}")
         self.factors = tuple(sorted(float(f) for f in set(factors)))
         self.measure_steps = check_number("measure_steps", measure_steps, 1,
                                           self.plan_interval, integer=True)
         self.sample = check_number("sample", sample, 1, integer=True, optional=True)
-        #: the plan: tensor → factor of the uniform CF ({}: uniform)
+        #: the plan: tensor → factor of the uniform CF ({}: uniform), and the CF it is for
         self.plan: dict[str, float] = {}
+        self.planned_cf: float | None = None
+        #: steps until the next plan (its errors are measured in the last measure_steps)
+        self.until_plan = self.plan_interval
         #: errors summed over this interval's measured steps, and their uniform CF
         self.errors: dict[str, list[float]] = {}
         self.link_bytes: dict[str, list[float]] = {}
@@ -162,22 +168,31 @@ class LayerPlan(Agent):
         return ErrorSpec(self.factors, self.sample)
 
     def initial_decision(self) -> Decision:
-        return self._planned(self.agent.initial_decision(), 0)
+        return self._planned(self.agent.initial_decision())
 
     def decide(self, stats: StepStats) -> Decision:
         if stats.errors_measured:
             self._accumulate(stats)
-        if (stats.step + 1) % self.plan_interval == 0 and self.measured_steps:
-            self._replan()
-        decision = self._planned(self.agent.decide(stats), stats.step + 1)
+        self.until_plan -= 1
+        if self.until_plan <= 0:
+            if self.measured_steps:
+                self._replan()
+            self.until_plan = self.plan_interval
+        decision = self.agent.decide(stats)
+        if self.planned_cf is not None and decision.cf != self.planned_cf:
+            # the time-level agent moved the uniform CF: a plan for another CF does not carry
+            # over (PowerSGD's rank 1 is a floor), so measure at the new one and plan again soon
+            self.plan, self.planned_cf = {}, None
+            self.until_plan = min(self.until_plan, self.measure_steps)
+        decision = self._planned(decision)
         if self.agent.history:
             self.agent.history[-1].update(self.row())
         return decision
 
-    def _planned(self, decision: Decision, step: int) -> Decision:
-        """``decision`` with the plan's per-tensor CFs, marked for measuring when ``step``
-        is among the last ``measure_steps`` of its interval."""
-        measure = step % self.plan_interval >= self.plan_interval - self.measure_steps
+    def _planned(self, decision: Decision) -> Decision:
+        """``decision`` with the plan's per-tensor CFs, marked for measuring when it is
+        for one of the last ``measure_steps`` steps before the next plan."""
+        measure = self.until_plan <= self.measure_steps
         layer_cf = {name: max(1.0, decision.cf * f) for name, f in self.plan.items()
                     if f != 1.0} or None
         self.measured_cf = decision.cf if measure else None
@@ -214,6 +229,7 @@ class LayerPlan(Agent):
                 total(sizes, choice) >= total(sizes, uniform):
             choice = uniform  # nothing within the budget is cheaper than the uniform CF
         self.plan = {n: self.factors[k] for n, k in choice.items() if k != one}
+        self.planned_cf = self.errors_cf
         self.summary = {"uniform_bytes": total(sizes, uniform), "bytes": total(sizes, choice),
                         "uniform_error": total(errors, uniform), "error": total(errors, choice)}
         self.plans += 1

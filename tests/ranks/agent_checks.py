@@ -57,6 +57,12 @@ runs = {
     "gravac_cost_per_layer": train(hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3,
                                                     window=25, search="cost_model",
                                                     per_layer=True), min_compress_numel=0),
+    # error-budgeted layer plans under a static CF and under GraVAC (PowerSGD's ranks)
+    "plan_static": train(hg.agents.LayerPlan(hg.agents.Static(cf=20), plan_interval=25),
+                         min_compress_numel=0),
+    "plan_gravac_powersgd": train(hg.agents.LayerPlan(
+        hg.agents.GraVAC(theta_min=2, theta_max=32, epsilon=0.3, window=25), plan_interval=20),
+        compression="powersgd", min_compress_numel=0),
     "accordion": train(hg.agents.Accordion(low_cf=2, high_cf=20, interval=50)),
     "static": train(hg.agents.Static(cf=20)),
 }

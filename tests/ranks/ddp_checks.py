@@ -119,6 +119,8 @@ runs = {
                                                         search="cost_model", per_layer=True)),
     "accordion": run(compression="topk", agent=hg.agents.Accordion(low_cf=2, high_cf=20,
                                                                     interval=10)),
+    "plan": run(compression="topk", min_compress_numel=0,
+                agent=hg.agents.LayerPlan(hg.agents.Static(cf=10), plan_interval=8)),
     "static": run(compression="topk", agent="static"),
     "no_sync": run(accumulate=2, compression="topk:10"),
     "unused": run(unused=True, compression="topk:10"),

@@ -41,7 +41,16 @@ CONFIGS = {  # name → (compression, memory, agent factory, momentum of the wra
     "topk_gravac_cost_per_layer": ("topk", None, lambda: hg.agents.GraVAC(
         theta_min=2, theta_max=64, epsilon=0.3, window=8, omega_throughput=1.0,
         search="cost_model", per_layer=True), 0.9),
+    # layer plans under a static and an adaptive agent: the checkpoint falls inside an
+    # interval's measured steps (11, 16, 17 of 6-step intervals measuring 2 steps each)
+    "topk_static_plan": ("topk", None, lambda: hg.agents.LayerPlan(
+        hg.agents.Static(cf=10), plan_interval=6, measure_steps=2), 0.9),
+    "powersgd_gravac_plan": ("powersgd", None, lambda: hg.agents.LayerPlan(
+        gravac("geometric"), plan_interval=6, measure_steps=2), 0.9),
 }
+#: every tensor compressed where a plan has several to plan
+OPTIONS = {"topk_static_plan": {"min_compress_numel": 0},
+           "powersgd_gravac_plan": {"min_compress_numel": 0}}
 
 
 def build(name):
@@ -52,7 +61,8 @@ def build(name):
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum),
                                   named_parameters=model.named_parameters(),
-                                  compression=compression, memory=memory, agent=agent())
+                                  compression=compression, memory=memory, agent=agent(),
+                                  **OPTIONS.get(name, {}))
     torch.manual_seed(1000 + RANK)  # per-rank dropout and noise streams
     return model, opt
 
