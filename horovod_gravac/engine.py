@@ -21,8 +21,10 @@ torch.distributed) drive one :class:`StepEngine` per model, built from one
 
 Control stays off the critical path. The statistics an agent asks for (its
 :class:`~horovod_gravac.agents.ProbeSpec`: compression gains, measured by
-:class:`~horovod_gravac.probing.GainProbe`) ride at the end of the last bucket's first fused
-collective and are summed over ranks there — no collective of their own. The finite
+:class:`~horovod_gravac.probing.GainProbe`; a layer plan's
+:class:`~horovod_gravac.agents.ErrorSpec`, by :class:`~horovod_gravac.probing.ErrorProbe`, on
+the steps that measure it) ride at the end of the last bucket's first fused collective and
+are summed over ranks there — no collective of their own. The finite
 verdict, the statistics and Accordion's layer norms are read back to the host once per step.
 Rank 0's agent decides and the decision is broadcast without blocking (Horovod's broadcast,
 over MPI under ``mpirun`` and over Gloo otherwise, or torch.distributed's for DDP); every rank waits
