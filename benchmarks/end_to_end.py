@@ -11,9 +11,8 @@ its defaults (the cost-model search) on TopK and on PowerSGD, GraVAC with the pa
 (exponential and geometric policy, the library's other defaults), GraVAC with the other two
 gain definitions (error-fed, the authors' code), GraVAC with the paper's parameters (its
 search, error-fed gain measured exactly, one 1% tolerance, EWMA N/100, no settling, no
-reopening, every tensor compressed), GraVAC's and Accordion's PowerSGD rank, GraVAC with a
-CF per tensor (the byte budget), static TopK and GraVAC under the error-budgeted layer plan
-(``--layer-plan``), PyTorch DDP with its PowerSGD hook, and TopK, PowerSGD and GraVAC-PowerSGD
+reopening, every tensor compressed), GraVAC's and Accordion's PowerSGD rank, static TopK and
+GraVAC under the error-budgeted layer plan (``--layer-plan``), PyTorch DDP with its PowerSGD hook, and TopK, PowerSGD and GraVAC-PowerSGD
 through DDP with this library's hook.
 
 How time to target is measured (the table says which, per configuration):
@@ -107,10 +106,6 @@ def configurations(steps: int, ranks: int) -> dict[str, Config]:
             ("--compression", "powersgd", "--agent", "gravac", "--theta-min", "10",
              "--theta-max", "1000", "--policy", "exponential", "--search", "throughput"),
             adaptive=True),
-        # … and a CF per tensor, the chosen CF's bytes spent where they keep the most energy
-        "GraVAC per-layer CF (TopK)": Config((*gravac, "--per-layer-cf"), adaptive=True),
-        "GraVAC per-layer CF (PowerSGD)": Config(
-            ("--compression", "powersgd", "--agent", "gravac", "--per-layer-cf"), adaptive=True),
         # an error-budgeted CF per tensor under the agent's uniform CF (agents.LayerPlan)
         "TopK 100x + layer plan": Config((*topk, "100", "--layer-plan")),
         "GraVAC defaults (TopK) + layer plan": Config(

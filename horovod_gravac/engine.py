@@ -388,7 +388,7 @@ class StepEngine:
         #: the decision applied at each of the last RECENT_STEPS steps, on this rank
         self.decisions: deque[A.Decision] = deque(maxlen=A.RECENT_STEPS)
         self._callbacks: OrderedDict[int, Callable[[StepReport], None]] = OrderedDict()
-        self._ladder_bytes: tuple[dict[float, float], dict[str, tuple[float, ...]]] | None = None
+        self._ladder_bytes: dict[float, float] | None = None
         self._last_sync = time.perf_counter()
         self._untimed = 0.0
         self._reset_step()
@@ -743,9 +743,8 @@ class StepEngine:
                     norms: dict[str, float], iter_time: float,
                     lr: float | None) -> A.StepStats:
         spec = self.probe.spec if self.probe is not None else None
-        gain_terms = spec.encoded_length(self.names) if spec is not None else 0
-        gains = spec.decode(terms[:gain_terms], self.names) \
-            if spec is not None and terms is not None else {}
+        gain_terms = spec.width if spec is not None else 0
+        gains = spec.decode(terms[:gain_terms]) if spec is not None and terms is not None else {}
         errors_measured = applied.measure_errors and self.error_probe is not None and \
             terms is not None
         errors = self.error_probe.spec.decode(terms[gain_terms:], self.error_probe.names) \
@@ -753,8 +752,8 @@ class StepEngine:
         candidate_bytes = {n: self._link_bytes_at(n, self.error_probe.spec.cfs(applied.cf))
                            for n in errors} if errors_measured and self.transport.rank == 0 \
             else {}
-        ladder, per_tensor = self._ladder_link_bytes() if spec is not None and spec.ladder \
-            and self.transport.rank == 0 else ({}, {})
+        ladder = self._ladder_link_bytes() if spec is not None and spec.ladder \
+            and self.transport.rank == 0 else {}
         measured = applied.measure_gain and spec is not None
         return A.StepStats(
             step=self.step_count, iter_time=iter_time, world_size=self.transport.size,
@@ -762,8 +761,6 @@ class StepEngine:
             wait_time=self._wait, link_bytes=self._link,
             **{k: v for k, v in gains.items() if measured},
             ladder_link_bytes=ladder if measured else {},
-            layer_link_bytes={n: per_tensor[n] for n in gains.get("layer_ladder", {})
-                              if n in per_tensor} if measured else {},
             errors_measured=errors_measured, layer_errors=errors,
             candidate_link_bytes=candidate_bytes)
 
@@ -777,9 +774,9 @@ class StepEngine:
             priced.append(link_bytes(kind, nbytes, self.transport.size))
         return tuple(priced)
 
-    def _ladder_link_bytes(self) -> tuple[dict[float, float], dict[str, tuple[float, ...]]]:
-        """Per ladder CF, the link bytes of a step at it (and per compressed tensor): from
-        the shapes alone, so computed once."""
+    def _ladder_link_bytes(self) -> dict[float, float]:
+        """Per ladder CF, the link bytes of a step at it: from the shapes alone, so computed
+        once."""
         if self._ladder_bytes is None:
             ladder, size = self.probe.spec.ladder, self.transport.size
             fixed = sum(link_bytes(C.Exchange.ALLREDUCE, 4 * self.shapes[n].numel(), size)
@@ -788,7 +785,7 @@ class StepEngine:
                           if n not in self.uncompressed}
             total = {cf: fixed + sum(row[i] for row in per_tensor.values())
                      for i, cf in enumerate(ladder)}
-            self._ladder_bytes = (total, per_tensor)
+            self._ladder_bytes = total
         return self._ladder_bytes
 
     def _consult(self, stats: A.StepStats, applied: A.Decision) -> dict[str, Any]:

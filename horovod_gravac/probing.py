@@ -23,7 +23,7 @@ MIN_SAMPLE = 1024
 
 
 class GainProbe:
-    """Measures ``spec`` for ``compressor`` on the tensors ``names`` (every rank alike).
+    """Measures ``spec`` for ``compressor`` on the tensors ``sizes`` names (every rank alike).
 
     ``spec.sample`` elements a step are shared among the tensors in proportion to their
     sizes (at least ``MIN_SAMPLE`` each), so that a model of many small tensors (ResNet's
@@ -32,14 +32,12 @@ class GainProbe:
     Arguments:
         spec: what the agent asks for.
         compressor: whose compressions are measured.
-        sizes: ``(name, numel)`` of every tensor that may be measured, in the order
-            per-tensor rows travel.
+        sizes: ``(name, numel)`` of every tensor that may be measured.
     """
 
     def __init__(self, spec: ProbeSpec, compressor: Compressor,
                  sizes: list[tuple[str, int]]) -> None:
         self.spec, self.compressor = spec, compressor
-        self.names = [name for name, _ in sizes]
         self.samples = shares(spec.sample, sizes)
         self._rows: dict[str, Tensor] = {}
 
@@ -56,16 +54,12 @@ class GainProbe:
         self._rows[name] = row.sqrt() if spec.measure.power == 1 else row
 
     def take(self, device: torch.device) -> Tensor:
-        """This step's terms as one vector (:meth:`ProbeSpec.encoded_length` floats: the
-        rows summed, or one row per tensor with zeros for those not measured); forgets them."""
+        """This step's terms summed over tensors (:attr:`ProbeSpec.width` floats; zeros when
+        nothing was measured); forgets them."""
         rows, self._rows = self._rows, {}
-        width = self.spec.width
-        if not self.spec.per_tensor:
-            if not rows:
-                return torch.zeros(width, device=device)
-            return torch.stack([r.to(device) for r in rows.values()]).sum(0)
-        zeros = torch.zeros(width, device=device)
-        return torch.cat([rows[n].to(device) if n in rows else zeros for n in self.names])
+        if not rows:
+            return torch.zeros(self.spec.width, device=device)
+        return torch.stack([r.to(device) for r in rows.values()]).sum(0)
 
     def clear(self) -> None:
         self._rows = {}
@@ -104,8 +98,8 @@ class ErrorProbe:
         self._rows[name] = torch.cat([norm.square().reshape(1), errors.float()])
 
     def take(self, device: torch.device) -> Tensor:
-        """This step's rows as one vector (:meth:`ErrorSpec.encoded_length` floats; zeros for
-        a tensor not measured); forgets them."""
+        """This step's rows as one vector (:attr:`ErrorSpec.width` floats per tensor; zeros
+        for a tensor not measured); forgets them."""
         rows, self._rows = self._rows, {}
         zeros = torch.zeros(self.spec.width, device=device)
         return torch.cat([rows[n].to(device) if n in rows else zeros for n in self.names])

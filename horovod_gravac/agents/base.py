@@ -112,16 +112,14 @@ class ProbeSpec:
     (``Decision.measure_gain``): per tensor x (see :class:`GainMeasure`), ‖x_ref‖^p and
     ‖C(x, c)‖^p for each CF c — the decision's (θmin, cf), or a fixed ``ladder`` of CFs.
 
-    ``per_tensor`` keeps one row per tensor instead of the sums over tensors; ``sample``
-    bounds the elements a compressor may estimate each energy from (None: exact, by
+    ``sample`` bounds the elements a compressor may estimate each energy from (None: exact, by
     multi-level compression within the lowest CF's selection, as the paper defines it).
-    The terms travel as one float vector (:meth:`encoded_length`, :meth:`decode`), summed
-    over ranks.
+    The terms, summed over tensors, travel as one float vector of :attr:`width` values
+    (:meth:`decode`), summed over ranks.
     """
 
     measure: GainMeasure
     ladder: tuple[float, ...] = ()
-    per_tensor: bool = False
     sample: int | None = None
 
     def cfs(self, decision: Decision) -> tuple[float, ...]:
@@ -136,20 +134,12 @@ class ProbeSpec:
         """Terms per row: the reference, then one per CF measured."""
         return 1 + (len(self.ladder) or 2)
 
-    def encoded_length(self, names: list[str]) -> int:
-        return self.width * (len(names) if self.per_tensor else 1)
-
-    def decode(self, values: list[float], names: list[str]) -> dict[str, Any]:
-        """The summed terms as :class:`StepStats` fields (rows of zeros: not measured)."""
-        w = self.width
-        rows = [values[i:i + w] for i in range(0, len(values), w)]
-        total = [sum(column) for column in zip(*rows)]
+    def decode(self, values: list[float]) -> dict[str, Any]:
+        """The terms summed over tensors and ranks as :class:`StepStats` fields."""
         if not self.ladder:
-            return {"gain_reference": total[0], "gain_min": total[1],
-                    "gain_compressed": total[2]}
-        return {"gain_reference": total[0], "gain_ladder": dict(zip(self.ladder, total[1:])),
-                "layer_ladder": {name: tuple(row) for name, row in zip(names, rows) if any(row)}
-                if self.per_tensor else {}}
+            return {"gain_reference": values[0], "gain_min": values[1],
+                    "gain_compressed": values[2]}
+        return {"gain_reference": values[0], "gain_ladder": dict(zip(self.ladder, values[1:]))}
 
 
 @dataclass(frozen=True)
@@ -174,9 +164,6 @@ class ErrorSpec:
         """Terms per row: ‖x‖², then one error per candidate."""
         return 1 + len(self.factors)
 
-    def encoded_length(self, names: list[str]) -> int:
-        return self.width * len(names)
-
     def decode(self, values: list[float], names: list[str]) -> dict[str, tuple[float, ...]]:
         """Per tensor, (‖x‖², error at each candidate), summed over ranks."""
         w = self.width
@@ -196,9 +183,7 @@ class StepStats:
     ``wait_time``: seconds blocked on collectives; ``link_bytes``: bytes the rank's link
     carried (each collective's payload times its ring traffic factor). ``gain_ladder`` and
     ``ladder_link_bytes``: per CF of the agent's ``ladder`` (GraVAC's cost-model search), the
-    gain term and the link bytes a step at that CF would carry. With per-layer CFs,
-    ``layer_ladder`` holds per measured tensor (reference, *ladder gain terms) and
-    ``layer_link_bytes`` its link bytes per ladder CF. At steps whose decision measured a
+    gain term and the link bytes a step at that CF would carry. At steps whose decision measured a
     layer plan's errors (``errors_measured``), ``layer_errors`` holds per compressed tensor
     (‖x‖², error per candidate CF) (see :class:`ErrorSpec`) and ``candidate_link_bytes``
     the link bytes each candidate would cost it.
@@ -218,8 +203,6 @@ class StepStats:
     link_bytes: float = 0.0
     gain_ladder: dict[float, float] = field(default_factory=dict)
     ladder_link_bytes: dict[float, float] = field(default_factory=dict)
-    layer_ladder: dict[str, tuple[float, ...]] = field(default_factory=dict)
-    layer_link_bytes: dict[str, tuple[float, ...]] = field(default_factory=dict)
     errors_measured: bool = False
     layer_errors: dict[str, tuple[float, ...]] = field(default_factory=dict)
     candidate_link_bytes: dict[str, tuple[float, ...]] = field(default_factory=dict)

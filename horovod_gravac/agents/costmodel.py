@@ -19,17 +19,10 @@ With one CF measured (the first window) the latency is taken as 0 and all waitin
 to bytes: that overstates what more compression saves, and the next CF sent corrects it. A
 step at CF c is then predicted to take ``compute + latency + B(c) / bandwidth``, compute being
 the mean over all measured steps. No tensors here: plain floats that pickle.
-
-Per-layer CFs (``per_layer=True``): :func:`allocate` spends the bytes that one CF c would
-cost on every layer so that every layer keeps its own gain ≥ ε and then the most gradient
-energy is kept — layers whose gain falls slowly with the CF get a higher CF, the others a
-lower one — and GraVAC ranks c by the gain of that allocation.
 """
 from __future__ import annotations
 
-import heapq
 from dataclasses import dataclass
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -89,39 +82,3 @@ class LinkModel:
             return LinkFit(max(mean_w, 0.0), 0.0, compute)
         return LinkFit(0.0, max(sum(n * b * w for n, b, w in points) / square, 0.0), compute)
 
-
-def allocate(energy: dict[str, Sequence[float]], sizes: dict[str, Sequence[float]],
-             budget: float, start: dict[str, int] | None = None) -> dict[str, int] | None:
-    """Per layer, an index into a CF ladder (0: the lowest CF) within a byte budget.
-
-    ``energy[name][i]`` is the gradient energy layer ``name`` keeps at the ladder's i-th CF,
-    ``sizes[name][i]`` the link bytes it costs. Every layer starts at ``start[name]`` (default:
-    the highest CF, fewest bytes) — None when those starts alone exceed ``budget`` —; then the
-    step down the ladder with the most energy gained per byte added is taken while Σ bytes
-    stays within ``budget`` (a layer that does not fit stops there). Steps that add no bytes
-    (PowerSGD's rank is at least 1) come first.
-    """
-    top = len(next(iter(sizes.values()))) - 1
-    choice = {name: top if start is None else start[name] for name in sizes}
-    spent = sum(sizes[name][i] for name, i in choice.items())
-    if spent > budget * (1 + 1e-9):
-        return None
-
-    def priority(name: str) -> float:
-        i = choice[name]
-        extra = sizes[name][i - 1] - sizes[name][i]
-        gained = energy[name][i - 1] - energy[name][i]
-        return float("inf") if extra <= 0 else gained / extra
-
-    heap = [(-priority(name), name) for name, i in choice.items() if i > 0]
-    heapq.heapify(heap)
-    while heap:
-        _, name = heapq.heappop(heap)
-        i = choice[name]
-        extra = sizes[name][i - 1] - sizes[name][i]
-        if spent + extra > budget * (1 + 1e-9):
-            continue
-        choice[name], spent = i - 1, spent + extra
-        if i - 1 > 0:
-            heapq.heappush(heap, (-priority(name), name))
-    return choice

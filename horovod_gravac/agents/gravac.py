@@ -24,13 +24,8 @@ sent from then on; the CF sent stays unless the best one scores more than
 choice follows gains that drift. θmin stays the floor. Measured end to end (PTB LSTM, 4
 ranks behind 100 Mbit/s) it reached the target 1.4–2× sooner than the throughput search.
 
-**Per-layer CFs** (``per_layer=True``, with the cost model). The gain terms and bytes are
-kept per tensor; for every ladder CF c the bytes that c would cost on every tensor are
-re-spent per tensor (:func:`~.costmodel.allocate`): each tensor starts at the highest CF
-where its own gain is ≥ ε (c is no candidate when those starts cost more than c's bytes),
-the rest goes greedily where it keeps the most energy per byte; c is ranked by that
-allocation's gain over its predicted step time, and the decision carries the per-tensor CFs
-(``Decision.layer_cf``). Measured on PTB it gained nothing over one CF for all.
+**A CF per tensor** comes from a :class:`~.plan.LayerPlan` over GraVAC: GraVAC sets the
+uniform CF, the plan spends it per tensor within the uniform CF's compression error.
 
 **By throughput** (``search="throughput"``: the paper's). Each step records the
 *compression throughput* T_sys·δ (T_sys = N·b / t_iter, δ the smoothed gain of the level
@@ -98,10 +93,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..validation import check_bool, check_number
+from ..validation import check_number
 from .base import (COMPENSATED, GRADIENT, SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision,
                    GainMeasure, ProbeSpec, StepStats)
-from .costmodel import LinkFit, LinkModel, allocate
+from .costmodel import LinkFit, LinkModel
 
 SCALING_POLICIES: dict[str, Callable[[float], float]] = {
     "exponential": lambda theta_s: theta_s * theta_s,
@@ -209,7 +204,6 @@ class ThroughputSearch:
         self.drifted_checks = 0
         self.reopened = 0  # how many times the search reopened
         self.throughput: dict[float, list[float]] = {}  # CF → [Σ T_sys·δ, steps]
-        self.layer_cf: dict[str, float] | None = None
 
     @property
     def candidate_cf(self) -> float:
@@ -305,33 +299,23 @@ class CostModelSearch(ThroughputSearch):
     name = "cost_model"
 
     def __init__(self, theta_min: float, theta_max: float, omega_throughput: float,
-                 epsilon: float, per_layer: bool) -> None:
+                 epsilon: float) -> None:
         super().__init__(theta_min, theta_max, 1.0, 0.0, omega_throughput, None, 1, None)
-        self.epsilon, self.per_layer = epsilon, per_layer
+        self.epsilon = epsilon
         #: CFs whose gain and bytes the engine measures
         self.ladder = cf_ladder(theta_min, theta_max)
         self.link = LinkModel()
         self.ladder_link_bytes: dict[float, float] = {}  # CF → link bytes of a step at it
-        #: per tensor: EWMA of (reference, *ladder gain terms), link bytes per ladder CF
-        self.layer_means: dict[str, list[float]] = {}
-        self.layer_link_bytes: dict[str, tuple[float, ...]] = {}
 
     def measured(self, stats: StepStats, tracker: GainTracker) -> None:
-        """Every ladder CF's gain and link bytes (and per tensor with ``per_layer``)."""
+        """Every ladder CF's gain and link bytes."""
         for cf, numerator in stats.gain_ladder.items():
             tracker.add(cf, numerator, stats.gain_reference, stats.world_size)
         self.ladder_link_bytes.update(stats.ladder_link_bytes)
-        a = tracker.alpha(stats.world_size)
-        for name, terms in stats.layer_ladder.items():
-            mean = self.layer_means.setdefault(name, list(terms))
-            mean[:] = [(1 - a) * m + a * x for m, x in zip(mean, terms)]
-        self.layer_link_bytes.update(stats.layer_link_bytes)
 
     def delta(self, tracker: GainTracker) -> tuple[float | None, float | None]:
-        """(the gain at θmin, the compressed level's: its per-tensor CFs' or its CF's)."""
-        candidate = self._allocated_gain(self.layer_cf) if self.layer_cf else \
-            tracker.get(self.candidate_cf)
-        return tracker.get(self.theta_min), candidate
+        """(the gain at θmin, the gain of the compressed level's CF)."""
+        return tracker.get(self.theta_min), tracker.get(self.candidate_cf)
 
     def timed(self, sent_cf: float, stats: StepStats) -> None:
         if stats.iter_time > 0:
@@ -341,82 +325,37 @@ class CostModelSearch(ThroughputSearch):
         """Send the ladder CF with the best predicted compression throughput from now on."""
         scores = self.predicted_throughputs(agent.tracker)
         sent = agent.sent_cf(agent.send)
-        best = max(scores, key=lambda cf: scores[cf][0]) if scores else None
+        best = max(scores, key=scores.get) if scores else None
         if best is None:  # no CF above ε (or nothing measured): the θmin level, or dense
-            self.theta_s, self.layer_cf = 1.0, None
-        elif sent in scores and scores[sent][0] >= (1 - self.omega_throughput) * scores[best][0]:
+            self.theta_s = 1.0
+        elif sent in scores and scores[sent] >= (1 - self.omega_throughput) * scores[best]:
             self.searching = False  # hysteresis: the CF sent is within tolerance of the best
             self.theta_s = sent / self.theta_min
-            if self.layer_cf is None:
-                self.layer_cf = scores[sent][1]
         else:
             self.searching = True
             self.theta_s = best / self.theta_min
-            self.layer_cf = scores[best][1]
 
     def predicted_time(self, fit: LinkFit, cf: float) -> float | None:
         link_bytes = self.ladder_link_bytes.get(cf)
         return None if link_bytes is None else fit.step_time(link_bytes)
 
-    def predicted_throughputs(self, tracker: GainTracker
-                              ) -> dict[float, tuple[float, dict[str, float] | None]]:
-        """Per ladder CF c with δ(c) ≥ ε, (δ(c) / predicted t(c), its per-tensor CFs or
-        None); with ``per_layer`` δ(c) is the gain of c's bytes allocated per tensor."""
+    def predicted_throughputs(self, tracker: GainTracker) -> dict[float, float]:
+        """Per ladder CF c with δ(c) ≥ ε, δ(c) / predicted t(c)."""
         fit = self.link.fit()
         if fit is None:
             return {}
         scores = {}
         for cf in self.ladder:
-            gain = tracker.get(cf)
-            if gain is None:
-                continue
-            layer_cf = self._allocation(cf) if self.per_layer else None
-            if self.per_layer and not layer_cf:
-                continue  # no per-tensor CFs within c's bytes keep every tensor's gain ≥ ε
-            if layer_cf:
-                gain = self._allocated_gain(layer_cf) or gain
-            t = self.predicted_time(fit, cf)
-            if gain >= self.epsilon and t is not None and t > 0:
-                scores[cf] = (gain / t, layer_cf)
+            gain, t = tracker.get(cf), self.predicted_time(fit, cf)
+            if gain is not None and gain >= self.epsilon and t is not None and t > 0:
+                scores[cf] = gain / t
         return scores
-
-    def _allocated_gain(self, layer_cf: dict[str, float]) -> float | None:
-        """Σ energy kept at the per-tensor CFs over Σ reference (per-tensor means)."""
-        reference = sum(m[0] for m in self.layer_means.values())
-        if reference <= 0:
-            return None
-        kept = sum(m[1 + self.ladder.index(layer_cf[name])]
-                   for name, m in self.layer_means.items() if name in layer_cf)
-        return min(1.0, kept / reference)
-
-    def _allocation(self, cf: float) -> dict[str, float] | None:
-        """Per-tensor CFs within the bytes of ``cf`` everywhere: each tensor starts at the
-        highest ladder CF where its own gain is ≥ ε, then the rest of the bytes go where
-        they keep the most energy. None when those starts alone cost more than ``cf``."""
-        names = [n for n in self.layer_means if n in self.layer_link_bytes]
-        if not names:
-            return None
-        k = self.ladder.index(cf)
-        energy = {n: self.layer_means[n][1:] for n in names}
-        sizes = {n: self.layer_link_bytes[n] for n in names}
-        start = {n: max((i for i, e in enumerate(energy[n])
-                         if e >= self.epsilon * self.layer_means[n][0]), default=0)
-                 for n in names}
-        choice = allocate(energy, sizes, sum(sizes[n][k] for n in names), start)
-        if choice is None:
-            return None
-        if all(k <= start[n] for n in names) and \
-                sum(energy[n][i] for n, i in choice.items()) < sum(energy[n][k] for n in names):
-            choice = dict.fromkeys(names, k)  # greedy fell short of the uniform CF
-        return {n: self.ladder[i] for n, i in choice.items()}
 
     def row(self) -> dict[str, Any]:
         fit = self.link.fit()
-        return {**({"layer_cf": self.layer_cf} if self.per_layer else {}),
-                **({} if fit is None else {
-                    "link_bandwidth": fit.bandwidth, "link_latency": fit.latency,
-                    "compute_s": fit.compute,
-                    "predicted_step_s": self.predicted_time(fit, self.candidate_cf)})}
+        return {} if fit is None else {
+            "link_bandwidth": fit.bandwidth, "link_latency": fit.latency, "compute_s": fit.compute,
+            "predicted_step_s": self.predicted_time(fit, self.candidate_cf)}
 
 
 class GraVAC(Agent):
@@ -449,7 +388,6 @@ class GraVAC(Agent):
         search: "cost_model" (every ladder CF ranked by gain / predicted step time each
             window) or "throughput" (the paper's: a window per candidate, measured compression
             throughputs); see the module docstring.
-        per_layer: with the cost model, a CF per tensor within the chosen CF's bytes.
         gain_sample: elements a step's gains are estimated from, shared among the tensors in
             proportion to their sizes (sparsifiers: a strided sample; PowerSGD: lines of the
             matrix); None measures them exactly, by multi-level compression (the paper's
@@ -465,7 +403,7 @@ class GraVAC(Agent):
                  omega_throughput: float = 0.05, gain_interval: int | None = None,
                  settle_steps: int = 3, reopen_tolerance: float | None = 0.1,
                  reopen_confirmations: int = 2, reopen_lr_ratio: float | None = 2.0,
-                 search: str = "cost_model", per_layer: bool = False,
+                 search: str = "cost_model",
                  gain_sample: int | None = DEFAULT_GAIN_SAMPLE) -> None:
         super().__init__()
         if check_number("theta_max", theta_max, 1) < check_number("theta_min", theta_min, 1):
@@ -508,15 +446,11 @@ class GraVAC(Agent):
         if gain_interval is None:  # the cost model ranks on a few measurements a window
             gain_interval = max(1, self.window // 10) if search == "cost_model" else 1
         self.gain_interval = check_number("gain_interval", gain_interval, 1, integer=True)
-        if per_layer and search != "cost_model":
-            raise ValueError("per_layer=True needs search='cost_model' (per-tensor gains and "
-                             f"bytes per ladder CF), got search={search!r}")
-        self.per_layer = check_bool("per_layer", per_layer)
         self.gain_sample = check_number("gain_sample", gain_sample, 1, integer=True,
                                         optional=True)
         self.tracker = GainTracker(gain, ewma, self.window, self.gain_interval)
         self.search: ThroughputSearch = CostModelSearch(
-            theta_min, theta_max, omega_throughput, self.epsilon, self.per_layer) \
+            theta_min, theta_max, omega_throughput, self.epsilon) \
             if search == "cost_model" else ThroughputSearch(
                 theta_min, theta_max, theta_s, omega, omega_throughput, reopen_tolerance,
                 reopen_confirmations, reopen_lr_ratio)
@@ -534,7 +468,6 @@ class GraVAC(Agent):
     reopened = property(lambda self: self.search.reopened)
     ladder = property(lambda self: self.search.ladder,
                       doc="the CFs the cost model measures (empty for the throughput search)")
-    layer_cf = property(lambda self: self.search.layer_cf)
     delta_min = property(lambda self: self.search.delta(self.tracker)[0],
                          doc="the smoothed gain of θmin (None: not measured yet)")
     delta_c = property(lambda self: self.search.delta(self.tracker)[1],
@@ -547,9 +480,8 @@ class GraVAC(Agent):
 
     @property
     def probe(self) -> ProbeSpec:
-        """The gains the engine measures: the decision's two levels, or every ladder CF
-        (per tensor with ``per_layer``)."""
-        return ProbeSpec(GAINS[self.gain], self.ladder, self.per_layer, self.gain_sample)
+        """The gains the engine measures: the decision's two levels, or every ladder CF."""
+        return ProbeSpec(GAINS[self.gain], self.ladder, self.gain_sample)
 
     def policy(self, theta_s: float) -> float:
         if self.policy_name is None:
@@ -571,7 +503,7 @@ class GraVAC(Agent):
 
     def decision(self, next_step: int = 0) -> Decision:
         return Decision(cf=self.candidate_cf, theta_min=self.theta_min, send=self.send,
-                        layer_cf=self.layer_cf,  # settle steps are neither measured nor timed
+                        # settle steps are neither measured nor timed
                         measure_gain=self.settling == 0 and next_step % self.gain_interval == 0)
 
     def initial_decision(self) -> Decision:
@@ -580,7 +512,7 @@ class GraVAC(Agent):
     # -- the algorithm ---------------------------------------------------------------------
     def decide(self, stats: StepStats) -> Decision:
         search = self.search
-        before = (search.candidate_cf, search.theta_min, search.layer_cf)
+        before = (search.candidate_cf, search.theta_min)
         if self.settling > 0:
             self.settling -= 1
         else:
@@ -594,7 +526,7 @@ class GraVAC(Agent):
             self.steps_in_window = 0
             self._check(stats.lr)
         self._choose_send()
-        if (search.candidate_cf, search.theta_min, search.layer_cf) != before:
+        if (search.candidate_cf, search.theta_min) != before:
             self.settling = self.settle_steps
         decision = self.decision(stats.step + 1)
         self.record(stats, decision, delta_min=self.delta_min, delta_c=self.delta_c,

@@ -102,8 +102,8 @@ class LayerPlan(Agent):
 
     Arguments:
         agent: the time-level agent (an object, or a name for ``agents.create``) whose
-            decision sets the uniform CF; it must not set per-tensor CFs itself (GraVAC's
-            or Accordion's ``per_layer``).
+            decision sets the uniform CF; it must not set per-tensor CFs itself
+            (Accordion's ``per_layer``).
         alpha: the error budget α > 0, relative to the uniform plan's total error (1: the
             same error, fewer bytes).
         plan_interval: steps between plans (≥ 1).

@@ -127,14 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gain-sample", type=int, default=16384,
                    help="GraVAC: elements per tensor each gain is estimated from; 0 measures "
                         "it exactly (a second compression of every gradient, the paper's)")
-    g.add_argument("--per-layer-cf", action="store_true",
-                   help="GraVAC with --search cost_model: a CF per tensor, spending the chosen "
-                        "CF's bytes where they keep the most gradient energy")
     g.add_argument("--layer-plan", action="store_true",
                    help="under the agent's uniform CF, a CF per tensor that minimises the bytes "
                         "within the uniform CF's total compression error (re-planned every "
-                        "--plan-interval steps; not with --per-layer-cf or Accordion's "
-                        "per-layer norms)")
+                        "--plan-interval steps; not with Accordion's per-layer norms)")
     g.add_argument("--plan-alpha", type=float, default=1.0,
                    help="layer plan: error budget relative to the uniform CF's total error")
     g.add_argument("--plan-interval", type=int, default=None,
@@ -331,10 +327,9 @@ def validate(args: argparse.Namespace) -> None:
     if args.layer_plan and args.agent == "none":
         raise ValueError("--layer-plan redistributes an agent's CF: give --agent static, gravac "
                          "or accordion")
-    if args.layer_plan and (args.per_layer_cf or
-                            args.agent == "accordion" and not args.whole_model_norms):
-        raise ValueError("--layer-plan plans the tensors' CFs itself: drop --per-layer-cf, or "
-                         "give Accordion --whole-model-norms (one CF for the model)")
+    if args.layer_plan and args.agent == "accordion" and not args.whole_model_norms:
+        raise ValueError("--layer-plan plans the tensors' CFs itself: give Accordion "
+                         "--whole-model-norms (one CF for the model)")
     try:
         if args.plan_factors is not None:
             args.plan_factors = tuple(float(f) for f in str(args.plan_factors).split(","))
@@ -385,7 +380,6 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
                 "reopen_tolerance": args.reopen_tolerance or None,
                 "reopen_lr_ratio": args.reopen_lr_ratio or None, "search": args.search,
                 "gain_sample": args.gain_sample or None,
-                "per_layer": args.per_layer_cf,
                 "batch_size": args.batch_size or default_batch(args)}
     if args.agent == "accordion":
         return {"low_cf": args.low_cf, "high_cf": args.high_cf, "interval": args.interval,

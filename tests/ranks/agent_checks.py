@@ -53,10 +53,9 @@ runs = {
     "gravac_powersgd": train(hg.agents.GraVAC(theta_min=2, theta_max=32, epsilon=0.3, window=25,
                                               policy="geometric", search="throughput"),
                              compression="powersgd"),
-    # the cost-model search with a CF per tensor (every tensor compressed: two weights)
-    "gravac_cost_per_layer": train(hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3,
-                                                    window=25, search="cost_model",
-                                                    per_layer=True), min_compress_numel=0),
+    # the cost-model search (every tensor compressed: two weights, two biases)
+    "gravac_cost": train(hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3, window=25,
+                                          search="cost_model"), min_compress_numel=0),
     # error-budgeted layer plans under a static CF and under GraVAC (PowerSGD's ranks)
     "plan_static": train(hg.agents.LayerPlan(hg.agents.Static(cf=20), plan_interval=25),
                          min_compress_numel=0),

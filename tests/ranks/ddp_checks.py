@@ -112,11 +112,10 @@ runs = {
     "powersgd": run(compression="powersgd"),
     "gravac": run(compression="topk", agent=gravac()),
     "gravac_powersgd": run(compression="powersgd", agent=gravac()),
-    # the cost-model search with per-tensor ranks, every tensor compressed
-    "gravac_cost_per_layer": run(compression="powersgd", min_compress_numel=0,
-                                 agent=hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3,
-                                                        window=10, settle_steps=1,
-                                                        search="cost_model", per_layer=True)),
+    # the cost-model search on PowerSGD's ranks, every tensor compressed
+    "gravac_cost": run(compression="powersgd", min_compress_numel=0,
+                       agent=hg.agents.GraVAC(theta_min=2, theta_max=64, epsilon=0.3, window=10,
+                                              settle_steps=1, search="cost_model")),
     "accordion": run(compression="topk", agent=hg.agents.Accordion(low_cf=2, high_cf=20,
                                                                     interval=10)),
     "plan": run(compression="topk", min_compress_numel=0,

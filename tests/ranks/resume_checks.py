@@ -36,11 +36,11 @@ CONFIGS = {  # name → (compression, memory, agent factory, momentum of the wra
     "topk_gravac": ("topk", None, lambda: gravac("exponential"), 0.9),
     "dgc_gravac": ("dgc", "dgc", lambda: gravac("geometric"), 0.0),
     "powersgd_gravac": ("powersgd", None, lambda: gravac("geometric"), 0.9),  # CF → rank
-    # the cost-model search with per-tensor CFs; omega_throughput=1 keeps the CF sent (θmin)
-    # whatever the measured times, so only gains and bytes set the per-tensor CFs
-    "topk_gravac_cost_per_layer": ("topk", None, lambda: hg.agents.GraVAC(
+    # the cost-model search; omega_throughput=1 keeps the CF sent (θmin) whatever the
+    # measured times, so that two runs decide alike
+    "topk_gravac_cost": ("topk", None, lambda: hg.agents.GraVAC(
         theta_min=2, theta_max=64, epsilon=0.3, window=8, omega_throughput=1.0,
-        search="cost_model", per_layer=True), 0.9),
+        search="cost_model"), 0.9),
     # layer plans under a static and an adaptive agent: the checkpoint falls inside an
     # interval's measured steps (11, 16, 17 of 6-step intervals measuring 2 steps each)
     "topk_static_plan": ("topk", None, lambda: hg.agents.LayerPlan(
