@@ -130,7 +130,8 @@ class TwoStageQuantizer(Compressor):
 
     def bind(self, rank: int, size: int) -> None:
         super().bind(rank, size)
-        if self._owner_world != (rank, size):
+        # (getattr: a compressor pickled before it had owner residuals)
+        if getattr(self, "_owner_world", None) != (rank, size):
             self.owner_residuals = {}
             self._owner_world = (rank, size)
 
