@@ -96,6 +96,11 @@ class HorovodTransport:
     def size(self) -> int:
         return self.process_set.size()
 
+    @property
+    def included(self) -> bool:
+        """Whether this process is one of the process set's ranks (else it has no rank)."""
+        return bool(self.process_set.included())
+
     def allreduce(self, tensors: list[Tensor], name: str) -> HorovodHandle:
         """One grouped allreduce, in place: Horovod fuses the tensors in its own buffer."""
         return HorovodHandle(hvd.grouped_allreduce_async_(tensors, name=name, op=hvd.Sum,

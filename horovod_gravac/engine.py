@@ -359,8 +359,11 @@ class StepEngine:
         self.compressor, self.memory, self.agent = config.compressor, config.memory, config.agent
         self.transport = transport
         # the rank keys stochastic rounding (independent noise across ranks); rank and size
-        # set a two-stage exchange's chunks (bound again at every step: elastic resizes)
-        self.compressor.bind(transport.rank, transport.size)
+        # set a two-stage exchange's chunks (bound again at every step: elastic resizes). A
+        # process outside the transport's ranks (a Horovod process set) has no rank there
+        # and never exchanges.
+        if getattr(transport, "included", True):
+            self.compressor.bind(transport.rank, transport.size)
         self.names = [name for name, _, _ in tensors]
         self.shapes = {name: torch.Size(shape) for name, shape, _ in tensors}
         self.uncompressed = config.uncompressed(

@@ -52,6 +52,9 @@ class Transport(Protocol):
     def control_device(self) -> torch.device:
         """Where the agents' decision travels (the backend's device for small tensors)."""
 
+    # optional: ``included`` (default True), whether this process is one of the ranks (a
+    # Horovod process outside its process set has no rank and never exchanges)
+
     def allreduce(self, tensors: list[Tensor], name: str) -> Handle: ...
     def allgather(self, buffer: Tensor, name: str, same_size: bool) -> Handle: ...
     def alltoall(self, buffer: Tensor, name: str) -> Handle: ...
