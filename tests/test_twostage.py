@@ -225,13 +225,13 @@ def test_a_non_finite_gradient_on_one_rank_reaches_every_rank_and_no_residual(sp
     compressors = ranks(spec, size)
     for c in compressors:  # a residual from an earlier step, which must survive
         c.owner_residuals["w"] = torch.ones(C.chunk_width(n, size, c.chunk_multiple))
-    culprit, ctx = compressors[1].compress(grads[1], "w", 0)
+    culprit, _ = compressors[1].compress(grads[1], "w", 0)
     assert not C.payload_is_finite(culprit)  # the engine resets this rank's residual
     for r in exchange(compressors, grads):
         assert not torch.isfinite(r).all(), f"{spec} hid a {bad}"
     for c in compressors:
         assert torch.isfinite(c.owner_residuals["w"]).all()
-    owner = [j for j, (a, b) in enumerate(C.chunk_bounds(n, size)) if a <= where < b][0]
+    owner = next(j for j, (a, b) in enumerate(C.chunk_bounds(n, size)) if a <= where < b)
     assert torch.equal(compressors[owner].owner_residuals["w"],
                        torch.ones_like(compressors[owner].owner_residuals["w"]))
 
