@@ -41,5 +41,6 @@ for step in range(60):
     scaler.update()
     if scaler.get_scale() != before:  # residuals follow the loss scale
         opt.memory.rescale(scaler.get_scale() / before)
+        opt.compressor.rescale(scaler.get_scale() / before)  # a two-stage exchange's own
 if hvd.rank() == 0:
     print(f"loss {loss.item():.3f}, skipped steps {opt.skipped_steps}, scale {scaler.get_scale():g}")

@@ -4,8 +4,9 @@ torch sparse gradients, and the object collectives of checkpoints and elastic st
 
 Every collective is asynchronous and summed (``op=hvd.Sum``), one per bucket and kind:
 summed payloads go as one grouped allreduce, in place (Horovod copies them into its fusion
-buffer and back, as for its own optimizer), gathered ones packed into one buffer; the engine
-scales the sums itself. Horovod negotiates collectives by name, so ranks may start them in
+buffer and back, as for its own optimizer), gathered ones packed into one buffer, scattered
+ones (a two-stage exchange's chunks) in one alltoall of a row per rank; the engine scales the
+sums itself. Horovod negotiates collectives by name, so ranks may start them in
 different orders; names are unique within a step. The agents' decision is Horovod's
 asynchronous broadcast too, over MPI when Horovod runs on MPI and over Gloo otherwise: it is
 serialised with every other collective in Horovod's background thread. (mpi4py's ``Ibcast``
@@ -95,6 +96,11 @@ class HorovodTransport:
     def size(self) -> int:
         return self.process_set.size()
 
+    @property
+    def included(self) -> bool:
+        """Whether this process is one of the process set's ranks (else it has no rank)."""
+        return bool(self.process_set.included())
+
     def allreduce(self, tensors: list[Tensor], name: str) -> HorovodHandle:
         """One grouped allreduce, in place: Horovod fuses the tensors in its own buffer."""
         return HorovodHandle(hvd.grouped_allreduce_async_(tensors, name=name, op=hvd.Sum,
@@ -117,6 +123,12 @@ class HorovodTransport:
 
         return HorovodHandle(hvd.allgather_async(buffer, name=name, process_set=self.process_set),
                              split)
+
+    def alltoall(self, buffer: Tensor, name: str) -> HorovodHandle:
+        """Row j of ``buffer`` (N rows of one size) to rank j; the rows received, row i from
+        rank i (Horovod splits the first dimension evenly when given no splits)."""
+        return HorovodHandle(hvd.alltoall_async(buffer, name=name, process_set=self.process_set),
+                             lambda result: result[0])  # (output, received splits)
 
     def broadcast(self, tensor: Tensor, name: str) -> HorovodHandle:
         """Rank 0's ``tensor`` (float64, on the host) on every rank, without blocking."""

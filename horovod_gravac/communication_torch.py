@@ -94,6 +94,13 @@ class TorchTransport:
         return TorchHandle(work, parts, None if same_size else
                            lambda gathered: [p[:header_length(p)] for p in gathered])
 
+    def alltoall(self, buffer: Tensor, name: str) -> TorchHandle:
+        """Row j of ``buffer`` (N rows of one size) to rank j: ``all_to_all_single`` with
+        even splits; the result has row i from rank i."""
+        received = torch.empty_like(buffer)
+        return TorchHandle(dist.all_to_all_single(received, buffer, group=self.group,
+                                                  async_op=True), received)
+
     def broadcast(self, tensor: Tensor, name: str) -> TorchHandle:
         source = 0 if self.group is None else dist.get_global_rank(self.group, 0)
         return TorchHandle(dist.broadcast(tensor, src=source, group=self.group, async_op=True),

@@ -11,11 +11,13 @@ torch.distributed) drive one :class:`StepEngine` per model, built from one
    the same on every rank and across resumes — and once the bucket is complete its payloads
    leave in one collective per kind: one allreduce (sum) per payload dtype for everything of
    fixed size (dense tensors, fp16, RandomK, every PowerSGD P), one allgather for the
-   per-rank payloads (sparsifiers' indices, quantizers' scales). Communication starts while
-   backprop goes on.
+   per-rank payloads (sparsifiers' indices, quantizers' scales), one alltoall for payloads of
+   a row per rank (a two-stage exchange's chunks). Communication starts while backprop goes
+   on.
 2. ``finish(write_back)`` once all tensors have begun: the compressors' further rounds for a
    whole bucket at a time (PowerSGD's Q from the reduced P: one allreduce of every Q of the
-   bucket), in one fixed order on every rank; then every averaged gradient is handed to
+   bucket; a two-stage exchange's allgather of the chunks' owners' sums), in one fixed
+   order on every rank; then every averaged gradient is handed to
    ``write_back(name, tensor)``, and the step's outcome is returned (:class:`StepOutcome`):
    whether the averaged gradient is finite, the bytes, the decision.
 
@@ -55,7 +57,8 @@ from torch.utils.hooks import RemovableHandle
 from . import agents as A
 from . import compression as C
 from .probing import ErrorProbe, GainProbe
-from .transport import Handle, Transport, align, link_bytes, pack, unpack
+from .transport import (Handle, Transport, align, link_bytes, pack, pack_rows, unpack,
+                        unpack_rows)
 from .validation import check_number
 
 NONFINITE_ACTIONS = ("skip", "raise")
@@ -279,13 +282,14 @@ class Ticket:
 
 @dataclass
 class _Message:
-    """One fused collective of a bucket round: a sum (one dtype) or the gather."""
+    """One fused collective of a bucket round: a sum (one dtype), the gather or the alltoall."""
 
     handle: Handle
     tickets: list[Ticket]
-    gather: bool
+    kind: C.Exchange
     stats: int = 0  # floats of statistics at the end
-    counts: list[int] | None = None  # gather, same size on every rank: elements per tensor
+    #: gather of one size on every rank: elements per tensor; alltoall: elements per row
+    counts: list[int] | None = None
     dtypes: list[torch.dtype] = field(default_factory=list)
 
 
@@ -354,8 +358,12 @@ class StepEngine:
         self.label = f"gravac.{next(self._made)}"
         self.compressor, self.memory, self.agent = config.compressor, config.memory, config.agent
         self.transport = transport
-        if isinstance(self.compressor, C.SeededCompressor):  # ranks' rounding noise independent
-            self.compressor.process_rank = transport.rank
+        # the rank keys stochastic rounding (independent noise across ranks); rank and size
+        # set a two-stage exchange's chunks (bound again at every step: elastic resizes). A
+        # process outside the transport's ranks (a Horovod process set) has no rank there
+        # and never exchanges.
+        if getattr(transport, "included", True):
+            self.compressor.bind(transport.rank, transport.size)
         self.names = [name for name, _, _ in tensors]
         self.shapes = {name: torch.Size(shape) for name, shape, _ in tensors}
         self.uncompressed = config.uncompressed(
@@ -439,6 +447,7 @@ class StepEngine:
             self._applied = self.decision
         if self._device is None:
             self._device = device
+            self.compressor.bind(self.transport.rank, self.transport.size)
 
     def begin(self, name: str, grad: Tensor) -> Ticket:
         """Error feedback and compression of tensor ``name``; its bucket leaves once complete."""
@@ -537,9 +546,15 @@ class StepEngine:
         stats = self._take_statistics() if rnd == 0 and bucket is self._carrier else None
         sums: dict[torch.dtype, list[Ticket]] = {}
         gathers: list[Ticket] = []
+        scatters: list[Ticket] = []
         for t in active:
             if t.ctx.exchange is C.Exchange.ALLGATHER:
                 gathers.append(t)
+            elif t.ctx.exchange is C.Exchange.ALLTOALL:
+                if t.ctx.varying_size:
+                    raise ValueError(f"{t.compressor.name}: an alltoall payload must have the "
+                                     "same size on every rank")
+                scatters.append(t)
             else:
                 if len(t.payload) != 1:
                     raise ValueError(f"{t.compressor.name}: a summed payload must be one tensor")
@@ -562,7 +577,7 @@ class StepEngine:
             self._link += link_bytes(C.Exchange.ALLREDUCE, sum(C.wire_bytes((p,)) for p in parts),
                                      self.transport.size)
             messages.append(_Message(self.transport.allreduce(parts, f"{label}.sum.{dtype}"),
-                                     tickets, False, stats=carried))
+                                     tickets, C.Exchange.ALLREDUCE, stats=carried))
         if gathers:
             tensors = [x for t in gathers for x in t.payload]
             carried = 0
@@ -580,8 +595,20 @@ class StepEngine:
             self._link += link_bytes(C.Exchange.ALLGATHER, buffer.numel(), self.transport.size)
             messages.append(_Message(
                 self.transport.allgather(buffer, f"{label}.gather", same_size=not varying),
-                gathers, True, stats=carried, dtypes=[x.dtype for x in tensors],
+                gathers, C.Exchange.ALLGATHER, stats=carried, dtypes=[x.dtype for x in tensors],
                 counts=None if varying else [x.numel() for x in tensors]))
+        if scatters:  # one row per rank: row j of every payload tensor to rank j
+            size = self.transport.size
+            tensors = [x for t in scatters for x in t.payload]
+            buffer = pack_rows(tensors, size)
+            for t in scatters:
+                self.communication.record(t.name, sum(
+                    size * align(x.numel() // size * x.element_size()) for x in t.payload))
+            self._link += link_bytes(C.Exchange.ALLTOALL, buffer.numel(), size)
+            messages.append(_Message(
+                self.transport.alltoall(buffer, f"{label}.alltoall"), scatters,
+                C.Exchange.ALLTOALL, dtypes=[x.dtype for x in tensors],
+                counts=[x.numel() // size for x in tensors]))
         bucket.rounds.append(messages)
 
     def _take_statistics(self) -> Tensor | None:
@@ -600,7 +627,15 @@ class StepEngine:
             start = time.perf_counter()
             result = message.handle.wait()
             self._wait += time.perf_counter() - start
-            if not message.gather:  # the payloads themselves, summed
+            if message.kind is C.Exchange.ALLTOALL:  # every rank's row for this rank
+                received = unpack_rows(result, message.dtypes, message.counts)
+                offset = 0
+                for t in message.tickets:
+                    k = len(t.payload)
+                    self._advance(t, tuple(received[offset:offset + k]))
+                    offset += k
+                continue
+            if message.kind is C.Exchange.ALLREDUCE:  # the payloads themselves, summed
                 if message.stats:
                     self._stats.append(result[-1])
                 reduced = result[:len(message.tickets)]
@@ -769,9 +804,10 @@ class StepEngine:
         goes dense, as ``begin`` sends it)."""
         shape, priced = self.shapes[name], []
         for cf in cfs:
-            nbytes, kind = (4 * shape.numel(), C.Exchange.ALLREDUCE) if cf == 1.0 else \
-                self.compressor.expected_bytes(shape, cf)
-            priced.append(link_bytes(kind, nbytes, self.transport.size))
+            rounds = ((4 * shape.numel(), C.Exchange.ALLREDUCE),) if cf == 1.0 else \
+                self.compressor.expected_rounds(shape, cf)
+            priced.append(sum(link_bytes(kind, nbytes, self.transport.size)
+                              for nbytes, kind in rounds))
         return tuple(priced)
 
     def _ladder_link_bytes(self) -> dict[float, float]:

@@ -2,8 +2,8 @@
 and the traffic each kind of collective puts on a rank's link.
 
 A transport (Horovod's in ``communication``, torch.distributed's in ``communication_torch``)
-starts three asynchronous collectives; the engine (``engine``) decides what goes into them.
-Every collective sums or gathers one flat buffer:
+starts four asynchronous collectives; the engine (``engine``) decides what goes into them.
+Every collective sums, gathers or scatters one buffer:
 
 * ``allreduce(tensors, name)`` — the sum over ranks of each tensor, in place, as one fused
   collective;
@@ -12,6 +12,9 @@ Every collective sums or gathers one flat buffer:
   as an int64 (:func:`pack` with ``header``), which is how a rank's part is found again
   (torch.distributed's ``all_gather`` needs one size: there the transport first agrees on
   the largest, in a small blocking allreduce);
+* ``alltoall(buffer, name)`` — a uint8 buffer of N rows of one size (:func:`pack_rows`): row
+  j goes to rank j, and the result has the same shape, row i from rank i (Horovod's
+  ``alltoall``, torch.distributed's ``all_to_all_single``; a two-stage exchange's chunks);
 * ``broadcast(tensor, name)`` — rank 0's float64 values on every rank (the agents' decision).
 
 Each returns a :class:`Handle` whose ``wait()`` blocks until the result is there. Horovod's
@@ -49,8 +52,12 @@ class Transport(Protocol):
     def control_device(self) -> torch.device:
         """Where the agents' decision travels (the backend's device for small tensors)."""
 
+    # optional: ``included`` (default True), whether this process is one of the ranks (a
+    # Horovod process outside its process set has no rank and never exchanges)
+
     def allreduce(self, tensors: list[Tensor], name: str) -> Handle: ...
     def allgather(self, buffer: Tensor, name: str, same_size: bool) -> Handle: ...
+    def alltoall(self, buffer: Tensor, name: str) -> Handle: ...
     def broadcast(self, tensor: Tensor, name: str) -> Handle: ...
 
 
@@ -105,14 +112,41 @@ def unpack(part: Tensor, dtypes: Sequence[torch.dtype],
     return tensors, offset
 
 
+def pack_rows(tensors: Sequence[Tensor], rows: int) -> Tensor:
+    """Tensors of ``rows`` rows each → one (rows, B) uint8 buffer: row j holds row j of every
+    tensor, in order, each padded to 8 bytes (an alltoall's message: row j for rank j)."""
+    parts = []
+    for t in tensors:
+        raw = t.reshape(rows, -1).contiguous().view(torch.uint8)
+        parts.append(raw)
+        if raw.shape[1] % _ALIGN:
+            parts.append(raw.new_zeros(rows, (-raw.shape[1]) % _ALIGN))
+    return torch.cat(parts, dim=1)
+
+
+def unpack_rows(buffer: Tensor, dtypes: Sequence[torch.dtype],
+                counts: Sequence[int]) -> list[Tensor]:
+    """Inverse of :func:`pack_rows`: (rows, count) views in ``dtypes``, ``counts`` elements
+    per row of each tensor."""
+    tensors, offset = [], 0
+    for count, dtype in zip(counts, dtypes):
+        size = count * dtype.itemsize
+        tensors.append(buffer[:, offset:offset + size].view(dtype))
+        offset += align(size)
+    return tensors
+
+
 def link_bytes(exchange: Exchange, payload_bytes: float, world_size: int) -> float:
     """Bytes one rank's link carries for a collective on ``payload_bytes`` per rank.
 
     Ring algorithms (Horovod's and Gloo's): an allreduce sends 2(N−1)/N of the buffer
     (reduce-scatter, then allgather), an allgather (N−1) payloads — the cost of the same
-    payload grows with the world size for allgathers and stays near 2× for allreduces.
+    payload grows with the world size for allgathers and stays near 2× for allreduces; an
+    alltoall sends every row but its own, (N−1)/N of the buffer.
     """
     n = world_size
     if exchange is Exchange.ALLGATHER:
         return (n - 1) * payload_bytes
+    if exchange is Exchange.ALLTOALL:
+        return (n - 1) / n * payload_bytes
     return 2 * (n - 1) / n * payload_bytes

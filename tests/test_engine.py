@@ -96,3 +96,19 @@ def test_the_rank_given_to_a_seeded_compressor_is_not_powersgds_rank():
     config = EngineConfig.create("powersgd:4")
     StepEngine(config, SecondOfTwo(), [("w", (64, 64), 4)])
     assert config.compressor.rank == 4 and config.compressor.process_rank == 1
+
+
+def test_the_engine_binds_its_compressor_to_the_rank_and_size_at_every_step():
+    """A two-stage exchange's chunks follow the world: bound when the engine is made and
+    again when a step starts (Horovod elastic changes the size under the same engine)."""
+    class Resizable:
+        rank, size, control_device = 1, 2, torch.device("cpu")
+
+    transport, config = Resizable(), EngineConfig.create("8bit")
+    engine = StepEngine(config, transport, [("w", (64, 64), 4)])
+    assert (config.compressor.process_rank, config.compressor.world_size) == (1, 2)
+    assert not config.compressor.two_stage  # "auto" below 5 ranks
+    transport.rank, transport.size = 3, 6
+    engine._start_step(torch.device("cpu"))
+    assert (config.compressor.process_rank, config.compressor.world_size) == (3, 6)
+    assert config.compressor.two_stage

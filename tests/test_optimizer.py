@@ -185,7 +185,8 @@ def record_collectives(monkeypatch):
     """Every Horovod collective the optimizer starts, as (function, name, elements)."""
     calls = []
     for fn in ("allreduce_async_", "allgather_async", "broadcast_async_", "allreduce",
-               "allgather", "broadcast", "grouped_allreduce_async_", "grouped_allgather_async"):
+               "allgather", "broadcast", "grouped_allreduce_async_", "grouped_allgather_async",
+               "alltoall_async"):
         real = getattr(hvd, fn)
         monkeypatch.setattr(hvd, fn, lambda tensor, *a, _real=real, _fn=fn, **kw: (
             calls.append((_fn, kw.get("name"), sum(t.numel() for t in tensor)
@@ -255,11 +256,49 @@ def test_collectives_per_step_are_buckets_times_rounds_and_statistics_ride_along
         assert all(c[0] == "broadcast_async_" for c in control) and len(control) <= 1
 
 
+def test_two_stage_quantizers_send_an_alltoall_then_an_allgather_per_bucket(
+        single_rank, monkeypatch):
+    """On one rank too: round 1 an alltoall of the chunks, round 2 an allgather of the
+    owner's, per bucket; what Horovod carries is what expected_rounds says."""
+    import horovod_gravac as hg
+    calls = record_collectives(monkeypatch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 300), torch.nn.ReLU(),
+                                torch.nn.Linear(300, 40))
+    for spec in ("8bit", "qsgd:bucket_size=64", "natural", "onebit"):
+        opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                      named_parameters=model.named_parameters(),
+                                      compression=f"{spec},exchange=two_stage" if ":" in spec
+                                      else f"{spec}:exchange=two_stage", bucket_cap_mb=0.05)
+        # a bucket of both kinds (the biases go dense) and one of the first weight alone
+        assert opt.engine.layout.buckets == (("2.bias", "2.weight", "0.bias"), ("0.weight",))
+        for _ in range(2):
+            calls.clear()
+            opt.zero_grad()
+            model(torch.randn(16, 64)).pow(2).mean().backward()
+            opt.step()
+            kinds = sorted(c[0] for c in calls)
+            assert kinds == ["allgather_async"] * 2 + ["alltoall_async"] * 2 + [
+                "grouped_allreduce_async_"], calls
+            for name in ("0.weight", "2.weight"):
+                shape = opt.engine.shapes[name]
+                (first, _), (second, _) = opt.compressor.expected_rounds(shape)
+                sent = [c[2] for c in calls if c[0] == "alltoall_async"]
+                assert first in sent, (spec, name, first, sent)
+                assert opt.communication.last_step[name] == first + second
+        assert set(opt.compressor.owner_residuals) == {"0.weight", "2.weight"}
+        for h in opt._hooks:
+            h.remove()
+
+
 HOST_SYNCS = ("item", "tolist", "__bool__", "cpu", "numpy")
 
 
 @pytest.mark.parametrize("compression", ["none", "fp16", "topk:20", "randomk:20", "dgc:20",
-                                         "powersgd"])
+                                         "powersgd", "8bit:exchange=two_stage",
+                                         "onebit:exchange=two_stage",
+                                         "qsgd:exchange=two_stage",
+                                         "natural:exchange=two_stage"])
 def test_no_host_sync_in_backward_and_one_per_step(single_rank, compression, monkeypatch):
     """Counts the calls that read device values back to the host, with compressors on the
     path they take on accelerators (a CPU tensor would let them use data-dependent sizes)."""

@@ -22,6 +22,8 @@ from .selection import DEFAULT_MIN_COMPRESS_NUMEL, uncompressed_tensors
 from .quantizers import (FP16, QSGD, EFSignSGD, EightBit, Natural, NoCompression, OneBit,
                          SignSGD, Signum, TernGrad)
 from .sparsifiers import DGC, SIDCo, RandomK, RedSync, Sparsifier, Threshold, TopK
+from .twostage import (AUTO_TWO_STAGE_FROM, EXCHANGES, TwoStageQuantizer, chunk_bounds,
+                       chunk_width)
 
 COMPRESSORS: dict[str, type[Compressor]] = {cls.name: cls for cls in (
     NoCompression, FP16, EightBit, QSGD, TernGrad, Natural, SignSGD, Signum, EFSignSGD, OneBit,
@@ -92,6 +94,12 @@ def create(spec: str | Compressor, **params: Any) -> Compressor:
     parsed.update(params)
     valid = _parameters(cls)
     unknown = sorted(set(parsed) - set(valid))
+    if "exchange" in unknown:
+        two_stage = sorted(n for n, c in COMPRESSORS.items() if issubclass(c, TwoStageQuantizer))
+        raise ValueError(f"compressor {name!r} has no choice of exchange (two stages need a "
+                         "quantizer whose chunks can be averaged and quantized again: see "
+                         "horovod_gravac.compression.twostage); the ones that have it: "
+                         f"{', '.join(two_stage)}")
     if unknown:
         raise ValueError(f"compressor {name!r} has no parameter {', '.join(map(repr, unknown))}; "
                          f"valid parameters: {', '.join(valid) or 'none'}")
@@ -128,5 +136,6 @@ __all__ = [
     "create", "create_memory", "names", "parse_spec", "num_selected",
     "DEFAULT_MIN_COMPRESS_NUMEL", "uncompressed_tensors", "validate_cf", "wire_bytes",
     "finite_marker", "is_finite", "payload_is_finite", "scale_and_check", "write_into",
+    "AUTO_TWO_STAGE_FROM", "EXCHANGES", "TwoStageQuantizer", "chunk_bounds", "chunk_width",
     *(cls.__name__ for cls in COMPRESSORS.values()),
 ]

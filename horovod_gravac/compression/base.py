@@ -30,6 +30,10 @@ class Exchange(enum.Enum):
 
     ALLREDUCE = "allreduce"  # same shape on every rank and summable: summed over ranks
     ALLGATHER = "allgather"  # per-rank sizes or scales differ: gather all, then ``aggregate``
+    #: one row per rank: every tensor of the payload has a leading dimension of N (the world
+    #: size), row j goes to rank j; each rank receives tensors of the same shapes whose row i
+    #: came from rank i (the first round of a two-stage exchange, ``twostage``)
+    ALLTOALL = "alltoall"
 
 
 @dataclass
@@ -38,6 +42,8 @@ class Ctx:
 
     shape: torch.Size
     dtype: torch.dtype
+    #: how this round's payload travels; ``next_round`` may set the next round's (a two-stage
+    #: exchange: ALLTOALL, then ALLGATHER)
     exchange: Exchange
     extra: dict[str, Any] = field(default_factory=dict)
     #: True when the payload's size depends on the data (thresholds), so ranks' sizes differ;
@@ -148,11 +154,20 @@ class Compressor:
     #: True when ``state_dict()`` is the same on every rank (PowerSGD's allreduced Q), so a
     #: joining rank may take rank 0's; False when it is per rank (Signum's local momentum).
     state_is_shared: ClassVar[bool] = False
+    #: this process's rank and the number of ranks that exchange, which the engine driving
+    #: the compressor sets (:meth:`bind`) when it is made and at the start of every step
+    process_rank: int = 0
+    world_size: int = 1
 
     def __init__(self, cf: float | None = None) -> None:
         self._cf = self.nominal_cf
         if cf is not None:
             self.cf = cf
+
+    def bind(self, rank: int, size: int) -> None:
+        """The compressor works for rank ``rank`` of ``size`` ranks from now on (stochastic
+        rounding keyed by the rank; a two-stage exchange's chunks and the chunk it owns)."""
+        self.process_rank, self.world_size = rank, size
 
     @property
     def cf(self) -> float:
@@ -252,6 +267,14 @@ class Compressor:
         how they travel), from the shape alone: what the cost model prices an untried CF by."""
         return int(shape.numel() * 4 / self.nominal_cf), self.exchange
 
+    def expected_rounds(self, shape: torch.Size,
+                        cf: float | None = None) -> tuple[tuple[int, Exchange], ...]:
+        """Per exchange round, (bytes this rank hands the collective, how they travel), for
+        a float32 tensor of ``shape`` at ``cf``: what the engine prices link bytes from. One
+        entry of :meth:`expected_bytes` unless the rounds travel differently (a two-stage
+        exchange: an alltoall, then an allgather)."""
+        return (self.expected_bytes(shape, cf),)
+
     def error(self, compensated: Tensor, payload: Payload, ctx: Ctx) -> Tensor:
         """``compensated − decompress(payload)``: the error-feedback residual.
 
@@ -270,23 +293,32 @@ class Compressor:
         return self.compress(self.decompress(payload, ctx), cf=cf)
 
     def state_dict(self) -> dict[str, Any]:
-        """Compressor state that must survive a restart (e.g. PowerSGD's Q, Signum's momentum)."""
+        """Compressor state that must survive a restart (e.g. PowerSGD's Q, Signum's
+        momentum, a two-stage exchange's chunk-owner residuals)."""
         return {"cf": self._cf}
+
+    def rescale(self, factor: float) -> None:
+        """Multiply the residuals the compressor keeps (a two-stage exchange's chunk-owner
+        residuals) by ``factor``, as :meth:`Memory.rescale` does the memory's: the
+        gradients' units changed (a mixed precision loss scale)."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._cf = state.get("cf", self._cf)
 
-    def scratch(self, like: Tensor, dtype: torch.dtype, slot: int = 0) -> Tensor:
+    def scratch(self, like: Tensor, dtype: torch.dtype, slot: int = 0,
+                numel: int | None = None) -> Tensor:
         """A flat buffer of ``like``'s size for intermediate results, reused from call to
         call (compressions run one after another; never for a payload, which lives until
         its bucket leaves): a fresh gradient-sized tensor per call costs page faults that
-        dominate on the CPU. Not part of the state (dropped when pickled)."""
+        dominate on the CPU. ``numel``: another size than ``like``'s. Not part of the state
+        (dropped when pickled)."""
+        numel = like.numel() if numel is None else numel
         buffers = self.__dict__.setdefault("_buffers", {})
         key = (dtype, like.device, slot)
         buffer = buffers.get(key)
-        if buffer is None or buffer.numel() < like.numel():
-            buffer = buffers[key] = torch.empty(like.numel(), dtype=dtype, device=like.device)
-        return buffer[:like.numel()]
+        if buffer is None or buffer.numel() < numel:
+            buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=like.device)
+        return buffer[:numel]
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "_buffers"}
@@ -309,7 +341,6 @@ class SeededCompressor(Compressor):
     def __init__(self, cf: float | None = None, seed: int = 0) -> None:
         super().__init__(cf)
         self.seed = check_number("seed", seed, integer=True)
-        self.process_rank = 0
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device, *key: Any) -> torch.Generator:

@@ -4,9 +4,15 @@ Payload sizes are fixed per tensor, but most carry a per-rank scale (norm, max),
 integer codes cannot be summed by an allreduce: they are all-gathered and each rank's
 contribution is decompressed (FP16 and the identity are plain allreduces). Codes use the
 smallest dtype Horovod exchanges (int8/uint8); sign bits are packed 8 per byte.
+
+``8bit``, ``qsgd``, ``natural`` and ``onebit`` can instead exchange in two stages, an
+alltoall of chunks and an allgather of the chunks' owners' re-quantized sums, so that a
+rank's traffic does not grow with the number of ranks (``exchange="two_stage"``; by default
+from 5 ranks on; see ``twostage`` for how, for which quantizers and why not the others).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -15,6 +21,7 @@ from torch import Tensor
 from ..validation import check_number
 from .base import (Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker, is_finite,
                    write_into)
+from .twostage import TwoStageQuantizer, valid_counts
 
 # (Little-endian byte order, as on x86-64 and ARM64.)
 # Eight 0/1 bytes read as one little-endian int64 → one byte of bits, bit j = element j:
@@ -79,29 +86,57 @@ class FP16(Compressor):
         return payload[0].to(ctx.dtype).view(ctx.shape)
 
 
-class EightBit(Compressor):
-    """8-bit linear quantization scaled by max|t| (Dettmers, ICLR 2016): sign + 7-bit level."""
+class EightBit(TwoStageQuantizer):
+    """8-bit linear quantization scaled by max|t| (Dettmers, ICLR 2016): sign + 7-bit level.
+
+    ``exchange``: ``"allgather"``, ``"two_stage"`` (each chunk its own max; the owner's sum
+    quantized again by its max) or ``"auto"`` (two stages from 5 ranks on).
+    """
 
     name = "8bit"
     exchange = Exchange.ALLGATHER
     nominal_cf = 4.0
 
+    def __init__(self, cf: float | None = None, exchange: str = "auto") -> None:
+        super().__init__(cf)
+        self._set_exchange(exchange)
+
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        if self.two_stage:
+            return self.compress_chunks(tensor, name, step)
         x = tensor.reshape(-1).float()
         scale = x.abs().amax().reshape(1) if x.numel() else x.new_zeros(1)
         codes = torch.round(x * (127.0 / _nonzero(scale))).to(torch.int8)
         return (codes, scale), Ctx(tensor.shape, tensor.dtype, self.exchange)
 
     def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        if ctx.extra:
+            return self.decompress_chunks(payload, ctx)
         codes, scale = payload
         return (codes.float() * (scale / 127.0)).to(ctx.dtype).view(ctx.shape)
 
+    def row_layout(self, width: int) -> list[tuple[int, torch.dtype]]:
+        return [(width, torch.int8), (1, torch.float32)]
 
-class QSGD(SeededCompressor):
+    def encode_rows(self, rows: Tensor, name: str, step: int, stage: int, first: int,
+                    numel: int) -> Payload:
+        scale = rows.abs().amax(1, keepdim=True)  # NaN-propagating
+        return torch.round(rows * (127.0 / _nonzero(scale))).to(torch.int8), scale
+
+    def decode_rows(self, payload: Payload, width: int) -> Tensor:
+        codes, scale = payload
+        return codes.reshape(-1, width).float() * (scale.reshape(-1, 1) / 127.0)
+
+
+class QSGD(TwoStageQuantizer, SeededCompressor):
     """QSGD (Alistarh et al., NeurIPS 2017): s levels, stochastic rounding, unbiased.
 
     level_i = ⌊s|t_i|/‖t‖₂⌋ + Bernoulli(frac); sends sign·level (int8 for s ≤ 127, else
     int16) and ‖t‖₂, per bucket of ``bucket_size`` elements when given.
+
+    ``exchange``: ``"allgather"``, ``"two_stage"`` (each chunk — whole buckets — its own
+    norms; the owner's sum quantized again, still unbiased) or ``"auto"`` (two stages from 5
+    ranks on).
     """
 
     name = "qsgd"
@@ -109,10 +144,43 @@ class QSGD(SeededCompressor):
     default_memory = "none"
     nominal_cf = 4.0
 
-    def __init__(self, levels: int = 127, bucket_size: int | None = None, seed: int = 0) -> None:
+    def __init__(self, levels: int = 127, bucket_size: int | None = None, seed: int = 0,
+                 exchange: str = "auto") -> None:
         super().__init__(None, seed)
         self.levels = check_number("levels", levels, 1, 32767, integer=True)
         self.bucket_size = check_number("bucket_size", bucket_size, 1, integer=True, optional=True)
+        self._set_exchange(exchange)
+
+    @property
+    def chunk_multiple(self) -> int:
+        """Chunks are whole buckets (and whole bytes of 8 elements)."""
+        return math.lcm(8, self.bucket_size) if self.bucket_size else 8
+
+    @property
+    def _code_dtype(self) -> torch.dtype:
+        return torch.int8 if self.levels <= 127 else torch.int16
+
+    def row_layout(self, width: int) -> list[tuple[int, torch.dtype]]:
+        return [(width, self._code_dtype), (width // (self.bucket_size or width), torch.float32)]
+
+    def encode_rows(self, rows: Tensor, name: str, step: int, stage: int, first: int,
+                    numel: int) -> Payload:
+        r, width = rows.shape
+        size = self.bucket_size or width
+        x = rows.view(r, width // size, size)
+        norms = torch.linalg.vector_norm(x, dim=2, keepdim=True)
+        scaled = torch.abs(x, out=self.scratch(x, torch.float32, slot=2).view(x.shape))
+        scaled.mul_(self.levels / _nonzero(norms))
+        gen = self.generator(x.device, "qsgd-chunks", name, step, self.process_rank, stage)
+        noise = self.scratch(x, torch.float32, slot=3).view(x.shape).uniform_(generator=gen)
+        codes = scaled.add_(noise).floor_().copysign_(x).to(self._code_dtype)
+        return codes.view(r, width), norms.view(r, -1)
+
+    def decode_rows(self, payload: Payload, width: int) -> Tensor:
+        codes, norms = payload
+        r, size = norms.shape[0], self.bucket_size or width
+        x = codes.reshape(r, width // size, size).float()
+        return x.mul_(norms.reshape(r, -1, 1) / self.levels).view(r, width)
 
     def _buckets(self, x: Tensor) -> Tensor:
         size = self.bucket_size or max(1, x.numel())
@@ -120,6 +188,8 @@ class QSGD(SeededCompressor):
         return (torch.cat([x, x.new_zeros(pad)]) if pad else x).view(-1, size)
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        if self.two_stage:
+            return self.compress_chunks(tensor, name, step)
         x = self._buckets(tensor.reshape(-1).float())
         norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
         scaled = torch.abs(x, out=self.scratch(x, torch.float32).view(x.shape))
@@ -133,6 +203,8 @@ class QSGD(SeededCompressor):
         return (codes.view(-1), norms.view(-1)), Ctx(tensor.shape, tensor.dtype, self.exchange)
 
     def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        if ctx.extra:
+            return self.decompress_chunks(payload, ctx)
         codes, norms = payload
         if ctx.numel == 0:
             return torch.zeros(ctx.shape, dtype=ctx.dtype, device=codes.device)
@@ -142,7 +214,7 @@ class QSGD(SeededCompressor):
     def aggregate(self, payloads: Sequence[Payload], ctx: Ctx,
                   out: Tensor | None = None) -> Tensor:
         """Σ codes·norm/s over ranks, each rank's decoded into a reused buffer."""
-        if out is None or ctx.numel == 0 or not out.is_contiguous() or \
+        if ctx.extra or out is None or ctx.numel == 0 or not out.is_contiguous() or \
                 out.dtype != torch.float32:
             return super().aggregate(payloads, ctx, out)
         flat = out.view(-1)
@@ -190,12 +262,15 @@ class TernGrad(SeededCompressor):
         return (codes.float() * scale).to(ctx.dtype).view(ctx.shape)
 
 
-class Natural(SeededCompressor):
+class Natural(TwoStageQuantizer, SeededCompressor):
     """Natural compression (Horváth et al., 2019): stochastic rounding to a power of two.
 
     |t| ∈ [2^p, 2^(p+1)) rounds up with probability (|t| − 2^p)/2^p, which is unbiased. Each
     element is one byte: sign bit + 7-bit exponent below the tensor's largest one (sent as a
     float32 scale); 127 encodes zero, and magnitudes 2^126 times below the largest underflow to 0.
+
+    ``exchange``: ``"allgather"``, ``"two_stage"`` (each chunk its own largest exponent; the
+    owner's sum rounded again, still unbiased) or ``"auto"`` (two stages from 5 ranks on).
     """
 
     name = "natural"
@@ -203,10 +278,36 @@ class Natural(SeededCompressor):
     default_memory = "none"
     nominal_cf = 4.0
 
-    def __init__(self, seed: int = 0) -> None:
+    def __init__(self, seed: int = 0, exchange: str = "auto") -> None:
         super().__init__(None, seed)
+        self._set_exchange(exchange)
+
+    def row_layout(self, width: int) -> list[tuple[int, torch.dtype]]:
+        return [(width, torch.uint8), (1, torch.float32)]
+
+    def encode_rows(self, rows: Tensor, name: str, step: int, stage: int, first: int,
+                    numel: int) -> Payload:
+        mantissa, exponent = torch.frexp(rows.abs())
+        gen = self.generator(rows.device, "natural-chunks", name, step, self.process_rank, stage)
+        up = torch.rand(rows.shape, generator=gen, device=rows.device) < (2 * mantissa - 1)
+        exponent = exponent - 1 + up
+        top = exponent.amax(1, keepdim=True)
+        below = (top - exponent).clamp_(max=127).masked_fill_(rows == 0, 127)
+        codes = (below | ((rows < 0).to(torch.int32) << 7)).to(torch.uint8)
+        marker = (rows.sum(1, keepdim=True, dtype=torch.float64) * 0).to(torch.float32)
+        return codes, torch.ldexp(torch.ones_like(marker), top) + marker
+
+    def decode_rows(self, payload: Payload, width: int) -> Tensor:
+        codes, scale = payload
+        codes, scale = codes.reshape(-1, width), scale.reshape(-1, 1)
+        below = (codes & 127).to(torch.int32)
+        magnitude = torch.ldexp(scale.expand(codes.shape), -below).masked_fill_(below == 127, 0)
+        # a non-finite scale (the finite marker) stays visible where every code is a zero
+        return torch.where(codes >= 128, -magnitude, magnitude).add_(scale * 0)
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        if self.two_stage:
+            return self.compress_chunks(tensor, name, step)
         x = tensor.reshape(-1).float()
         mantissa, exponent = torch.frexp(x.abs())  # |x| = m·2^e, m ∈ [0.5, 1)
         gen = self.generator(x.device, "natural", name, step, self.process_rank)
@@ -220,6 +321,8 @@ class Natural(SeededCompressor):
         return (codes, scale), Ctx(tensor.shape, tensor.dtype, self.exchange)
 
     def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        if ctx.extra:
+            return self.decompress_chunks(payload, ctx)
         codes, scale = payload
         below = (codes & 127).to(torch.int32)
         magnitude = torch.ldexp(scale.expand(codes.shape), -below)
@@ -309,15 +412,48 @@ class EFSignSGD(Compressor):
         return (signs * scale).to(ctx.dtype).view(ctx.shape)
 
 
-class OneBit(Compressor):
+class OneBit(TwoStageQuantizer):
     """1-bit SGD (Seide et al., 2014): a sign bit per element plus the mean of the
-    non-negative and of the negative part, used with error feedback."""
+    non-negative and of the negative part, used with error feedback.
+
+    ``exchange``: ``"allgather"``, ``"two_stage"`` (each chunk its own two means; the owner's
+    sum quantized again to signs and means, with the owner residual — the 1-bit compressed
+    allreduce of DeepSpeed's 1-bit Adam) or ``"auto"`` (two stages from 5 ranks on).
+    """
 
     name = "onebit"
     exchange = Exchange.ALLGATHER
     nominal_cf = 32.0
 
+    def __init__(self, cf: float | None = None, exchange: str = "auto") -> None:
+        super().__init__(cf)
+        self._set_exchange(exchange)
+
+    def row_layout(self, width: int) -> list[tuple[int, torch.dtype]]:
+        return [(width // 8, torch.uint8), (2, torch.float32)]
+
+    def encode_rows(self, rows: Tensor, name: str, step: int, stage: int, first: int,
+                    numel: int) -> Payload:
+        r, width = rows.shape
+        positive = rows >= 0
+        valid = valid_counts(r, first, numel, width, rows.device)
+        n_pos = positive.sum(1) - (width - valid)  # padding is 0: counted non-negative
+        pos_sum = rows.clamp(min=0).sum(1, dtype=torch.float32)  # NaN-propagating
+        neg_sum = rows.sum(1, dtype=torch.float32) - pos_sum
+        means = torch.stack([pos_sum / n_pos.clamp(min=1),
+                             neg_sum / (valid - n_pos).clamp(min=1)], dim=1)
+        return pack_bits(positive).view(r, width // 8), means
+
+    def decode_rows(self, payload: Payload, width: int) -> Tensor:
+        bits, means = payload
+        means = means.reshape(-1, 2)
+        r = means.shape[0]
+        signs = unpack_bits(bits.reshape(-1), r * width).view(r, width)
+        return torch.where(signs, means[:, :1], means[:, 1:])
+
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
+        if self.two_stage:
+            return self.compress_chunks(tensor, name, step)
         x = tensor.reshape(-1)
         positive = x >= 0
         n_pos = positive.sum()
@@ -327,6 +463,8 @@ class OneBit(Compressor):
         return (pack_bits(positive), means), Ctx(tensor.shape, tensor.dtype, self.exchange)
 
     def decompress(self, payload: Payload, ctx: Ctx) -> Tensor:
+        if ctx.extra:
+            return self.decompress_chunks(payload, ctx)
         bits, means = payload
         out = torch.where(unpack_bits(bits, ctx.numel), means[0], means[1])
         return out.to(ctx.dtype).view(ctx.shape)
