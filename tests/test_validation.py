@@ -102,7 +102,7 @@ def test_missing_horovod_says_how_to_build_it():
 
 
 FLAGS = [(C.COMPRESSORS["randomk"], "unbiased"), (C.COMPRESSORS["powersgd"], "warm_start"),
-         (A.GraVAC, "per_layer"), (A.Accordion, "per_layer")]
+         (A.Accordion, "per_layer")]
 
 
 @pytest.mark.parametrize("factory,param", FLAGS, ids=[f"{f.__name__}-{p}" for f, p in FLAGS])
