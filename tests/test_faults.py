@@ -25,8 +25,10 @@ def run_until_failure(launcher: str, np: int, how: str) -> tuple[int, float, str
 
 
 @pytest.mark.parametrize("how", ["kill", "raise"])
-@pytest.mark.parametrize("np", [2, 4])
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("launcher, np", [  # 4 Gloo ranks (the slowest to start): slow tier
+    (launcher, np) if (launcher, np) != ("gloo", 4) else
+    pytest.param(launcher, np, marks=pytest.mark.slow)
+    for launcher in LAUNCHERS for np in (2, 4)])
 def test_a_dead_rank_ends_the_job_quickly_with_a_clear_message(launcher, np, how):
     code, elapsed, output = run_until_failure(launcher, np, how)
     assert code != 0, output
