@@ -42,13 +42,12 @@ import numpy as np
 
 from ..validation import check_number
 from .base import Agent, Decision, ErrorSpec, StepStats
+from .gravac import DEFAULT_GAIN_SAMPLE
 
 #: candidate CFs per tensor, as factors of the uniform CF (L-GreCo: ranks ½× to 2×)
 DEFAULT_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: units of the error budget per planned tensor (rounding loses at most one each)
 LEVELS_PER_TENSOR = 50
-#: elements a measured step's errors are estimated from, shared among the tensors by size
-DEFAULT_ERROR_SAMPLE = 131072
 
 
 def plan_layers(errors: Mapping[str, Sequence[float]], link_bytes: Mapping[str, Sequence[float]],
@@ -111,12 +110,15 @@ class LayerPlan(Agent):
             (the uniform plan) among them.
         measure_steps: steps at the end of each interval whose errors are measured and
             summed (1 … plan_interval).
-        sample: elements a measured step's errors are estimated from (None: exact).
+        sample: elements a measured step's errors are estimated from, shared among the
+            tensors by size, as GraVAC's gains (None: exact).
     """
 
     def __init__(self, agent: Agent | str, alpha: float = 1.0, plan_interval: int = 100,
                  factors: Sequence[float] = DEFAULT_FACTORS, measure_steps: int = 3,
-                 sample: int | None = DEFAULT_ERROR_SAMPLE) -> None:
+                 sample: int | None = DEFAULT_GAIN_SAMPLE) -> None:
+        # no Agent.__init__: the metrics stream (history) is the time-level agent's, which
+        # the plan's figures are added to
         from . import create  # the registry imports this module
         inner = create(agent)
         if inner is None:
