@@ -143,6 +143,17 @@ def assert_identical_across_ranks(reports: list[dict[str, Any]], key: str = "par
             raise AssertionError(f"rank {rank}'s {key} differ from rank 0's (max |diff| {diff:g})")
 
 
+def poison(step: list[int], rank: int, nan_step: int, inf_step: int):
+    """A gradient hook that puts a NaN into rank 1's gradient at step ``nan_step`` and an Inf
+    into rank 0's at ``inf_step`` (``step[0]``: the step the rank script is at)."""
+    def hook(grad):
+        if (step[0], rank) in ((nan_step, 1), (inf_step, 0)):
+            grad = grad.clone()
+            grad.view(-1)[3] = float("nan") if rank == 1 else float("inf")
+        return grad
+    return hook
+
+
 def init_with_digits_shard() -> tuple[int, int, torch.Tensor, torch.Tensor]:
     """Inside a rank script: ``hvd.init()``, one thread, and this rank's shard of the digits
     (every SIZE-th sample from RANK, scaled to [0, 1]). Returns (rank, size, X, Y)."""

@@ -9,21 +9,12 @@ import torch
 
 import horovod_gravac as hg
 from horovod_gravac import compression as C
-from tests.multirank import init_with_digits_shard, report
+from tests.multirank import init_with_digits_shard, poison, report
 
 STEPS, NAN_STEP, INF_STEP = 14, 5, 9
 RANK, SIZE, X, Y = init_with_digits_shard()
 SPECS = {n: f"{n}:cf=10" if C.create(n).adjustable_cf else n for n in C.names()}
 MEMORY = {"dgc": "dgc"}
-
-
-def poison(step):
-    def hook(grad):
-        if (step[0], RANK) in ((NAN_STEP, 1), (INF_STEP, 0)):
-            grad = grad.clone()
-            grad.view(-1)[3] = float("nan") if RANK == 1 else float("inf")
-        return grad
-    return hook
 
 
 def tensors(tree):
@@ -45,7 +36,7 @@ def run(spec, agent=None, on_nonfinite="skip"):
         named_parameters=model.named_parameters(), compression=spec,
         memory=MEMORY.get(name), agent=agent, on_nonfinite=on_nonfinite)
     step = [0]
-    model[0].weight.register_hook(poison(step))
+    model[0].weight.register_hook(poison(step, RANK, NAN_STEP, INF_STEP))
     unchanged, error = {}, None
     for step[0] in range(STEPS):
         before = [p.detach().clone() for p in model.parameters()]

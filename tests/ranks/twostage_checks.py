@@ -21,7 +21,7 @@ import torch
 import horovod_gravac as hg
 from horovod_gravac import checkpoint
 from horovod_gravac import compression as C
-from tests.multirank import init_with_digits_shard, report
+from tests.multirank import init_with_digits_shard, poison, report
 
 RANK, SIZE, X, Y = init_with_digits_shard()
 DIRECTORY = Path(sys.argv[1])
@@ -136,19 +136,10 @@ def build(spec, memory=None):
     return model, opt
 
 
-def poison(step):
-    def hook(grad):
-        if (step[0], RANK) in ((NAN_STEP, 1), (INF_STEP, 0)):
-            grad = grad.clone()
-            grad.view(-1)[3] = float("nan") if RANK == 1 else float("inf")
-        return grad
-    return hook
-
-
 def train(model, opt, start, stop, poisoned=False):
     step, links, losses, unchanged = [0], [], [], {}
     if poisoned:
-        handle = model[0].weight.register_hook(poison(step))
+        handle = model[0].weight.register_hook(poison(step, RANK, NAN_STEP, INF_STEP))
     callback = opt.register_step_callback(lambda r: links.append(r.link_bytes))
     for step[0] in range(start, stop):
         before = [p.detach().clone() for p in model.parameters()]
