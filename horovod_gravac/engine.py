@@ -57,8 +57,8 @@ from torch.utils.hooks import RemovableHandle
 from . import agents as A
 from . import compression as C
 from .probing import ErrorProbe, GainProbe
-from .transport import (Handle, Transport, align, link_bytes, pack, pack_rows, unpack,
-                        unpack_rows)
+from .transport import (Handle, Transport, align, link_bytes, link_steps, pack, pack_rows,
+                        unpack, unpack_rows)
 from .validation import check_number
 
 NONFINITE_ACTIONS = ("skip", "raise")
@@ -231,7 +231,10 @@ class StepReport:
     included); ``finish_s``: seconds in ``finish`` besides waiting (later rounds, decoding,
     the verdict, the agent);
     ``link_bytes``: bytes the rank's link carried (each collective weighted by its ring
-    traffic).
+    traffic); ``rounds``: the exchange rounds this rank started in the step (a bucket's
+    round: its fused collectives start together; the decision's broadcast is one, counted in
+    the step that started it) and ``link_steps`` the ring message steps of their collectives
+    (``transport.link_steps``): what latency is priced by (``benchmarks.whatif``).
     """
 
     step: int
@@ -245,6 +248,8 @@ class StepReport:
     begin_s: float = 0.0
     finish_s: float = 0.0
     link_bytes: float = 0.0
+    rounds: int = 0
+    link_steps: int = 0
     _next: Callable[[], A.Decision | None] = field(default=lambda: None, repr=False,
                                                     compare=False)
 
@@ -434,6 +439,8 @@ class StepEngine:
         self._wait = 0.0
         self._begin_s = 0.0
         self._link = 0.0
+        self._rounds = 0
+        self._link_steps = 0
         self._finish_start = 0.0
         self._device: torch.device | None = None
         for bucket in self._buckets:
@@ -497,7 +504,8 @@ class StepEngine:
                                                  self.config.average)
         nbytes = C.wire_bytes((grad._indices(), grad._values()))
         self.communication.record(name, nbytes, grad.numel())
-        self._link += link_bytes(C.Exchange.ALLGATHER, nbytes, self.transport.size)
+        self._started(C.Exchange.ALLGATHER, nbytes)
+        self._rounds += 1
         self._sparse.append(_Sparse(name, handle))
         self._joined(self._bucket_of[name])
 
@@ -574,8 +582,7 @@ class StepEngine:
             for t in tickets:
                 self.communication.record(t.name, C.wire_bytes(t.payload))
             self.communication.record(None, 4 * carried)
-            self._link += link_bytes(C.Exchange.ALLREDUCE, sum(C.wire_bytes((p,)) for p in parts),
-                                     self.transport.size)
+            self._started(C.Exchange.ALLREDUCE, sum(C.wire_bytes((p,)) for p in parts))
             messages.append(_Message(self.transport.allreduce(parts, f"{label}.sum.{dtype}"),
                                      tickets, C.Exchange.ALLREDUCE, stats=carried))
         if gathers:
@@ -592,7 +599,7 @@ class StepEngine:
             payload_bytes = sum(align(x.numel() * x.element_size()) for t in gathers
                                 for x in t.payload)
             self.communication.record(None, buffer.numel() - payload_bytes)
-            self._link += link_bytes(C.Exchange.ALLGATHER, buffer.numel(), self.transport.size)
+            self._started(C.Exchange.ALLGATHER, buffer.numel())
             messages.append(_Message(
                 self.transport.allgather(buffer, f"{label}.gather", same_size=not varying),
                 gathers, C.Exchange.ALLGATHER, stats=carried, dtypes=[x.dtype for x in tensors],
@@ -604,12 +611,21 @@ class StepEngine:
             for t in scatters:
                 self.communication.record(t.name, sum(
                     size * align(x.numel() // size * x.element_size()) for x in t.payload))
-            self._link += link_bytes(C.Exchange.ALLTOALL, buffer.numel(), size)
+            self._started(C.Exchange.ALLTOALL, buffer.numel())
             messages.append(_Message(
                 self.transport.alltoall(buffer, f"{label}.alltoall"), scatters,
                 C.Exchange.ALLTOALL, dtypes=[x.dtype for x in tensors],
                 counts=[x.numel() // size for x in tensors]))
         bucket.rounds.append(messages)
+        self._rounds += bool(messages)
+
+    def _started(self, exchange: C.Exchange | None, payload_bytes: float) -> None:
+        """Account a collective this rank started (``None``: the decision's broadcast, whose
+        few bytes are not counted): its link bytes and ring message steps."""
+        size = self.transport.size
+        if exchange is not None:
+            self._link += link_bytes(exchange, payload_bytes, size)
+        self._link_steps += link_steps(exchange, size)
 
     def _take_statistics(self) -> Tensor | None:
         """This step's statistics for the agent as one vector: the gain terms (every step
@@ -755,7 +771,8 @@ class StepEngine:
                             decision=applied, stats=agent_stats, agent_row=row,
                             wait_s=self._wait, begin_s=self._begin_s,
                             finish_s=time.perf_counter() - self._finish_start - self._wait,
-                            link_bytes=self._link, _next=lambda: self.decision)
+                            link_bytes=self._link, rounds=self._rounds,
+                            link_steps=self._link_steps, _next=lambda: self.decision)
         error = self.nonfinite_error(culprits) \
             if skipped and self.config.on_nonfinite == "raise" else None
         self._reset_step()
@@ -842,6 +859,8 @@ class StepEngine:
             row = dict(agent.history[-1]) if agent.history else {}
         buffer = buffer.to(self.transport.control_device)
         self._incoming = (self.transport.broadcast(buffer, f"{self.label}.decision"), buffer)
+        self._started(None, 0)
+        self._rounds += 1
         return row
 
     # -- around the steps -----------------------------------------------------------------------

@@ -150,3 +150,13 @@ def link_bytes(exchange: Exchange, payload_bytes: float, world_size: int) -> flo
     if exchange is Exchange.ALLTOALL:
         return (n - 1) / n * payload_bytes
     return 2 * (n - 1) / n * payload_bytes
+
+
+def link_steps(exchange: Exchange | None, world_size: int) -> int:
+    """Message steps one after another that a collective takes on a ring of ``world_size``
+    ranks, each paying the link's latency once: an allreduce 2(N−1) (reduce-scatter, then
+    allgather), an allgather and an alltoall N−1 (the pairwise exchange's rounds), a
+    broadcast (``None``) N−1. Every kind grows as N−1, which is what lets a latency
+    measured at one world size be carried to another (``benchmarks.whatif``)."""
+    steps = world_size - 1
+    return 2 * steps if exchange is Exchange.ALLREDUCE else steps

@@ -62,12 +62,22 @@ def test_training_ends_identical_on_every_rank_and_learns(job, spec):
 def test_link_bytes_of_two_stages_do_not_grow_with_the_ranks_as_the_allgathers_do(job):
     reports, _ = job
     size = reports[0]["size"]
-    two = reports[0]["training"]["8bit"]["links"][-1]
-    gather = reports[0]["training"]["8bit_allgather"]["links"][-1]
+    two = reports[0]["training"]["8bit"]["links"][-1][0]
+    gather = reports[0]["training"]["8bit_allgather"]["links"][-1][0]
     if size == 2:  # the same bytes, but for the chunks' scales and padding
         assert gather <= two <= 1.2 * gather, (two, gather)
     else:  # 4 ranks: about half
         assert two < 0.65 * gather, (two, gather)
+
+
+def test_a_step_counts_its_exchange_rounds_and_their_ring_message_steps(job):
+    """Every tensor compressed, no agent, one bucket: two stages are two rounds (an alltoall,
+    then an allgather), N−1 message steps each; gathered, one round of one allgather."""
+    reports, _ = job
+    size = reports[0]["size"]
+    for label, rounds, steps in (("8bit", 2, 2 * (size - 1)), ("8bit_allgather", 1, size - 1)):
+        for _, counted, counted_steps in reports[0]["training"][label]["links"]:
+            assert (counted, counted_steps) == (rounds, steps), label
 
 
 @pytest.mark.parametrize("spec", SPECS)

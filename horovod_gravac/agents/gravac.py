@@ -91,7 +91,7 @@ The paper's behaviour is reachable with ``search="throughput"``, ``gain="error_f
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..validation import check_number
 from .base import (COMPENSATED, GRADIENT, SEND_COMPRESSED, SEND_DENSE, SEND_MIN, Agent, Decision,
@@ -118,6 +118,20 @@ LADDER_STEP = 2.0
 #: elements a step's gains are estimated from by default, shared among the tensors by size
 #: (None: exact)
 DEFAULT_GAIN_SAMPLE = 131072
+
+
+def compression_throughputs(gains: Mapping[float, float | None],
+                            step_times: Mapping[float, float | None],
+                            epsilon: float) -> dict[float, float]:
+    """The cost-model search's scores: per CF c with a gain δ(c) ≥ ε and a step time t(c) > 0,
+    δ(c) / t(c) (the best is sent). Pure numbers: ``benchmarks.whatif`` ranks predicted
+    step times at other scales with it."""
+    scores = {}
+    for cf, gain in gains.items():
+        t = step_times.get(cf)
+        if gain is not None and gain >= epsilon and t is not None and t > 0:
+            scores[cf] = gain / t
+    return scores
 
 
 def cf_ladder(theta_min: float, theta_max: float) -> tuple[float, ...]:
@@ -344,12 +358,9 @@ class CostModelSearch(ThroughputSearch):
         fit = self.link.fit()
         if fit is None:
             return {}
-        scores = {}
-        for cf in self.ladder:
-            gain, t = tracker.get(cf), self.predicted_time(fit, cf)
-            if gain is not None and gain >= self.epsilon and t is not None and t > 0:
-                scores[cf] = gain / t
-        return scores
+        return compression_throughputs({cf: tracker.get(cf) for cf in self.ladder},
+                                       {cf: self.predicted_time(fit, cf) for cf in self.ladder},
+                                       self.epsilon)
 
     def row(self) -> dict[str, Any]:
         fit = self.link.fit()

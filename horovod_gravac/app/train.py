@@ -306,7 +306,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.baseline and (args.agent != "none" or args.compression != "none"):
         raise ValueError("--baseline runs hvd.DistributedOptimizer: it takes no --agent or "
                          "--compression")
-    from horovod_gravac import agents, compression
+    from horovod_gravac import compression
     args.compress_patterns = parse_patterns(args.compress_pattern)
     if args.min_compress_numel is None:
         args.min_compress_numel = compression.DEFAULT_MIN_COMPRESS_NUMEL
@@ -660,7 +660,8 @@ PHASE_COLUMNS = ("forward_s", "backward_s", "update_s", "begin_s", "finish_s")
 PLAN_COLUMNS = ("plans", "plan_bytes_ratio", "plan_error_ratio")
 STEP_COLUMNS = ("step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf", "cf_sent",
                 "send", "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
-                "skipped_steps", *LINK_COLUMNS, *PHASE_COLUMNS, *PLAN_COLUMNS)
+                "skipped_steps", *LINK_COLUMNS, "rounds", "link_steps",
+                *PHASE_COLUMNS, *PLAN_COLUMNS)
 
 
 class RunLog:
@@ -841,7 +842,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             row = report.agent_row if report is not None else {}
             decision = report.decision if report is not None else None
             measured = {"wait_s": report.wait_s, "link_bytes": report.link_bytes,
-                        "begin_s": report.begin_s, "finish_s": report.finish_s} \
+                        "rounds": report.rounds, "link_steps": report.link_steps,
+                        "begin_s": report.begin_s,
+                        "finish_s": report.finish_s} \
                 if report is not None else {}
             log.step({**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS,
                                                   *PLAN_COLUMNS)},

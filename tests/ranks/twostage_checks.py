@@ -140,7 +140,8 @@ def train(model, opt, start, stop, poisoned=False):
     step, links, losses, unchanged = [0], [], [], {}
     if poisoned:
         handle = model[0].weight.register_hook(poison(step, RANK, NAN_STEP, INF_STEP))
-    callback = opt.register_step_callback(lambda r: links.append(r.link_bytes))
+    callback = opt.register_step_callback(
+        lambda r: links.append((r.link_bytes, r.rounds, r.link_steps)))
     for step[0] in range(start, stop):
         before = [p.detach().clone() for p in model.parameters()]
         idx = torch.randint(0, len(X), (32,),
