@@ -42,7 +42,9 @@ last gradient arrives; with one bucket, as in the small models here, nothing ove
 measured at 2, 4 and 8 ranks, calibrated at ``--calibrate-at`` ranks, predicted at the
 others; the table gives predicted vs measured median step and the error.
 
-**Projection** (``--project``): from the same calibration, every configuration at N = 2…256
+**Projection** (``--project``): from the runs at ``--project-from`` ranks (default: as many
+as this machine has cores, so no rank shared a core and there is no sharing to undo), every
+configuration at N = 2…256
 on 1–400 Gbit/s (β = 8 / bandwidth; λ and a as ``--step-latency-us`` and ``--round-ms``,
 stated in the output), the time to target from steps to target measured end to end
 (``--steps-to-target``, a CSV of ``benchmarks.end_to_end``), and the CF GraVAC's cost model
@@ -157,30 +159,28 @@ class Link:
 
 def fit_link(points: Sequence[tuple[float, float, float, float]],
              per_step: float | None = None) -> Link:
-    """Non-negative least squares of wait ≈ a·r + λ·s + β·B over (r, s, B, wait) points, in
-    relative terms (each point's error over its wait): the best of every subset of the terms solved unconstrained whose solution is ≥ 0 (exact
+    """Non-negative least squares of wait ≈ a·r + λ·s + β·B over (r, s, B, wait) points:
+    the best of every subset of the terms solved unconstrained whose solution is ≥ 0 (exact
     for so few unknowns). ``per_step`` given: λ is that, and a and β are fitted to what
     remains. ``ValueError`` with no point."""
     if not points:
         raise ValueError("fit_link needs at least one measured run")
     x = np.array([p[:3] for p in points], dtype=float)
     y = np.array([p[3] for p in points], dtype=float)
-    weight = 1 / np.maximum(y, 1e-9)  # relative errors: a 10 ms wait counts as a 1 s one
     free = [0, 1, 2]
     if per_step is not None:
         y = y - per_step * x[:, 1]
         free = [0, 2]
     scale = np.where(x.max(axis=0) > 0, x.max(axis=0), 1.0)  # conditioning: bytes are ~1e6
-    best, best_error = np.zeros(3), float(np.sum((y * weight) ** 2))
+    best, best_error = np.zeros(3), float(np.sum(y ** 2))
     for size in range(1, len(free) + 1):
         for cols in map(list, itertools.combinations(free, size)):
-            sol, *_ = np.linalg.lstsq(x[:, cols] / scale[cols] * weight[:, None], y * weight,
-                                      rcond=None)
+            sol, *_ = np.linalg.lstsq(x[:, cols] / scale[cols], y, rcond=None)
             if np.any(sol < 0):
                 continue
             coef = np.zeros(3)
             coef[cols] = sol / scale[cols]
-            error = float(np.sum(((x @ coef - y) * weight) ** 2))
+            error = float(np.sum((x @ coef - y) ** 2))
             if error < best_error - 1e-15:
                 best, best_error = coef, error
     if per_step is not None:
@@ -441,8 +441,8 @@ def load_steps_to_target(path: Path | None) -> dict[str, float]:
 
 def project(args: argparse.Namespace) -> list[dict]:
     """Every configuration at N = 2…256 on 1–400 Gbit/s, with time to target and GraVAC's CF."""
-    cals = calibrations(args.out, args.calibrate_at, args.warmup)
-    scale = 1 / host_share(args.calibrate_at, args.cores)  # one uncontended worker per device
+    cals = calibrations(args.out, args.project_from, args.warmup)
+    scale = 1 / host_share(args.project_from, args.cores)  # one uncontended worker per device
     steps_to = load_steps_to_target(args.steps_to_target)
     model, batches = workload_batches(args.workload, 4)
     torch.manual_seed(0)
@@ -461,7 +461,7 @@ def project(args: argparse.Namespace) -> list[dict]:
                     if name in steps_to})
         row["GraVAC CF"] = gravac_choice(gains, ladder) if ladder else None
         rows.append(row)
-    head = (f"{args.workload} projected from {args.calibrate_at} emulated ranks: compute and "
+    head = (f"{args.workload} projected from {args.project_from} emulated ranks: compute and "
             f"codec of one uncontended worker (measured / {1 / scale:g}); link: the bandwidth, "
             f"{args.step_latency_us:g} µs per ring message step and {args.round_ms:g} ms per "
             "exchange round (assumed); no "
@@ -599,12 +599,13 @@ def paper(args: argparse.Namespace) -> list[dict]:
                                               C.DEFAULT_MIN_COMPRESS_NUMEL)
         flops = step_flops(model)
         compute = flops / (args.gpu_tflops * 1e12)
-        # two stages are timed as their quantizer's codec (paper_step adds the second stage)
-        codecs = {name: codec_seconds(c.spec.replace("two_stage", "allgather"), c.cf, shapes,
-                                      uncompressed, scale, floor)
-                  for name, c in PAPER_CONFIGS.items()}
         ladder_codec = {cf: codec_seconds("topk", cf, shapes, uncompressed, scale, floor)
                         for cf in GRAVAC_LADDER}
+        # two stages are timed as their quantizer's codec (paper_step adds the second stage)
+        codecs = {name: ladder_codec[c.cf] if c.spec == "topk" and c.cf in ladder_codec else
+                  codec_seconds(c.spec.replace("two_stage", "allgather"), c.cf, shapes,
+                                uncompressed, scale, floor)
+                  for name, c in PAPER_CONFIGS.items()}
         torch.manual_seed(0)
         net = create_model(model)
         if model.startswith("lstm"):
@@ -630,11 +631,13 @@ def paper(args: argparse.Namespace) -> list[dict]:
             def step(name: str, ranks: int) -> Prediction:
                 return paper_step(PAPER_CONFIGS[name], shapes, uncompressed, compute,
                                   codecs[name], link, ranks)
+            def pick_at(ranks: int) -> str:
+                """GraVAC's cost model's CF for TopK on ``ranks`` workers."""
+                return gravac_choice(gains, {cf: paper_step(
+                    PaperConfig("topk", cf, (_SUM, _GATHER)), shapes, uncompressed, compute,
+                    ladder_codec[cf], link, ranks).step_s for cf in GRAVAC_LADDER})
             at = {name: step(name, args.paper_ranks) for name in PAPER_CONFIGS}
-            ladder = {cf: paper_step(PaperConfig("topk", cf, (_SUM, _GATHER)), shapes,
-                                     uncompressed, compute, ladder_codec[cf], link,
-                                     args.paper_ranks).step_s for cf in GRAVAC_LADDER}
-            pick = gravac_choice(gains, ladder)
+            pick = pick_at(args.paper_ranks)
             curves[(model, gbit)] = {name: [step(name, n).step_s for n in WORLD_SIZES]
                                      for name in PAPER_CONFIGS}
             for name, p in at.items():
@@ -648,7 +651,8 @@ def paper(args: argparse.Namespace) -> list[dict]:
                 stops = next((n for n in range(2, 257)
                               if step(name, n).step_s >= step(DENSE, n).step_s), None)
                 crossings.append({"model": model, "gbit_per_s": gbit, "config": name,
-                                  "stops_paying_at": stops})
+                                  "stops_paying_at": stops,
+                                  "GraVAC CF there": pick_at(stops) if stops else None})
     head = (f"{args.paper_ranks} workers; assumed: compute = counted FLOPs / "
             f"{args.gpu_tflops:g} TFLOPS sustained; codec = this CPU's time × {scale:.3f} (its "
             f"memcpy {cpu_gbps:.1f} GB/s over {args.gpu_memory_gbps:g} GB/s), at least "
@@ -776,7 +780,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--project", action="store_true", help="N = 2…256 on 1–400 Gbit/s")
     p.add_argument("--paper", action="store_true", help="the paper's models at 32 workers")
     p.add_argument("--ranks", default="2,4,8", help="world sizes to measure")
-    p.add_argument("--calibrate-at", type=int, default=4, help="ranks of the calibration runs")
+    p.add_argument("--calibrate-at", type=int, default=4,
+                   help="ranks of the calibration runs that --validate predicts the others from")
+    p.add_argument("--project-from", type=int, default=None,
+                   help="ranks of the runs --project starts from (default: this machine's "
+                        "cores, the most ranks that each have a core: no sharing to undo)")
     p.add_argument("--steps", type=int, default=60, help="steps of a measured run")
     p.add_argument("--warmup", type=int, default=10, help="first steps of a run left out")
     p.add_argument("--rate", default="100mbit")
@@ -821,7 +829,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [m for m in args.paper_models if m not in PAPER_MODELS]
     if unknown:
         raise ValueError(f"--paper-models: unknown {unknown}; valid: {list(PAPER_MODELS)}")
-    for flag in ("calibrate_at", "paper_ranks"):
+    args.project_from = args.project_from or max(2, args.cores)
+    for flag in ("calibrate_at", "project_from", "paper_ranks"):
         if getattr(args, flag) < 2:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 2, got {getattr(args, flag)}")
     for flag in ("steps", "cores"):

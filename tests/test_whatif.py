@@ -130,8 +130,8 @@ def test_topk_gains_fall_with_the_cf_and_are_one_for_a_single_element_per_tensor
     assert gains[1.0] > gains[10.0] > gains[100.0] > 0
 
 
-def test_paper_steps_decode_per_peer_only_when_gathered():
-    shapes = (("w", torch.Size([4096, 4096])),)
+def test_paper_steps_decode_per_peer_only_when_gathered_and_wait_per_bucket():
+    shapes = (("w", torch.Size([2048, 2048])),)  # 16 MB: one 25 MB bucket
     link = W.cluster_link(25, 1e-5, 1e-4)
     codec = (0.001, 0.002)
     steps = {name: W.paper_step(W.PAPER_CONFIGS[name], shapes, frozenset(), 0.05, codec, link,
@@ -142,10 +142,10 @@ def test_paper_steps_decode_per_peer_only_when_gathered():
     assert steps["PowerSGD rank 1 (allreduce)"].codec_s == pytest.approx(0.003)
     dense = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"], shapes, frozenset(), 0.05,
                          (0.0, 0.0), link, 32)
-    assert dense.wait_s == pytest.approx(1e-4 + 1e-5 * 62 + 8e-10 * 2 * 31 / 32 * 4 * 4096 ** 2)
+    assert dense.wait_s == pytest.approx(1e-4 + 1e-5 * 62 + 3.2e-10 * 2 * 31 / 32 * 4 * 2048 ** 2)
     two_stage = steps["8-bit (two-stage)"]  # an alltoall, then an allgather: two rounds
     assert two_stage.wait_s == pytest.approx(
-        2e-4 + 1e-5 * (62 + 31 + 31) + 8e-10 * W.step_traffic(
+        2e-4 + 1e-5 * (62 + 31 + 31) + 3.2e-10 * W.step_traffic(
             shapes, C.create("8bit:exchange=two_stage"), frozenset(), None, 32).link_bytes)
 
 
@@ -177,3 +177,13 @@ def test_missing_calibration_runs_and_steps_to_target_files_are_named(tmp_path):
         W.calibrations(tmp_path, 4, 0)
     with pytest.raises(FileNotFoundError, match="--steps-to-target"):
         W.load_steps_to_target(tmp_path / "none.csv")
+
+
+def test_paper_steps_pay_every_bucket_its_rounds():
+    link = W.cluster_link(25, 1e-5, 1e-4)
+    one = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"], (("w", torch.Size([2048, 2048])),),
+                       frozenset(), 0.0, (0.0, 0.0), link, 8)
+    three = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"],
+                         (("w", torch.Size([4096, 4096])),), frozenset(), 0.0, (0.0, 0.0), link, 8)
+    latency = 1e-4 + 1e-5 * 14  # one bucket's round and ring steps
+    assert three.wait_s - 4 * (one.wait_s - latency) == pytest.approx(3 * latency)
