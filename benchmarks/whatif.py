@@ -58,7 +58,8 @@ input is derived and said so in the output: compute = the model's forward + back
 (counted by ``torch.utils.flop_counter`` on the meta device, the paper's batch per worker)
 over ``--gpu-tflops`` sustained; codec = each tensor's compress and decode time measured on
 this CPU (one thread) scaled by this CPU's memcpy bandwidth over ``--gpu-memory-gbps``
-(compression is memory-bound), at least ``--kernel-floor-us`` per tensor; the engine's rounds
+(compression is memory-bound), at least ``--kernel-floor-us`` per tensor and pass (an allgather's N payloads are decoded
+in one pass); the engine's rounds
 per 25 MB bucket; gains from one gradient of each model (random CIFAR-shaped images,
 or PTB). It says at which N allgather-based TopK stops paying against dense allreduce, and
 what GraVAC's cost model picks.
@@ -527,20 +528,20 @@ def memcpy_gbps(numel: int = 2**26, repeat: int = 3) -> float:
 
 
 def codec_seconds(spec: str, cf: float | None, shapes: Sequence[tuple[str, torch.Size]],
-                  uncompressed: frozenset[str], scale: float, floor_s: float,
-                  repeat: int = 2) -> tuple[float, float]:
-    """(encode, decode of one payload) seconds of a step: per compressed tensor, error
-    feedback + compression (all rounds) and one payload's decoding timed on this CPU, times
-    ``scale``, at least ``floor_s`` each."""
+                  uncompressed: frozenset[str], scale: float,
+                  repeat: int = 2) -> list[tuple[float, float]]:
+    """Per compressed tensor, (encode, decode of one payload) seconds: error feedback +
+    compression (all rounds) and one payload's decoding, timed on this CPU, times ``scale``
+    (empty for no compression)."""
     from benchmarks.compressors import timed
     compressor = C.create(spec)
     if cf is not None:
         compressor.cf = cf
     if compressor.name == "none":
-        return 0.0, 0.0
+        return []
     memory = C.create_memory(None, compressor)
     gen = torch.Generator().manual_seed(0)
-    encode_s = decode_s = 0.0
+    times = []
     for name, shape in shapes:
         if name in uncompressed:
             continue
@@ -555,31 +556,35 @@ def codec_seconds(spec: str, cf: float | None, shapes: Sequence[tuple[str, torch
             memory.update(name, x, compressor, payload, ctx)
             return payload, ctx
         payload, ctx = encode()
-        encode_s += max(scale * timed(encode, repeat), floor_s)
-        decode_s += max(scale * timed(lambda: compressor.aggregate([payload], ctx, out=out),
-                                      repeat), floor_s)
-    return encode_s, decode_s
+        times.append((scale * timed(encode, repeat), scale * timed(
+            lambda: compressor.aggregate([payload], ctx, out=out), repeat)))
+    return times
 
 
 def paper_step(config: PaperConfig, shapes: Sequence[tuple[str, torch.Size]],
-               uncompressed: frozenset[str], compute_s: float, codec: tuple[float, float],
-               link: Link, world_size: int) -> Prediction:
-    """A step of ``config`` at the paper's scale: compute, codec (decoding per gathered
-    payload; two stages decode twice and compress the owned chunk again), and the wait of
-    ``config``'s rounds and collectives per fusion bucket."""
-    encode_s, decode_s = codec
+               uncompressed: frozenset[str], compute_s: float,
+               codec: Sequence[tuple[float, float]], link: Link, world_size: int,
+               floor_s: float = 0.0) -> Prediction:
+    """A step of ``config`` at the paper's scale: compute; codec from each tensor's (encode,
+    decode one payload) times, each pass at least ``floor_s`` (kernel launches): an allgather
+    decodes its N payloads in one pass (N× the elements), two stages decode twice and
+    compress the owned chunk again; and the wait of ``config``'s rounds and collectives per
+    fusion bucket."""
+    n = world_size
     compressor = C.create(config.spec)
     if config.cf is not None:
         compressor.cf = config.cf
-    traffic = step_traffic(shapes, compressor, uncompressed, config.cf, world_size)
-    if _SCATTER in config.collectives:
-        codec_s = encode_s * (1 + 1 / world_size) + 2 * decode_s
-    elif _GATHER in config.collectives:
-        codec_s = encode_s + world_size * decode_s
-    else:
-        codec_s = encode_s + decode_s
+    traffic = step_traffic(shapes, compressor, uncompressed, config.cf, n)
+
+    def passes(encode: float, decode: float) -> tuple[float, ...]:
+        if _SCATTER in config.collectives:  # the owner decodes N chunks, compresses its own
+            return encode, decode, encode / n, decode
+        if _GATHER in config.collectives:
+            return encode, n * decode
+        return encode, decode
+    codec_s = sum(max(t, floor_s) for e, d in codec for t in passes(e, d))
     buckets = math.ceil(sum(4 * s.numel() for _, s in shapes) / BUCKET_BYTES)
-    steps = buckets * sum(link_steps(kind, world_size) for kind in config.collectives)
+    steps = buckets * sum(link_steps(kind, n) for kind in config.collectives)
     return Prediction(compute_s, codec_s, link.wait(buckets * config.rounds, steps,
                                                     traffic.link_bytes))
 
@@ -588,6 +593,7 @@ def paper(args: argparse.Namespace) -> list[dict]:
     """The paper's workloads at 32 workers on 10/25/100 Gbit/s, the N where allgather TopK
     stops paying, and GraVAC's pick."""
     from horovod_gravac.app import data
+    torch.set_num_threads(1)  # the codec and memcpy timings alike: one core of this CPU
     cpu_gbps = memcpy_gbps()
     scale = cpu_gbps / args.gpu_memory_gbps
     floor = args.kernel_floor_us * 1e-6
@@ -599,12 +605,12 @@ def paper(args: argparse.Namespace) -> list[dict]:
                                               C.DEFAULT_MIN_COMPRESS_NUMEL)
         flops = step_flops(model)
         compute = flops / (args.gpu_tflops * 1e12)
-        ladder_codec = {cf: codec_seconds("topk", cf, shapes, uncompressed, scale, floor)
+        ladder_codec = {cf: codec_seconds("topk", cf, shapes, uncompressed, scale)
                         for cf in GRAVAC_LADDER}
         # two stages are timed as their quantizer's codec (paper_step adds the second stage)
         codecs = {name: ladder_codec[c.cf] if c.spec == "topk" and c.cf in ladder_codec else
                   codec_seconds(c.spec.replace("two_stage", "allgather"), c.cf, shapes,
-                                uncompressed, scale, floor)
+                                uncompressed, scale)
                   for name, c in PAPER_CONFIGS.items()}
         torch.manual_seed(0)
         net = create_model(model)
@@ -630,12 +636,12 @@ def paper(args: argparse.Namespace) -> list[dict]:
 
             def step(name: str, ranks: int) -> Prediction:
                 return paper_step(PAPER_CONFIGS[name], shapes, uncompressed, compute,
-                                  codecs[name], link, ranks)
+                                  codecs[name], link, ranks, floor)
             def pick_at(ranks: int) -> str:
                 """GraVAC's cost model's CF for TopK on ``ranks`` workers."""
                 return gravac_choice(gains, {cf: paper_step(
                     PaperConfig("topk", cf, (_SUM, _GATHER)), shapes, uncompressed, compute,
-                    ladder_codec[cf], link, ranks).step_s for cf in GRAVAC_LADDER})
+                    ladder_codec[cf], link, ranks, floor).step_s for cf in GRAVAC_LADDER})
             at = {name: step(name, args.paper_ranks) for name in PAPER_CONFIGS}
             pick = pick_at(args.paper_ranks)
             curves[(model, gbit)] = {name: [step(name, n).step_s for n in WORLD_SIZES]

@@ -133,7 +133,7 @@ def test_topk_gains_fall_with_the_cf_and_are_one_for_a_single_element_per_tensor
 def test_paper_steps_decode_per_peer_only_when_gathered_and_wait_per_bucket():
     shapes = (("w", torch.Size([2048, 2048])),)  # 16 MB: one 25 MB bucket
     link = W.cluster_link(25, 1e-5, 1e-4)
-    codec = (0.001, 0.002)
+    codec = [(0.001, 0.002)]
     steps = {name: W.paper_step(W.PAPER_CONFIGS[name], shapes, frozenset(), 0.05, codec, link,
                                 32) for name in ("TopK 100x (allgather)", "8-bit (two-stage)",
                                                  "PowerSGD rank 1 (allreduce)")}
@@ -141,7 +141,7 @@ def test_paper_steps_decode_per_peer_only_when_gathered_and_wait_per_bucket():
     assert steps["8-bit (two-stage)"].codec_s == pytest.approx(0.001 * (1 + 1 / 32) + 0.004)
     assert steps["PowerSGD rank 1 (allreduce)"].codec_s == pytest.approx(0.003)
     dense = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"], shapes, frozenset(), 0.05,
-                         (0.0, 0.0), link, 32)
+                         [], link, 32)
     assert dense.wait_s == pytest.approx(1e-4 + 1e-5 * 62 + 3.2e-10 * 2 * 31 / 32 * 4 * 2048 ** 2)
     two_stage = steps["8-bit (two-stage)"]  # an alltoall, then an allgather: two rounds
     assert two_stage.wait_s == pytest.approx(
@@ -182,8 +182,18 @@ def test_missing_calibration_runs_and_steps_to_target_files_are_named(tmp_path):
 def test_paper_steps_pay_every_bucket_its_rounds():
     link = W.cluster_link(25, 1e-5, 1e-4)
     one = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"], (("w", torch.Size([2048, 2048])),),
-                       frozenset(), 0.0, (0.0, 0.0), link, 8)
+                       frozenset(), 0.0, [], link, 8)
     three = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"],
-                         (("w", torch.Size([4096, 4096])),), frozenset(), 0.0, (0.0, 0.0), link, 8)
+                         (("w", torch.Size([4096, 4096])),), frozenset(), 0.0, [], link, 8)
     latency = 1e-4 + 1e-5 * 14  # one bucket's round and ring steps
     assert three.wait_s - 4 * (one.wait_s - latency) == pytest.approx(3 * latency)
+
+
+def test_a_kernel_floor_is_paid_once_per_pass_not_per_gathered_payload():
+    link = W.cluster_link(25, 0.0, 0.0)
+    topk = W.PAPER_CONFIGS["TopK 100x (allgather)"]
+    shapes = (("w", torch.Size([512, 512])),)
+    tiny = W.paper_step(topk, shapes, frozenset(), 0.0, [(1e-7, 1e-7)], link, 32, floor_s=2e-5)
+    assert tiny.codec_s == pytest.approx(2 * 2e-5)  # 32 × 0.1 µs decoded in one pass: floored
+    big = W.paper_step(topk, shapes, frozenset(), 0.0, [(1e-7, 1e-5)], link, 32, floor_s=2e-5)
+    assert big.codec_s == pytest.approx(2e-5 + 32e-5)
