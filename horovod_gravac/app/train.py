@@ -843,8 +843,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             decision = report.decision if report is not None else None
             measured = {"wait_s": report.wait_s, "link_bytes": report.link_bytes,
                         "rounds": report.rounds, "link_steps": report.link_steps,
-                        "begin_s": report.begin_s,
-                        "finish_s": report.finish_s} \
+                        "begin_s": report.begin_s, "finish_s": report.finish_s} \
                 if report is not None else {}
             log.step({**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS,
                                                   *PLAN_COLUMNS)},
