@@ -9,7 +9,7 @@ COMPRESSED = ("topk", "dgc", "powersgd", "gravac", "gravac_powersgd", "gravac_co
               "accordion", "plan", "static", "no_sync", "unused")
 
 
-@pytest.fixture(scope="module", params=[2, 4])
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)])
 def job(request):
     return run_torchrun("ddp_checks.py", request.param, [str(STEPS)], timeout=600)
 

@@ -219,7 +219,7 @@ PTB_FLAGS = ["--model", "lstm200", "--data", "ptb", "--lr", "1", "--momentum", "
              "--clip", "0.25", "--eval-batches", "20"]
 
 
-@pytest.mark.parametrize("launcher", ["mpirun", "gloo"])
+@pytest.mark.parametrize("launcher", ["mpirun", pytest.param("gloo", marks=pytest.mark.slow)])
 def test_short_runs_under_both_launchers(tmp_path, launcher):
     s = train_job(launcher, tmp_path / "digits", "--model", "mlp", "--data", "digits",
                   "--steps", "40", "--eval-interval", "20", "--compression", "dgc",
