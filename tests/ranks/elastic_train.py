@@ -61,8 +61,11 @@ def train(state):
         state.step += 1
         checks["sizes"].append(size)
         if MODE == "remove" and state.step == REMOVE_STEP and rank == 0:
-            with open(os.environ["HOROVOD_GRAVAC_HOSTS_FILE"], "w") as f:
+            # atomically: the driver's discovery poll must never read a truncated, empty list
+            hosts = os.environ["HOROVOD_GRAVAC_HOSTS_FILE"]
+            with open(hosts + ".new", "w") as f:
                 f.write("localhost:1\n")
+            os.replace(hosts + ".new", hosts)
         if state.step % COMMIT_EVERY == 0:
             state.commit()
         if MODE == "fixed" and state.step == SYNC_STEP and "residuals_kept" not in checks:
