@@ -85,6 +85,7 @@ import numpy as np
 import torch
 
 from benchmarks.end_to_end import WORKLOADS, launch, slug
+from benchmarks.step_time import phases, read_steps
 from horovod_gravac import compression as C
 from horovod_gravac.agents.gravac import cf_ladder, compression_throughputs
 from horovod_gravac.app.models import create_model, parameter_shapes
@@ -229,17 +230,19 @@ class Calibration:
         from horovod_gravac.app.train import parse_patterns
         config = json.loads((run_dir / "config.json").read_text())
         summary = json.loads((run_dir / "summary.json").read_text())
-        with open(run_dir / "steps.csv") as f:
-            rows = list(csv.DictReader(f))
+        rows = read_steps(run_dir / "steps.csv", 0)
         rows = rows[warmup:] if len(rows) > warmup else rows
-        missing = [c for c in ("rounds", "link_steps", "begin_s") if not rows[0].get(c)]
+        missing = [c for c in ("rounds", "link_steps", "begin_s") if c not in rows[0]]
         if missing:
             raise ValueError(f"{run_dir}: steps.csv has no {', '.join(missing)}: a run through "
                              "this library's engine (not --baseline) is needed")
 
         def median(fn: Callable[[dict[str, float]], float]) -> float:
-            return statistics.median(fn({k: float(v) for k, v in r.items() if v not in ("",)
-                                         and k not in ("send",)}) for r in rows)
+            return statistics.median(fn(r) for r in rows)
+
+        def compute(row: dict[str, float]) -> float:  # the Horovod optimizer's path
+            split = phases(row, through_ddp=False)
+            return split["compute"] + split["optimizer"]
         shapes = tuple(parameter_shapes(config["model"]))
         uncompressed = C.uncompressed_tensors(((n, s.numel()) for n, s in shapes),
                                               config["min_compress_numel"],
@@ -247,8 +250,7 @@ class Calibration:
         return cls(
             name=name, model=config["model"], ranks=int(summary["ranks"]),
             compression=config["compression"], cf=config.get("cf"), uncompressed=uncompressed,
-            compute_s=median(lambda r: r["forward_s"] + r["backward_s"] - r["begin_s"]
-                             + r["update_s"] - r["wait_s"] - r["finish_s"]),
+            compute_s=median(compute),
             begin_s=median(lambda r: r["begin_s"]), finish_s=median(lambda r: r["finish_s"]),
             wait_s=median(lambda r: r["wait_s"]), step_s=median(lambda r: r["step_s"]),
             link_bytes=median(lambda r: r["link_bytes"]),
@@ -364,14 +366,17 @@ def workload_batches(workload: str, count: int, seed: int = 0
     tokens = data.PTBCorpus().train
     model = {"ptb": "lstm200", "gpt": "gpt4x256"}[workload]
     starts = [int(s) for s in torch.randint(len(tokens) - 20 * 36, (count,), generator=gen)]
+    return model, [lambda m, s=s: lm_loss(m, tokens, s) for s in starts]
 
-    def lm_loss(m: torch.nn.Module, start: int) -> torch.Tensor:
-        chunk = tokens[start:start + 20 * 36].view(20, 36)
-        out = m(chunk[:, :-1])
-        logits = out[0] if isinstance(out, tuple) else out
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 chunk[:, 1:].reshape(-1))
-    return model, [lambda m, s=s: lm_loss(m, s) for s in starts]
+
+def lm_loss(model: torch.nn.Module, tokens: torch.Tensor, start: int) -> torch.Tensor:
+    """Next-token cross-entropy of one worker's batch (the paper's 20 streams × 35 tokens)
+    from ``tokens[start:]``."""
+    chunk = tokens[start:start + 20 * 36].view(20, 36)
+    out = model(chunk[:, :-1])
+    logits = out[0] if isinstance(out, tuple) else out
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             chunk[:, 1:].reshape(-1))
 
 
 # -- measuring, validating, projecting ---------------------------------------------------------
@@ -445,11 +450,11 @@ def project(args: argparse.Namespace) -> list[dict]:
     cals = calibrations(args.out, args.project_from, args.warmup)
     scale = 1 / host_share(args.project_from, args.cores)  # one uncontended worker per device
     steps_to = load_steps_to_target(args.steps_to_target)
-    model, batches = workload_batches(args.workload, 4)
-    torch.manual_seed(0)
-    net = create_model(model)
-    topk = cals.get(TOPK)
-    gains = topk_gains(net, batches, topk.uncompressed, GRAVAC_LADDER) if topk else {}
+    topk, gains = cals.get(TOPK), {}
+    if topk:
+        model, batches = workload_batches(args.workload, 4)
+        torch.manual_seed(0)
+        gains = topk_gains(create_model(model), batches, topk.uncompressed, GRAVAC_LADDER)
     rows = []
     for gbit, ranks in itertools.product(args.bandwidths, args.world_sizes):
         link = cluster_link(gbit, args.step_latency_us * 1e-6, args.round_ms * 1e-3)
@@ -615,9 +620,8 @@ def paper(args: argparse.Namespace) -> list[dict]:
         torch.manual_seed(0)
         net = create_model(model)
         if model.startswith("lstm"):
-            tokens = data.PTBCorpus().train[:20 * 36].view(20, 36)
-            batches = [lambda m: torch.nn.functional.cross_entropy(
-                m(tokens[:, :-1])[0].reshape(-1, 10000), tokens[:, 1:].reshape(-1))]
+            tokens = data.PTBCorpus().train
+            batches = [lambda m: lm_loss(m, tokens, 0)]
         else:
             classes = 100 if model == "vgg16" else 10
             gen = torch.Generator().manual_seed(0)
