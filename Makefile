@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 
-.PHONY: install test test-all test-docker demo clean
+.PHONY: install test test-all test-docker test-gpu demo clean
 
 install:
 	bash launch/install.sh
@@ -18,6 +18,12 @@ test-all: install
 test-docker:
 	INSTALL_IMAGE_TOOLS=1 bash launch/install.sh
 	$(PY) -m pytest tests -m docker -s
+
+# the GPU paths in one go, on a machine with a GPU: its own python3 with torch (no .venv, no
+# Horovod); results in results/gpu/. Without a GPU it says why and exits 0.
+PYTHON3 ?= python3
+test-gpu:
+	$(PYTHON3) -m benchmarks.gpu_check
 
 demo: install
 	NP=$(NP) bash launch/demo.sh

@@ -191,7 +191,7 @@ def two_processes():
     return multirank._run(
         lambda path: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                       "--nproc_per_node", "2", path, *args],
-        "ddp_device_checks.py", range(2), 300.0, "torchrun --nproc_per_node 2 ddp_device_checks.py")
+        "ddp_device_checks.py", range(2), 150.0, "torchrun --nproc_per_node 2 ddp_device_checks.py")
 
 
 def slow_on_the_cpu(test):
