@@ -21,7 +21,7 @@ one GPU) it runs three phases, each in its own process, and writes everything to
 raw output lie beside them. Without a CUDA device it says why and exits 0 (leaving an
 earlier GPU run's results as they are). ``--device cpu`` runs the same machinery on the CPU
 (a small model, written under ``runs/``): a dry run of this script, not GPU results. The exit
-status is 1 when a check failed or a phase crashed or ran out of time.
+status is 1 when a check failed, or the tests or the timings crashed or ran out of time.
 
     python3 -m benchmarks.gpu_check                 # what make test-gpu runs
     python3 -m benchmarks.gpu_check --phases timings --compressors topk,qsgd
@@ -59,8 +59,11 @@ from horovod_gravac.app.models import parameter_shapes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("tests", "timings", "compile")
-#: each phase's time limit (seconds): the whole run stays within ~5 minutes on one GPU
+#: each phase's time limit (seconds): a run that goes well takes about 3 minutes on one GPU,
+#: one that hangs is stopped within 7.5
 PHASE_TIMEOUT = {"tests": 240, "timings": 120, "compile": 90}
+#: phases whose failure fails the run (the compile phase is a note)
+REQUIRED = ("tests", "timings")
 #: the goal: a compressor's step within this many times the device-copy floor
 FLOOR_GOAL = 3.0
 #: the goal for the whole run, in seconds
@@ -325,8 +328,8 @@ def compile_notes(device: torch.device, names: list[str],
 
 
 def compile_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| compressor | TorchDynamo graphs | graph breaks | why (first of each) | CUDA graph |",
-             "|---|---|---|---|---|"]
+    lines = ["| compressor | TorchDynamo graphs | graph breaks | why (first of each) | "
+             "CUDA graph |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['compressor']} | {_fmt(r['graphs'], 'd')} | "
                      f"{_fmt(r['graph_breaks'], 'd')} | {r['break_reasons'] or '—'} | "
@@ -514,7 +517,10 @@ def summary_markdown(report: dict[str, Any]) -> str:
     failed = [c for c in tests if c["outcome"] in ("failed", "error")]
     if failed:
         lines += ["", "## Failed checks", ""]
-        lines += [f"- `{c['id']}`: {c['message'][:400]}".replace("\n", " ") for c in failed]
+        lines += [f"- `{c['id']}`: {c['message'][:400]}".replace("\n", " ")
+                  for c in failed[:30]]
+        if len(failed) > 30:
+            lines.append(f"- and {len(failed) - 30} more: see `tests.log`")
     syncs = sync_rows(tests)
     if syncs:
         lines += ["", "## Host syncs in backward, per configuration", "",
@@ -557,8 +563,8 @@ def skip(out: Path, reason: str, start: float) -> int:
 
 
 def run_all(args: argparse.Namespace, device: torch.device) -> int:
-    """Every phase in its own process, then the summary; 1 when a check failed or a phase
-    crashed or ran out of time."""
+    """Every phase in its own process, then the summary; 1 when a check failed or a required
+    phase crashed or ran out of time."""
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     for stale in ("tests.xml", "timings.json", "compile.json"):
@@ -572,7 +578,7 @@ def run_all(args: argparse.Namespace, device: torch.device) -> int:
                                  args.timeouts[name], env)
     total = time.perf_counter() - start
     found = collect(args.out, phases)
-    failed = any(p["returncode"] != 0 for p in phases.values())
+    failed = any(p["returncode"] != 0 for n, p in phases.items() if n in REQUIRED)
     report = {"status": "failed" if failed else "passed",
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
               "environment": environment(device), "seconds": round(total, 1),

@@ -95,8 +95,10 @@ def test_the_timing_markdown_of_known_numbers():
              "enqueue_ms": 0.2, "x_copy": 2.0, "within_goal": True, "reference_ms": None,
              "x_faster_than_reference": None, "grace_ms": None, "x_faster_than_grace": None}]
     lines = G.timings_markdown(rows, floor).splitlines()
-    assert lines[2] == "| topk | CF 100 (default) | 0.01 | 4.00 | 3.90 | 8.0 | no | 8.00 | 2.00 | — | — |"
-    assert lines[3] == "| fp16 | default (CF 2) | 0.75 | 1.00 | 0.20 | 2.0 | yes | — | — | — | — |"
+    assert lines[2] == ("| topk | CF 100 (default) | 0.01 | 4.00 | 3.90 | 8.0 | no | 8.00 | 2.00 "
+                        "| — | — |")
+    assert lines[3] == ("| fp16 | default (CF 2) | 0.75 | 1.00 | 0.20 | 2.0 | yes | — | — "
+                        "| — | — |")
     assert lines[-1].startswith("Copy floor: 0.500 ms a step to copy the 3 compressed gradients "
                                 "(1.5 MB) one by one; 0.250 ms as one buffer (12 GB/s")
 
@@ -146,7 +148,8 @@ def test_junit_results_become_goals_and_the_summary(tmp_path):
               "goals": list(goals.values()), "tests": cases}
     summary = G.summary_markdown(report)
     assert summary.startswith("# GPU check: failed\n\ntoday; NVIDIA H100, torch 2.11 (CUDA 13.0")
-    assert "| gravac (topk) | xfailed | 1 | 2 | engine.py:426 decision: values.tolist() |" in summary
+    assert "| gravac (topk) | xfailed | 1 | 2 | engine.py:426 decision: values.tolist() |" \
+        in summary
     assert "- `test_device_variants::test_round_trip[dgc]`: AssertionError: not finite" in summary
     assert "Phase `tests` exited 1: see `tests.log`." in summary
 

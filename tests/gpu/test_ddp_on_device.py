@@ -58,6 +58,20 @@ CONFIGS = {"plain DDP": None,
                           "agent": lambda: A.LayerPlan(A.Static(cf=10), plan_interval=3)}}
 
 
+#: the hook states the current test made
+_states: list[ddp.DDPCompressionState] = []
+
+
+@pytest.fixture(autouse=True)
+def receive_decisions_in_flight():
+    """After each test its engines receive their last decision's broadcast, so that none is
+    left in flight when the process group goes (at the module's end) or at exit."""
+    yield
+    for state in _states:
+        state.engine.decision  # the property waits for the broadcast
+    _states.clear()
+
+
 def build(device: torch.device, settings: dict | None, seed: int = 0):
     """A small DDP model on ``device`` (several DDP buckets and two of the engine's; the
     biases go dense), its optimizer, and the hook's state (None for plain DDP)."""
@@ -71,6 +85,7 @@ def build(device: torch.device, settings: dict | None, seed: int = 0):
     if settings is not None:
         settings = {k: v() if callable(v) else v for k, v in settings.items()}
         state = ddp.register_comm_hook(model, optimizer=opt, bucket_cap_mb=0.05, **settings)
+        _states.append(state)
     return model, opt, state
 
 
