@@ -13,7 +13,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,10 +205,14 @@ def two_processes():
     if reason is not None:
         pytest.skip(reason)
     args = [device_name(), str(STEPS)]
+    # one machine: Gloo on the loopback, whatever the host name resolves to
+    loopback = {"GLOO_SOCKET_IFNAME": "lo"} if "GLOO_SOCKET_IFNAME" not in os.environ and \
+        Path("/sys/class/net/lo").exists() else {}
     return multirank._run(
         lambda path: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                       "--nproc_per_node", "2", path, *args],
-        "ddp_device_checks.py", range(2), 150.0, "torchrun --nproc_per_node 2 ddp_device_checks.py")
+        "ddp_device_checks.py", range(2), 150.0, "torchrun --nproc_per_node 2 ddp_device_checks.py",
+        **loopback)
 
 
 def slow_on_the_cpu(test):
@@ -224,7 +230,8 @@ def test_two_processes_train_identically(two_processes, config):
     assert all(torch.isfinite(v).all() for v in ranks[0]["params"].values())
     assert all(r["decisions"] == ranks[0]["decisions"] for r in ranks)
     assert ranks[0]["steps"] == STEPS and ranks[0]["bytes"] < ranks[0]["dense"]
-    assert all(r["device"] == device_name() for r in two_processes)
+    assert all(r["device"] == device_name() for r in ranks)
+    assert all(r["backend"] == "gloo" for r in two_processes)
 
 
 @slow_on_the_cpu

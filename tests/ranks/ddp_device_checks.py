@@ -64,7 +64,7 @@ def train(model, opt, start, stop, nan_at=None):
 def result(model, state):
     engine = state.engine
     return {"params": {k: v.detach().cpu() for k, v in model.module.state_dict().items()},
-            "steps": engine.step_count, "skipped": engine.skipped_steps,
+            "device": next(model.parameters()).device.type, "steps": engine.step_count, "skipped": engine.skipped_steps,
             "bytes": engine.communication.total_bytes,
             "dense": engine.communication.total_dense_bytes,
             "decisions": [(d.cf, d.theta_min, d.send) for d in engine.decisions],
@@ -118,5 +118,5 @@ runs = {"topk": run(compression="topk:10"),
         "gravac": run(compression="topk", agent=gravac()),
         "resumed_gravac": resumed(),
         "nan_skip": run(nan_at=NAN_STEP, compression="topk:10")}
-report(RANK, runs=runs, device=DEVICE.type, backend=dist.get_backend())
+report(RANK, runs=runs, backend=dist.get_backend())
 dist.destroy_process_group()
