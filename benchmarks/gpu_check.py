@@ -2,14 +2,15 @@
 
 Made for a GPU machine that is at hand briefly: torch with CUDA and NCCL, no Horovod, no
 install step, the project copied over and run from its root. In one go (a few minutes on
-one GPU) it runs three phases, each in its own process, and writes everything to one folder
+one GPU) it runs four phases, each in its own process, and writes everything to one folder
 (default ``results/gpu/``):
 
-1. ``tests``: pytest on ``tests/gpu`` with ``HOROVOD_GRAVAC_TEST_DEVICE=cuda`` — the
-   single-process checks on CUDA (compressors, memories, the two-stage exchange's pieces,
-   probes, the layer plan's errors), no host synchronisation in the DDP hook's backward
-   (CUDA's sync debug mode, every compressor and the agents), every collective kind the
-   engine uses on NCCL, two processes sharing the GPU on Gloo;
+1. ``unit`` and ``ddp``: pytest on ``tests/gpu`` with ``HOROVOD_GRAVAC_TEST_DEVICE=cuda``
+   (two processes, so that a crash in one leaves the other's results) — the single-process
+   checks on CUDA (compressors, memories, the two-stage exchange's pieces, probes, the layer
+   plan's errors); then no host synchronisation in the DDP hook's backward (CUDA's sync
+   debug mode, every compressor and the agents), every collective kind the engine uses on
+   NCCL, two processes sharing the GPU on Gloo;
 2. ``timings``: every compressor's step (error feedback, compress, decode) over ResNet-101's
    compressed gradients, at its defaults and at CF 100, against a device-to-device copy of
    the same tensors (the memory-bound floor) and against the straightforward GRACE-style
@@ -21,7 +22,8 @@ one GPU) it runs three phases, each in its own process, and writes everything to
 raw output lie beside them. Without a CUDA device it says why and exits 0 (leaving an
 earlier GPU run's results as they are). ``--device cpu`` runs the same machinery on the CPU
 (a small model, written under ``runs/``): a dry run of this script, not GPU results. The exit
-status is 1 when a check failed, or the tests or the timings crashed or ran out of time.
+status is 1 when a check failed, or a phase other than ``compile`` crashed or ran out of
+time.
 
     python3 -m benchmarks.gpu_check                 # what make test-gpu runs
     python3 -m benchmarks.gpu_check --phases timings --compressors topk,qsgd
@@ -58,12 +60,15 @@ from horovod_gravac import compression as C  # noqa: E402
 from horovod_gravac.app.models import parameter_shapes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("tests", "timings", "compile")
+PHASES = ("unit", "ddp", "timings", "compile")
+#: the test files each pytest phase runs
+TEST_FILES = {"unit": ("tests/gpu/test_device_variants.py", "tests/gpu/test_sync_recorder.py"),
+              "ddp": ("tests/gpu/test_ddp_on_device.py",)}
 #: each phase's time limit (seconds): a run that goes well takes about 3 minutes on one GPU,
-#: one that hangs is stopped within 7.5
-PHASE_TIMEOUT = {"tests": 240, "timings": 120, "compile": 90}
+#: one that hangs is stopped within 8.2
+PHASE_TIMEOUT = {"unit": 100, "ddp": 180, "timings": 120, "compile": 90}
 #: phases whose failure fails the run (the compile phase is a note)
-REQUIRED = ("tests", "timings")
+REQUIRED = ("unit", "ddp", "timings")
 #: the goal: a compressor's step within this many times the device-copy floor
 FLOOR_GOAL = 3.0
 #: the goal for the whole run, in seconds
@@ -338,9 +343,10 @@ def compile_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 # -- phase: tests ----------------------------------------------------------------------------
-def pytest_command(out: Path, device: torch.device) -> list[str]:
-    command = [sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider",
-               "-o", "junit_family=xunit1", f"--junitxml={out / 'tests.xml'}"]
+def pytest_command(phase: str, out: Path, device: torch.device) -> list[str]:
+    """pytest on the phase's test files, its results in ``out/<phase>.xml``."""
+    command = [sys.executable, "-m", "pytest", *TEST_FILES[phase], "-q", "-p",
+               "no:cacheprovider", "-o", "junit_family=xunit1", f"--junitxml={out / phase}.xml"]
     if importlib.util.find_spec("pytest_timeout") is not None:
         command.append("--timeout=180")
     if device.type == "cpu":  # the dry run: the two-process job is the slow tier's
@@ -412,8 +418,8 @@ def run_phase(name: str, command: list[str], out: Path, timeout: float,
 
 
 def phase_command(name: str, args: argparse.Namespace, device: torch.device) -> list[str]:
-    if name == "tests":
-        return pytest_command(args.out, device)
+    if name in TEST_FILES:
+        return pytest_command(name, args.out, device)
     command = [sys.executable, "-m", "benchmarks.gpu_check", "--run-phase", name,
                "--device", device.type, "--out", str(args.out), "--model", args.model,
                "--cf", str(args.cf), "--min-run-time", str(args.min_run_time),
@@ -429,11 +435,13 @@ def write_json(path: Path, value: Any) -> None:
     tmp.replace(path)
 
 
-def collect(out: Path, phases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def collect(out: Path) -> dict[str, Any]:
     """What the phases left in ``out``, read back (a phase that died leaves what it had)."""
     found: dict[str, Any] = {}
-    if (out / "tests.xml").exists():
-        found["tests"] = read_junit(out / "tests.xml")
+    cases = [case for phase in TEST_FILES if (out / f"{phase}.xml").exists()
+             for case in read_junit(out / f"{phase}.xml")]
+    if cases:
+        found["tests"] = cases
     for name in ("timings", "compile"):
         if (out / f"{name}.json").exists():
             found[name] = json.loads((out / f"{name}.json").read_text())
@@ -520,7 +528,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
         lines += [f"- `{c['id']}`: {c['message'][:400]}".replace("\n", " ")
                   for c in failed[:30]]
         if len(failed) > 30:
-            lines.append(f"- and {len(failed) - 30} more: see `tests.log`")
+            lines.append(f"- and {len(failed) - 30} more: see `unit.log` and `ddp.log`")
     syncs = sync_rows(tests)
     if syncs:
         lines += ["", "## Host syncs in backward, per configuration", "",
@@ -537,7 +545,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
     if report.get("compile"):
         lines += ["", "## CUDA graphs and torch.compile (a note)", "",
                   compile_markdown(report["compile"])]
-    outputs = {"tests": "tests.xml, tests.log (pytest)",
+    outputs = {"unit": "unit.xml, unit.log (pytest)", "ddp": "ddp.xml, ddp.log (pytest)",
                "timings": "timings.csv, timings.md, timings.json, timings.log",
                "compile": "compile.json, compile.log"}
     files = ["checks.json (all of this)"] + [outputs[p] for p in report["phases"]]
@@ -567,7 +575,7 @@ def run_all(args: argparse.Namespace, device: torch.device) -> int:
     phase crashed or ran out of time."""
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    for stale in ("tests.xml", "timings.json", "compile.json"):
+    for stale in ("unit.xml", "ddp.xml", "timings.json", "compile.json"):
         (args.out / stale).unlink(missing_ok=True)
     env = dict(os.environ, **{DEVICE_ENV: device.type})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
@@ -577,7 +585,7 @@ def run_all(args: argparse.Namespace, device: torch.device) -> int:
         phases[name] = run_phase(name, phase_command(name, args, device), args.out,
                                  args.timeouts[name], env)
     total = time.perf_counter() - start
-    found = collect(args.out, phases)
+    found = collect(args.out)
     failed = any(p["returncode"] != 0 for n, p in phases.items() if n in REQUIRED)
     report = {"status": "failed" if failed else "passed",
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -29,7 +29,7 @@ def test_without_cuda_it_skips_saying_why_and_writes_that_down(no_cuda, tmp_path
     assert "skipped: no CUDA device (" in (tmp_path / "summary.md").read_text()
     checks = json.loads((tmp_path / "checks.json").read_text())
     assert checks["status"] == "skipped" and checks["reason"].startswith("no CUDA device")
-    assert not (tmp_path / "tests.xml").exists()
+    assert not (tmp_path / "unit.xml").exists()
 
 
 def test_a_skip_leaves_an_earlier_gpu_run_as_it_is(no_cuda, tmp_path, capsys):
@@ -51,7 +51,7 @@ def test_the_script_runs_from_a_bare_checkout_and_skips(tmp_path):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--phases", "tests,nope"], "--phases must name some of tests, timings, compile, got nope"),
+    (["--phases", "unit,nope"], "--phases must name some of unit, ddp, timings, compile, got nope"),
     (["--compressors", "topk,nope"], "--compressors: unknown nope; valid: all, or some of"),
     (["--cf", "0.5"], r"cf \(compression factor"),
     (["--timeout-scale", "0"], "--timeout-scale must be > 0"),
@@ -125,8 +125,8 @@ JUNIT = textwrap.dedent("""\
 
 
 def test_junit_results_become_goals_and_the_summary(tmp_path):
-    (tmp_path / "tests.xml").write_text(JUNIT)
-    cases = G.read_junit(tmp_path / "tests.xml")
+    (tmp_path / "unit.xml").write_text(JUNIT)
+    cases = G.collect(tmp_path)["tests"]
     assert [(c["module"], c["outcome"]) for c in cases] == [
         ("test_device_variants", "passed"), ("test_device_variants", "failed"),
         ("test_ddp_on_device", "passed"), ("test_ddp_on_device", "xfailed"),
@@ -134,7 +134,7 @@ def test_junit_results_become_goals_and_the_summary(tmp_path):
     syncs = G.sync_rows(cases)
     assert [(s["config"], s["outcome"], s["hooks_per_step"]) for s in syncs] == [
         ("topk", "passed", "0.0"), ("gravac (topk)", "xfailed", "1.0")]
-    phases = {"tests": {"returncode": 1, "seconds": 40.0, "timed_out": False}}
+    phases = {"unit": {"returncode": 1, "seconds": 40.0, "timed_out": False}}
     goals = {g["goal"]: g for g in G.goals({"tests": cases}, phases, 40.0)}
     assert goals["single-process checks on the device"]["met"] is False
     assert goals["single-process checks on the device"]["measured"] == "1 failed, 1 passed"
@@ -151,7 +151,7 @@ def test_junit_results_become_goals_and_the_summary(tmp_path):
     assert "| gravac (topk) | xfailed | 1 | 2 | engine.py:426 decision: values.tolist() |" \
         in summary
     assert "- `test_device_variants::test_round_trip[dgc]`: AssertionError: not finite" in summary
-    assert "Phase `tests` exited 1: see `tests.log`." in summary
+    assert "Phase `unit` exited 1: see `unit.log`." in summary
 
 
 def test_a_phase_that_hangs_is_stopped_at_its_limit(tmp_path):
