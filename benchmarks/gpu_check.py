@@ -79,6 +79,11 @@ log = logging.getLogger("gpu_check")
 
 
 # -- the device ------------------------------------------------------------------------------
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
 def no_cuda_reason() -> str | None:
     """Why there is no CUDA device to check (None: there is one)."""
     if torch.cuda.is_available():
@@ -94,10 +99,13 @@ def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {"device": str(device), "torch": torch.__version__,
                            "python": platform.python_version(), "cpus": os.cpu_count()}
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                   cuda=torch.version.cuda,
-                   nccl=".".join(map(str, torch.cuda.nccl.version())))
+        env["cuda"] = torch.version.cuda
+        try:  # the run's results matter more than its description
+            props = torch.cuda.get_device_properties(device)
+            env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                       nccl=".".join(map(str, torch.cuda.nccl.version())))
+        except (RuntimeError, AttributeError) as exc:
+            env["gpu"] = f"unknown ({_first_line(exc)})"
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                        capture_output=True, text=True, timeout=10
@@ -261,11 +269,6 @@ def write_timings(rows: list[dict[str, Any]], floor: dict[str, float], out: Path
 
 
 # -- phase: compile --------------------------------------------------------------------------
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
-
-
 def dynamo_breaks(compressor: C.Compressor, x: torch.Tensor) -> dict[str, Any]:
     """TorchDynamo's graphs and graph breaks in ``compress`` (torch._dynamo.explain: what
     torch.compile would trace, without compiling)."""
@@ -505,7 +508,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     lines = [f"# GPU check: {report['status']}", "",
              f"{report['date']}; {env.get('gpu', env['device'])}, torch {env['torch']}"
-             + (f" (CUDA {env['cuda']}, NCCL {env['nccl']})" if env.get("cuda") else "")
+             + (f" (CUDA {env['cuda']}, NCCL {env.get('nccl', '?')})" if env.get("cuda") else "")
              + f", Python {env['python']}, commit {env.get('commit') or 'unknown'}; "
              f"{report['seconds']:.0f} s in all.", ""]
     if report["status"] == "skipped":
@@ -574,6 +577,7 @@ def run_all(args: argparse.Namespace, device: torch.device) -> int:
     """Every phase in its own process, then the summary; 1 when a check failed or a required
     phase crashed or ran out of time."""
     start = time.perf_counter()
+    described = environment(device)
     args.out.mkdir(parents=True, exist_ok=True)
     for stale in ("unit.xml", "ddp.xml", "timings.json", "compile.json"):
         (args.out / stale).unlink(missing_ok=True)
@@ -589,7 +593,7 @@ def run_all(args: argparse.Namespace, device: torch.device) -> int:
     failed = any(p["returncode"] != 0 for n, p in phases.items() if n in REQUIRED)
     report = {"status": "failed" if failed else "passed",
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "environment": environment(device), "seconds": round(total, 1),
+              "environment": described, "seconds": round(total, 1),
               "phases": phases, "goals": goals(found, phases, total), **found}
     write_json(args.out / "checks.json", report)
     (args.out / "summary.md").write_text(summary_markdown(report))
