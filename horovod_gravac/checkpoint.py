@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from . import communication
+from .optimizer import ADAM_KEY, DistributedOptimizer
 from .optimizer import STATE_KEY as _OURS
-from .optimizer import DistributedOptimizer
 
 FORMAT = "horovod_gravac.checkpoint/1"
-_SHARED = ("agent", "decision")  # rank 0 decides: its agent state is everyone's
+#: rank 0 decides: its agent state is everyone's (and the Adam-family exchange's phase)
+_SHARED = ("agent", "decision", ADAM_KEY)
 
 
 def rng_state() -> dict[str, Any]:
@@ -64,7 +65,8 @@ def _identity(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         return {"optimizer": type(optimizer).__name__}
     agent = optimizer.agent
     return {"optimizer": type(optimizer).__name__, "compressor": optimizer.compressor.name,
-            "memory": optimizer.memory.name, "agent": agent.name if agent is not None else None}
+            "memory": optimizer.memory.name, "agent": agent.name if agent is not None else None,
+            "adam_exchange": optimizer.adam is not None}
 
 
 def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -134,7 +136,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     if ours is not None:
         ours = _to(dict(ours), device)
         for key in _SHARED:  # rank 0's agent and decision are everyone's
-            ours[key] = ckpt["ranks"][0]["optimizer"][key]
+            if key in ckpt["ranks"][0]["optimizer"]:
+                ours[key] = ckpt["ranks"][0]["optimizer"][key]
         state[_OURS] = ours
     optimizer.load_state_dict(state)
     if mismatches and isinstance(optimizer, DistributedOptimizer):
@@ -153,6 +156,9 @@ def _restart_error_feedback(optimizer: DistributedOptimizer, ckpt: dict[str, Any
         return
     optimizer.step_count = ours["step"]
     optimizer.memory.reset()
+    if optimizer.adam is not None and ADAM_KEY in ours:  # the phase goes with Adam's state
+        optimizer.adam.load_state_dict(_to(ours[ADAM_KEY], next(
+            p.device for g in optimizer.param_groups for p in g["params"])))
     if written.get("agent") == here.get("agent") and optimizer.agent is not None:
         optimizer.agent.load_state_dict(ours["agent"])
         optimizer.decision = ours["decision"]

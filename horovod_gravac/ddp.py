@@ -44,6 +44,7 @@ synchronised backward exchanges the accumulated gradients. Unused parameters
 """
 # No "from __future__ import annotations": DDP checks the hook's annotations are the real
 # dist.GradBucket and torch.futures.Future[torch.Tensor].
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import torch
@@ -52,14 +53,17 @@ from torch import Tensor
 from torch.autograd import Variable
 from torch.utils.hooks import RemovableHandle
 
+from . import adam
 from . import agents as A
 from . import compression as C
+from .adam import AdamExchange
 from .communication_torch import TorchTransport
 from .engine import (DEFAULT_BUCKET_CAP_MB, CommunicationStats, EngineConfig,
                      NonFiniteGradientError, StepEngine, StepOutcome, StepReport)
+from .wrapped import WrappedOptimizer
 
-__all__ = ["DDPCompressionState", "NonFiniteGradientError", "compression_hook",
-           "register_comm_hook"]
+__all__ = ["AdamExchangeOptimizer", "DDPCompressionState", "NonFiniteGradientError",
+           "compression_hook", "register_comm_hook"]
 
 
 class DDPCompressionState:
@@ -95,6 +99,9 @@ class DDPCompressionState:
         #: whether the last step's averaged gradient was non-finite (gradients set to None)
         self.last_step_skipped = False
         self.engine: StepEngine | None = None
+        #: the Adam-family exchange an :class:`AdamExchangeOptimizer` runs through this hook
+        self.adam: AdamExchange | None = None
+        self._memory_given = memory is not None
         self._saved_progress: dict[str, Any] | None = None
         self._reset_step()
         self.attach(module, process_group, optimizer)
@@ -139,6 +146,29 @@ class DDPCompressionState:
         if self._saved_progress is not None:  # unpickled: the objects hold the rest
             self.engine.load_progress(self._saved_progress)
             self._saved_progress = None
+        self._attached = (module, process_group)
+
+    def use_adam_exchange(self, exchange: AdamExchange, optimizer: torch.optim.Optimizer) -> None:
+        """Exchange ``optimizer``'s preconditioned momentum once its variance is frozen
+        (:mod:`horovod_gravac.adam`): the agent becomes
+        :class:`~horovod_gravac.agents.AdamPhases` over the configured one, the memory error
+        feedback (unless one was given). :class:`AdamExchangeOptimizer` calls it."""
+        if self.engine is not None and self.engine.in_flight:
+            raise RuntimeError("use_adam_exchange() during a step (after backward began)")
+        config = self.config
+        agent = config.agent if isinstance(config.agent, A.AdamPhases) else \
+            A.AdamPhases(config.agent, exchange.rule)
+        memory = adam.create_memory(config.memory if self._memory_given else None,
+                                    config.compressor, exchange)
+        if type(memory) is type(config.memory):
+            memory = config.memory  # with its residuals (a state loaded from a checkpoint)
+        self.adam = exchange
+        if self._optimizer is None:
+            self._optimizer = optimizer
+        if agent is not config.agent or memory is not config.memory:
+            self.config = dataclasses.replace(config, agent=agent, memory=memory)
+            if self.engine is not None:  # the same model and group, the new settings
+                self.attach(*self._attached, self._optimizer)
 
     def register_step_callback(self, callback: Callable[[StepReport], None]) -> RemovableHandle:
         """Call ``callback(report)`` on every rank after each step (a
@@ -156,12 +186,14 @@ class DDPCompressionState:
     def __getstate__(self) -> dict[str, Any]:
         # the compressor, memory and agent pickle with their state; the engine adds its own
         return {"config": self.config, "last_step_skipped": self.last_step_skipped,
+                "_memory_given": self._memory_given,
                 "_saved_progress": self.engine.progress() if self.engine is not None
                 else self._saved_progress}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self.engine = None
+        self.adam = None  # an AdamExchangeOptimizer around the loaded state sets it again
         self._reset_step()
 
     # -- the step ------------------------------------------------------------------------------
@@ -173,10 +205,21 @@ class DDPCompressionState:
                                  "state was attached to: call register_comm_hook(ddp_model) "
                                  "with the DDP model itself")
             self._views[name] = grad
-            self.engine.begin(name, grad)
+            self.engine.begin(name, self._exchanged(p, grad))
         future: torch.futures.Future[Tensor] = torch.futures.Future()
         self._futures.append((future, bucket.buffer()))
         return future
+
+    def _exchanged(self, p: Tensor, grad: Tensor) -> Tensor:
+        """What goes to the engine for ``p``: its gradient, or once Adam's variance is
+        frozen its preconditioned local momentum (:meth:`AdamExchange.exchanged`)."""
+        exchange = self.adam
+        if exchange is None:
+            return grad
+        if not self.engine.in_flight and self.engine.decision.variance_frozen \
+                and not exchange.frozen:  # the step's first tensor: the decision's phase
+            exchange.freeze()
+        return exchange.exchanged(p, grad) if exchange.frozen else grad
 
     def _end_of_backward(self) -> None:
         """Before DDP's end of backward: finish the step, complete every bucket's future with
@@ -186,7 +229,8 @@ class DDPCompressionState:
         def write_back(name: str, averaged: Tensor) -> None:  # no copy where decoded in place
             C.write_into(views[name], averaged)
 
-        outcome = self.engine.finish(write_back, self._lr(), views.get)
+        outcome = self.engine.finish(write_back, self._lr(), views.get,
+                                     self.adam.take_variance_change() if self.adam is not None else None)
         for future, buffer in futures:
             future.set_result(buffer)
         self.last_step_skipped = outcome.skipped
@@ -275,3 +319,61 @@ def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
         state.attach(ddp_model, process_group, optimizer)
     ddp_model.register_comm_hook(state, compression_hook)
     return state
+
+
+class AdamExchangeOptimizer(WrappedOptimizer):
+    """Adam/AdamW under the Adam-family exchange (:mod:`horovod_gravac.adam`) of a DDP model
+    whose gradients ``state``'s hook exchanges — as PyTorch's ``PostLocalSGDOptimizer``
+    goes with its hook::
+
+        state = ddp.register_comm_hook(model, compression="powersgd", agent="gravac")
+        optimizer = ddp.AdamExchangeOptimizer(torch.optim.AdamW(model.parameters()), state)
+
+    Until rank 0 freezes Adam's second moment the hook sends gradients dense and this
+    optimizer steps the wrapped one; from then on the hook sends each rank's preconditioned
+    momentum, compressed with error feedback under the agent's decisions, and ``step()``
+    applies the frozen-variance update. A step the hook skipped (non-finite) changes nothing.
+    Step this optimizer, never the wrapped one (its ``state_dict()`` carries the phase).
+
+    Arguments:
+        optimizer: a ``torch.optim.Adam`` or ``AdamW`` over the model's parameters.
+        state: the hook's :class:`DDPCompressionState` (before a step is in flight).
+        exchange: the :class:`~horovod_gravac.adam.AdamExchange` (the freeze rule); default
+            ``AdamExchange()``.
+    """
+
+    #: the key of the exchange's part of ``state_dict()``
+    STATE_KEY = "horovod_gravac_adam"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, state: DDPCompressionState,
+                 exchange: AdamExchange | None = None) -> None:
+        if not isinstance(state, DDPCompressionState):
+            raise ValueError(f"state must be a DDPCompressionState, got {type(state).__name__}")
+        exchange = AdamExchange() if exchange is None else exchange
+        if not isinstance(exchange, AdamExchange):
+            raise ValueError(f"exchange must be an AdamExchange or None, got {exchange!r}")
+        exchange.bind(optimizer)  # a ValueError for anything but Adam/AdamW
+        super().__init__(optimizer)
+        self.exchange, self.hook_state = exchange, state
+        state.use_adam_exchange(exchange, optimizer)
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if self.hook_state.last_step_skipped:  # every rank skips it (gradients are None)
+            return None
+        return self.exchange.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.optimizer.state_dict(), self.STATE_KEY: self.exchange.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        ours = state_dict.pop(self.STATE_KEY, None)
+        self.optimizer.load_state_dict(state_dict)
+        if ours is not None:
+            self.exchange.load_state_dict(ours)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.optimizer).__name__}, {self.exchange!r})"

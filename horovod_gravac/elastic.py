@@ -21,12 +21,12 @@ from horovod.torch.elastic import TorchState
 from horovod.torch.elastic.state import StateHandler, get_handler_registry, set_handler_registry
 
 from . import communication
+from .optimizer import ADAM_KEY, DistributedOptimizer
 from .optimizer import STATE_KEY as _OURS
-from .optimizer import DistributedOptimizer
 
 __all__ = ["TorchState", "OptimizerStateHandler"]
 
-_FROM_RANK_0 = ("step", "skipped_steps", "agent", "decision")
+_FROM_RANK_0 = ("step", "skipped_steps", "agent", "decision", ADAM_KEY)
 
 
 class OptimizerStateHandler(StateHandler):
@@ -50,7 +50,7 @@ class OptimizerStateHandler(StateHandler):
         ours = state.pop(_OURS)
         shared = _FROM_RANK_0 + (("compressor",) if self.value.compressor.state_is_shared else ())
         root = communication.broadcast_object(
-            {"optimizer": state, **{k: ours[k] for k in shared}})
+            {"optimizer": state, **{k: ours[k] for k in shared if k in ours}})
         merged = root.pop("optimizer")
         merged[_OURS] = {**ours, **root}  # memories and byte counters stay this rank's own
         self.value.load_state_dict(merged)

@@ -68,6 +68,10 @@ DEFAULT_BUCKET_CAP_MB = 25.0
 log = logging.getLogger(__name__)
 
 
+def _cf_text(cf: float | None) -> str:
+    return "(the compressor's own)" if cf is None else f"{cf:g}"
+
+
 class NonFiniteGradientError(FloatingPointError):
     """Raised on every rank when ``on_nonfinite="raise"`` and a step's gradient is not finite."""
 
@@ -108,7 +112,7 @@ class EngineConfig:
         check_number("bucket_cap_mb", self.bucket_cap_mb, 0, low_open=True)
         check_number("min_compress_numel", self.min_compress_numel, 0, integer=True)
         check_number("gradient_predivide_factor", self.predivide, 0, low_open=True)
-        if self.agent is not None:
+        if self.agent is not None and self.agent.sets_cf:
             C.check_adjustable(self.compressor, self.agent.name)
 
     @classmethod
@@ -684,12 +688,15 @@ class StepEngine:
                                                         out=self._destination(ticket.name))
 
     def finish(self, write_back: Callable[[str, Tensor], None], lr: float | None = None,
-               destination: Callable[[str], Tensor | None] | None = None) -> StepOutcome:
+               destination: Callable[[str], Tensor | None] | None = None,
+               variance_change: float | None = None) -> StepOutcome:
         """Complete the step (every tensor must have begun): further rounds, results to
         ``write_back(name, averaged)``, the verdict, the agent, the report.
 
         ``destination(name)``: a tensor of the gradient's shape and dtype that the averaged
-        gradient may be decoded into (the one ``write_back`` gets then), or None."""
+        gradient may be decoded into (the one ``write_back`` gets then), or None.
+        ``lr`` and ``variance_change`` (an Adam-family exchange's measurement, see
+        :class:`~horovod_gravac.agents.StepStats`) are handed to the agent."""
         self._destination = destination or (lambda name: None)
         missing = [n for n in self.names if n not in self._begun]
         if missing:
@@ -714,7 +721,7 @@ class StepEngine:
             sparse.result = sparse.handle.wait()
             self._wait += time.perf_counter() - start
             self._flags.append(C.is_finite(sparse.result.coalesce()._values()))
-        return self._conclude(write_back, lr)
+        return self._conclude(write_back, lr, variance_change)
 
     def _results(self) -> list[tuple[str, Tensor]]:
         """(name, averaged gradient) of every tensor, in model order."""
@@ -722,8 +729,8 @@ class StepEngine:
         out.update({s.name: s.result for s in self._sparse})
         return [(n, out[n]) for n in self.names]
 
-    def _conclude(self, write_back: Callable[[str, Tensor], None],
-                  lr: float | None) -> StepOutcome:
+    def _conclude(self, write_back: Callable[[str, Tensor], None], lr: float | None,
+                  variance_change: float | None) -> StepOutcome:
         results = self._results()
         device = self._device or torch.device("cpu")
         wants_norms = self.agent is not None and self.agent.needs_layer_norms and \
@@ -764,7 +771,8 @@ class StepEngine:
             terms = values[offset:offset + stats.numel()] if stats is not None else None
             offset += stats.numel() if stats is not None else 0
             norms = dict(zip(self.names, values[offset:])) if wants_norms else {}
-            agent_stats = self._statistics(applied, terms, norms, iter_time, lr)
+            agent_stats = self._statistics(applied, terms, norms, iter_time, lr,
+                                           variance_change)
             row = self._consult(agent_stats, applied)
         report = StepReport(step=self.step_count, bytes=self.communication.last_bytes,
                             dense_bytes=self.communication.last_dense_bytes, skipped=skipped,
@@ -792,8 +800,8 @@ class StepEngine:
         return sorted((t.name for t, ok in zip(tickets, flags) if not ok), key=order.get)
 
     def _statistics(self, applied: A.Decision, terms: list[float] | None,
-                    norms: dict[str, float], iter_time: float,
-                    lr: float | None) -> A.StepStats:
+                    norms: dict[str, float], iter_time: float, lr: float | None,
+                    variance_change: float | None) -> A.StepStats:
         spec = self.probe.spec if self.probe is not None else None
         gain_terms = spec.width if spec is not None else 0
         gains = spec.decode(terms[:gain_terms]) if spec is not None and terms is not None else {}
@@ -814,7 +822,7 @@ class StepEngine:
             **{k: v for k, v in gains.items() if measured},
             ladder_link_bytes=ladder if measured else {},
             errors_measured=errors_measured, layer_errors=errors,
-            candidate_link_bytes=candidate_bytes)
+            candidate_link_bytes=candidate_bytes, variance_change=variance_change)
 
     def _link_bytes_at(self, name: str, cfs: Sequence[float]) -> tuple[float, ...]:
         """The link bytes compressed tensor ``name`` costs at each CF (from its shape; CF 1
@@ -853,9 +861,12 @@ class StepEngine:
         if self.transport.rank == 0:
             decided = agent.decide(stats)
             buffer.copy_(torch.tensor(decided.encode(self.names), dtype=torch.float64))
+            if decided.variance_frozen and not applied.variance_frozen:
+                log.info("step %d: Adam's second moment freezes; the preconditioned momentum "
+                         "is exchanged compressed from the next step", self.step_count)
             if decided.sent_cf != applied.sent_cf:
-                log.info("step %d: %s sends CF %g from the next step (was %g)", self.step_count,
-                         agent.name, decided.sent_cf, applied.sent_cf)
+                log.info("step %d: %s sends CF %s from the next step (was %s)", self.step_count,
+                         agent.name, _cf_text(decided.sent_cf), _cf_text(applied.sent_cf))
             row = dict(agent.history[-1]) if agent.history else {}
         buffer = buffer.to(self.transport.control_device)
         self._incoming = (self.transport.broadcast(buffer, f"{self.label}.decision"), buffer)

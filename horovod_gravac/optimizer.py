@@ -17,12 +17,15 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from . import adam
 from . import agents as A
 from . import compression as C
+from .adam import AUTO, AdamExchange
 from .communication import HorovodTransport, hvd  # hvd: a clear error when missing
 from .engine import (DEFAULT_BUCKET_CAP_MB, CommunicationStats, EngineConfig,
                      NonFiniteGradientError, StepEngine, StepReport)
 from .validation import check_number
+from .wrapped import WrappedOptimizer
 
 __all__ = ["DistributedOptimizer", "CommunicationStats", "NonFiniteGradientError", "StepReport"]
 
@@ -30,9 +33,11 @@ GRANULARITIES = ("layer", "model")
 MODEL_TENSOR = "__model__"
 #: the key of this library's part of ``state_dict()`` (memories, compressor, agent, step)
 STATE_KEY = "horovod_gravac"
+#: the Adam-family exchange's part of it (phase, step count), the same on every rank
+ADAM_KEY = "adam"
 
 
-class DistributedOptimizer(torch.optim.Optimizer):
+class DistributedOptimizer(WrappedOptimizer):
     """Wraps ``optimizer`` so gradients are compressed, exchanged and averaged across ranks.
 
     Arguments mean what they mean for ``hvd.DistributedOptimizer`` (same order; unnamed
@@ -58,6 +63,15 @@ class DistributedOptimizer(torch.optim.Optimizer):
     restarts that tensor's residual at zero. Finite ranks keep their residuals. The check
     reads one vector back to the host per step, never one per layer.
 
+    ``adam_exchange``: with a ``torch.optim.Adam``/``AdamW`` whose gradients are compressed
+    (more than fp16 does), the default ``"auto"`` runs the Adam-family exchange
+    (:mod:`horovod_gravac.adam`): dense Adam steps until rank 0 sees Adam's second moment
+    settle, then the moment is frozen and the preconditioned momentum is exchanged
+    compressed, with error feedback, under the agent's decisions; ``step()`` applies the
+    frozen-variance update itself. ``"off"`` exchanges gradients as for any other optimizer
+    (Adam's variance then sees the compressed gradient); an
+    :class:`~horovod_gravac.adam.AdamExchange` sets the freeze rule.
+
     ``hvd.broadcast_optimizer_state(opt, root_rank=0)`` works as with Horovod's optimizer:
     the ``step()`` it makes to create missing state (zero gradients, no backward pass since
     the last step, a wrapped optimizer without state) steps the wrapped optimizer on this
@@ -80,8 +94,9 @@ class DistributedOptimizer(torch.optim.Optimizer):
                  on_nonfinite: str = "skip",
                  min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
                  compress_patterns: dict[str, bool] | None = None,
-                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
+                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
+                 adam_exchange: str | AdamExchange | None = AUTO) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):  # before reading its groups
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         backward_passes_per_step = check_number("backward_passes_per_step",
                                                 backward_passes_per_step, 1, integer=True)
@@ -96,11 +111,19 @@ class DistributedOptimizer(torch.optim.Optimizer):
             raise ValueError("gradient_predivide_factor not supported with op != Average")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        config = EngineConfig.create(compression, memory, agent, on_nonfinite=on_nonfinite,
-                                     min_compress_numel=min_compress_numel,
-                                     compress_patterns=compress_patterns,
-                                     bucket_cap_mb=bucket_cap_mb, average=op == hvd.Average,
-                                     predivide=float(gradient_predivide_factor))
+        compressor = C.create(compression)
+        #: the Adam-family exchange (None: gradients are exchanged)
+        self.adam = adam.create(adam_exchange, optimizer, compressor)
+        if self.adam is not None and op != hvd.Average:
+            raise ValueError("the Adam-family exchange averages the ranks' momenta: it needs "
+                             "op=hvd.Average (or adam_exchange='off')")
+        agent = A.create(agent)
+        config = EngineConfig(compressor, adam.create_memory(memory, compressor, self.adam),
+                              A.AdamPhases(agent, self.adam.rule) if self.adam is not None else agent,
+                              on_nonfinite=on_nonfinite, min_compress_numel=min_compress_numel,
+                              compress_patterns=compress_patterns,
+                              bucket_cap_mb=bucket_cap_mb, average=op == hvd.Average,
+                              predivide=float(gradient_predivide_factor))
         num_groups = check_number("num_groups", num_groups, 0, integer=True)
         if num_groups:
             warnings.warn("num_groups is deprecated, as in Horovod: use groups=<int>",
@@ -131,9 +154,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{len(missing)} parameter(s) of the optimizer are missing "
                                  "from named_parameters")
 
-        super().__init__(optimizer.param_groups, optimizer.defaults)
-        self.optimizer = optimizer
-        self.__dict__.pop("_before_wrapping", None)
+        super().__init__(optimizer)
         self.backward_passes_per_step = backward_passes_per_step
         self.granularity = granularity
         self.sparse_as_dense = sparse_as_dense
@@ -172,24 +193,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
                        for p in self._requires_update] if self.included else []
 
-    # the wrapped optimizer's, always (its load_state_dict replaces both); what
-    # torch.optim.Optimizer.__init__ builds before there is one is thrown away
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return _wrapped(self, "param_groups")
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        _set_wrapped(self, "param_groups", value)
-
-    @property
-    def state(self) -> dict[Tensor, Any]:
-        return _wrapped(self, "state")
-
-    @state.setter
-    def state(self, value: dict[Tensor, Any]) -> None:
-        _set_wrapped(self, "state", value)
-
     # -- backprop hooks ------------------------------------------------------------------
     def _on_grad_ready(self, p: Tensor) -> None:
         self._passes[p] += 1
@@ -209,7 +212,17 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if grad.is_sparse:  # Horovod's sparse path: uncompressed, no error feedback
             self.engine.begin_sparse(name, grad)
         else:
-            self.engine.begin(name, grad)
+            self.engine.begin(name, self._exchanged(p, grad))
+
+    def _exchanged(self, p: Tensor, grad: Tensor) -> Tensor:
+        """What goes to the engine for ``p``: its gradient, or once Adam's variance is
+        frozen its preconditioned local momentum (:meth:`AdamExchange.exchanged`)."""
+        if self.adam is None:
+            return grad
+        if not self.engine.in_flight and self.engine.decision.variance_frozen \
+                and not self.adam.frozen:  # the step's first tensor: the decision's phase
+            self.adam.freeze()
+        return self.adam.exchanged(p, grad) if self.adam.frozen else grad
 
     def _gradient(self, p: Tensor) -> Tensor:
         """The tensor to exchange for ``p``: its gradient, dense unless exchanged sparse."""
@@ -260,15 +273,16 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._synchronized = True
             return
         if self.granularity == "model":
-            grads = [self._gradient(p) for p in self._requires_update]
+            grads = [self._exchanged(p, self._gradient(p)) for p in self._requires_update]
             self.engine.begin(MODEL_TENSOR, torch.cat([g.reshape(-1) for g in grads])
                               if grads else torch.zeros(0))
         else:  # gradients not begun yet: none on this rank
             for p in self._requires_update:
                 if not self.engine.begun(self._parameter_names[p]):
                     self._begin(p)
-        outcome = self.engine.finish(self._write_back, self.param_groups[0].get("lr"),
-                                     self._destination)
+        outcome = self.engine.finish(
+            self._write_back, self.param_groups[0].get("lr"), self._destination,
+            self.adam.take_variance_change() if self.adam is not None else None)
         self._passes.clear()
         self._synchronized = True
         # skipped steps are counted by the engine, not in step(): GradScaler skips step()
@@ -329,7 +343,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         if self._skip:
             self._skip = False
             return None
-        return self.optimizer.step(closure)
+        return self.adam.step(closure) if self.adam is not None else self.optimizer.step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.engine.in_flight:
@@ -341,6 +355,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         state = self.optimizer.state_dict()
         state[STATE_KEY] = self.engine.state_dict()
+        if self.adam is not None:
+            state[STATE_KEY][ADAM_KEY] = self.adam.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -350,6 +366,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._forget_step_in_flight()
         if ours is not None:
             self.engine.load_state_dict(ours)
+            if self.adam is not None and ADAM_KEY in ours:
+                self.adam.load_state_dict(ours[ADAM_KEY])
 
     def _forget_step_in_flight(self) -> None:
         """Drop a half-done step (exchanges of a Horovod world that is gone, after elastic)."""
@@ -374,21 +392,6 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.optimizer).__name__}, "
                 f"compression={self.compressor!r}, granularity={self.granularity!r})")
-
-
-def _wrapped(optimizer: DistributedOptimizer, name: str) -> Any:
-    inner = optimizer.__dict__.get("optimizer")
-    if inner is None:
-        return optimizer.__dict__["_before_wrapping"][name]
-    return getattr(inner, name)
-
-
-def _set_wrapped(optimizer: DistributedOptimizer, name: str, value: Any) -> None:
-    inner = optimizer.__dict__.get("optimizer")
-    if inner is None:
-        optimizer.__dict__.setdefault("_before_wrapping", {})[name] = value
-    else:
-        setattr(inner, name, value)
 
 
 def _form_groups(groups: int | list[list[Tensor]] | None, params: list[Tensor],

@@ -10,6 +10,7 @@ from .accordion import Accordion
 from .base import (COMPENSATED, GRADIENT, RECENT_STEPS, SEND_CHOICES, SEND_COMPRESSED, SEND_DENSE,
                    SEND_MIN, Agent, Decision, ErrorSpec, GainMeasure, ProbeSpec, StepStats)
 from .gravac import GAINS, SCALING_POLICIES, GraVAC
+from .phases import FROZEN, WARMUP, AdamPhases, FreezeRule
 from .plan import LayerPlan, plan_layers
 from .static import Static
 
@@ -31,7 +32,7 @@ def create(spec: str | Agent | None, **params: Any) -> Agent | None:
         raise ValueError(f"bad parameters for agent {spec!r}: {exc}") from None
 
 
-__all__ = ["AGENTS", "Agent", "Accordion", "COMPENSATED", "Decision", "ErrorSpec", "GAINS",
+__all__ = ["AGENTS", "Agent", "Accordion", "AdamPhases", "FROZEN", "FreezeRule", "WARMUP", "COMPENSATED", "Decision", "ErrorSpec", "GAINS",
            "GRADIENT", "GainMeasure", "GraVAC", "LayerPlan", "ProbeSpec", "RECENT_STEPS",
            "SCALING_POLICIES", "SEND_CHOICES", "SEND_COMPRESSED", "SEND_DENSE", "SEND_MIN", "Static", "StepStats",
            "create", "plan_layers"]

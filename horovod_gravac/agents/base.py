@@ -27,31 +27,35 @@ SEND_CHOICES = (SEND_COMPRESSED, SEND_MIN, SEND_DENSE)
 class Decision:
     """What every rank does at the next step.
 
-    ``cf`` is the CF of the compressed level (GraVAC: θmin·θs); ``theta_min`` the first level
-    of multi-level compression; ``send`` which of the two levels (or dense) goes on the wire;
-    ``layer_cf`` per-layer overrides (Accordion's per-layer mode, a layer plan);
-    ``measure_gain`` whether the optimizer measures the compression gain at that step
-    (GraVAC's ``gain_interval``), ``measure_errors`` whether it measures a layer plan's
-    compression errors (:class:`ErrorSpec`).
+    ``cf`` is the CF of the compressed level (GraVAC: θmin·θs; None: the compressor's own
+    setting); ``theta_min`` the first level of multi-level compression; ``send`` which of the
+    two levels (or dense) goes on the wire; ``layer_cf`` per-layer overrides (Accordion's
+    per-layer mode, a layer plan); ``measure_gain`` whether the optimizer measures the
+    compression gain at that step (GraVAC's ``gain_interval``), ``measure_errors`` whether it
+    measures a layer plan's compression errors (:class:`ErrorSpec`); ``variance_frozen``
+    whether the Adam-family exchange is past its warm-up (:class:`~.phases.AdamPhases`):
+    Adam's second moment is frozen and the preconditioned momentum is exchanged.
     """
 
-    cf: float
+    cf: float | None
     theta_min: float | None = None
     send: str = SEND_COMPRESSED
     layer_cf: dict[str, float] | None = None
     measure_gain: bool = True
     measure_errors: bool = False
+    variance_frozen: bool = False
 
     @property
-    def sent_cf(self) -> float:
-        """The CF of what goes on the wire: the compressed level, θmin, or 1 (dense)."""
+    def sent_cf(self) -> float | None:
+        """The CF of what goes on the wire: the compressed level, θmin, or 1 (dense); None:
+        the compressor's own setting."""
         return {SEND_COMPRESSED: self.cf, SEND_MIN: self.theta_min, SEND_DENSE: 1.0}[self.send]
 
-    def cf_for(self, name: str) -> float:
+    def cf_for(self, name: str) -> float | None:
         """The compressed level's CF for tensor ``name`` (per-tensor override or ``cf``)."""
         return self.layer_cf.get(name, self.cf) if self.layer_cf else self.cf
 
-    def sent_cf_for(self, name: str) -> float:
+    def sent_cf_for(self, name: str) -> float | None:
         """The CF tensor ``name`` is sent at: its compressed level, θmin, or 1 (dense)."""
         if self.send == SEND_COMPRESSED:
             return self.cf_for(name)
@@ -59,10 +63,10 @@ class Decision:
 
     # A fixed-length vector of floats, so the decision travels as one small broadcast
     # (no pickling, no size exchange):
-    # [cf, θmin, send, measure_gain, measure_errors, has layer_cf, per layer].
+    # [cf, θmin, send, measure_gain, measure_errors, variance_frozen, has layer_cf, per layer].
     @staticmethod
     def encoded_length(layers: list[str]) -> int:
-        return 6 + len(layers)
+        return 7 + len(layers)
 
     def encode(self, layers: list[str]) -> list[float]:
         """This decision as ``encoded_length(layers)`` floats; NaN marks "not set"."""
@@ -71,20 +75,24 @@ class Decision:
         unknown = set(overrides) - set(layers)
         if unknown:
             raise ValueError(f"layer_cf names unknown tensors: {sorted(unknown)}")
-        return [float(self.cf), nan if self.theta_min is None else float(self.theta_min),
+        return [nan if self.cf is None else float(self.cf),
+                nan if self.theta_min is None else float(self.theta_min),
                 float(SEND_CHOICES.index(self.send)), float(self.measure_gain),
-                float(self.measure_errors), float(self.layer_cf is not None),
+                float(self.measure_errors), float(self.variance_frozen),
+                float(self.layer_cf is not None),
                 *(float(overrides.get(name, nan)) for name in layers)]
 
     @classmethod
     def decode(cls, values: list[float], layers: list[str]) -> "Decision":
         """The decision :meth:`encode` turned into ``values``."""
-        cf, theta_min, send, measure_gain, measure_errors, has_layer_cf = values[:6]
-        layer_cf = {name: v for name, v in zip(layers, values[6:]) if v == v} \
+        cf, theta_min, send, measure_gain, measure_errors, frozen, has_layer_cf = values[:7]
+        layer_cf = {name: v for name, v in zip(layers, values[7:]) if v == v} \
             if has_layer_cf else None
-        return cls(cf=cf, theta_min=None if theta_min != theta_min else theta_min,
+        return cls(cf=None if cf != cf else cf,
+                   theta_min=None if theta_min != theta_min else theta_min,
                    send=SEND_CHOICES[int(send)], layer_cf=layer_cf,
-                   measure_gain=bool(measure_gain), measure_errors=bool(measure_errors))
+                   measure_gain=bool(measure_gain), measure_errors=bool(measure_errors),
+                   variance_frozen=bool(frozen))
 
 
 GRADIENT, COMPENSATED = "gradient", "compensated"
@@ -186,7 +194,10 @@ class StepStats:
     gain term and the link bytes a step at that CF would carry. At steps whose decision measured a
     layer plan's errors (``errors_measured``), ``layer_errors`` holds per compressed tensor
     (‖x‖², error per candidate CF) (see :class:`ErrorSpec`) and ``candidate_link_bytes``
-    the link bytes each candidate would cost it.
+    the link bytes each candidate would cost it. ``variance_change``: during an Adam-family
+    exchange's warm-up, at the steps that measure it, the relative change of Adam's
+    preconditioner over the last check interval (:class:`~horovod_gravac.adam.AdamExchange`;
+    the same on every rank), else None.
     """
 
     step: int
@@ -206,6 +217,7 @@ class StepStats:
     errors_measured: bool = False
     layer_errors: dict[str, tuple[float, ...]] = field(default_factory=dict)
     candidate_link_bytes: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    variance_change: float | None = None
 
 
 class Agent:
@@ -216,6 +228,8 @@ class Agent:
     needs_layer_norms: ClassVar[bool] = False
     #: False when the decision never depends on statistics (no broadcast needed)
     adaptive: ClassVar[bool] = True
+    #: True when the decisions set the CF (the compressor must have an adjustable one)
+    sets_cf: ClassVar[bool] = True
 
     @property
     def probe(self) -> ProbeSpec | None:

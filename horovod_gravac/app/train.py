@@ -152,6 +152,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interval-unit", choices=("steps", "epochs"), default="epochs")
     g.add_argument("--eta", type=float, default=0.5)
     g.add_argument("--whole-model-norms", action="store_true", help="Accordion on the model norm")
+    g.add_argument("--adam-exchange", choices=("auto", "on", "off"), default="auto",
+                   help="Adam-family exchange (horovod_gravac.adam): dense AdamW until its second "
+                        "moment settles, then frozen, and the preconditioned momentum exchanged "
+                        "compressed. auto: with --optimizer adamw and a compressor beyond fp16; "
+                        "off: compress AdamW's gradients instead (the earlier behaviour)")
+    g.add_argument("--adam-warmup", type=int, default=20,
+                   help="Adam-family exchange: dense steps at least before the variance freezes")
+    g.add_argument("--adam-tolerance", type=float, default=0.05,
+                   help="Adam-family exchange: freeze once sqrt(v) changed by at most this much "
+                        "(relative, L1) over a check interval")
+    g.add_argument("--adam-check-interval", type=int, default=10,
+                   help="Adam-family exchange: steps between measurements of that change")
+    g.add_argument("--adam-max-warmup", type=int, default=None,
+                   help="Adam-family exchange: freeze after this many steps at the latest")
     g.add_argument("--on-nonfinite", choices=("skip", "raise"), default="skip",
                    help="a NaN/Inf gradient: skip the step on every rank, or stop")
     g = p.add_argument_group("checkpoints")
@@ -339,6 +353,27 @@ def validate(args: argparse.Namespace) -> None:
     args.agent_obj = make_agent(args)
     if args.agent_obj is not None:
         compression.check_adjustable(compressor, args.agent)
+    args.adam_obj = make_adam_exchange(args, compressor)
+
+
+def make_adam_exchange(args: argparse.Namespace, compressor) -> Any:
+    """The Adam-family exchange of the run (an ``AdamExchange``), or None: gradients."""
+    from horovod_gravac.adam import AdamExchange
+    exchange = AdamExchange(args.adam_warmup, args.adam_tolerance, args.adam_check_interval,
+                            args.adam_max_warmup)  # bad values fail here, flag or not
+    if args.adam_exchange == "on" and args.optimizer != "adamw":
+        raise ValueError(f"--adam-exchange on needs --optimizer adamw, got --optimizer "
+                         f"{args.optimizer}")
+    wanted = args.adam_exchange == "on" or (args.adam_exchange == "auto" and
+                                            args.optimizer == "adamw" and not args.baseline and
+                                            not compressor.preserves_adam)
+    if not wanted:
+        return None
+    if args.clip is not None:
+        raise ValueError("--clip clips the averaged gradient, which the Adam-family exchange "
+                         "does not form once the variance is frozen (p.grad then holds the "
+                         "exchanged momentum): drop --clip or give --adam-exchange off")
+    return exchange
 
 
 def parse_patterns(items: list[str] | None) -> dict[str, bool]:
@@ -658,10 +693,12 @@ PHASE_COLUMNS = ("forward_s", "backward_s", "update_s", "begin_s", "finish_s")
 #: a layer plan's: plans made so far, and the last plan's link bytes and total compression
 #: error relative to the uniform CF's
 PLAN_COLUMNS = ("plans", "plan_bytes_ratio", "plan_error_ratio")
+#: the Adam-family exchange's: warmup or frozen, and the variance change the freeze rule saw
+ADAM_COLUMNS = ("phase", "variance_change")
 STEP_COLUMNS = ("step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf", "cf_sent",
                 "send", "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
                 "skipped_steps", *LINK_COLUMNS, "rounds", "link_steps",
-                *PHASE_COLUMNS, *PLAN_COLUMNS)
+                *PHASE_COLUMNS, *PLAN_COLUMNS, *ADAM_COLUMNS)
 
 
 class RunLog:
@@ -747,15 +784,18 @@ def build_exchange(args: argparse.Namespace, work: "Workload", base, hvd):
         from torch.nn.parallel import DistributedDataParallel
         init_torch_distributed(hvd)
         work.model = DistributedDataParallel(model)
-        return base, hg.ddp.register_comm_hook(work.model, compression=compression,
-                                               optimizer=base, **settings)
+        state = hg.ddp.register_comm_hook(work.model, compression=compression, optimizer=base,
+                                          **settings)
+        if args.adam_obj is not None:
+            return hg.ddp.AdamExchangeOptimizer(base, state, args.adam_obj), state
+        return base, state
     if args.baseline:
         wire = hvd.Compression.fp16 if args.baseline == "horovod-fp16" else hvd.Compression.none
         return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                         compression=wire), None
     opt = hg.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                   compression=compression, granularity=args.granularity,
-                                  **settings)
+                                  adam_exchange=args.adam_obj or "off", **settings)
     return opt, opt
 
 
@@ -846,7 +886,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "begin_s": report.begin_s, "finish_s": report.finish_s} \
                 if report is not None else {}
             log.step({**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS,
-                                                  *PLAN_COLUMNS)},
+                                                  *PLAN_COLUMNS, *ADAM_COLUMNS)},
                       **measured, "forward_s": forward_end - step_start,
                       "backward_s": backward_end - forward_end, "update_s": now - backward_end,
                       "step": step, "epoch": step / work.steps_per_epoch, "wall": now - start,

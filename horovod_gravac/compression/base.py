@@ -154,6 +154,9 @@ class Compressor:
     #: True when ``state_dict()`` is the same on every rank (PowerSGD's allreduced Q), so a
     #: joining rank may take rank 0's; False when it is per rank (Signum's local momentum).
     state_is_shared: ClassVar[bool] = False
+    #: True when the averaged gradient is near enough to dense for Adam's second moment
+    #: (identity, fp16): Adam/AdamW then need no Adam-family exchange (``horovod_gravac.adam``)
+    preserves_adam: ClassVar[bool] = False
     #: this process's rank and the number of ranks that exchange, which the engine driving
     #: the compressor sets (:meth:`bind`) when it is made and at the start of every step
     process_rank: int = 0

@@ -60,6 +60,7 @@ class NoCompression(Compressor):
 
     name = "none"
     default_memory = "none"
+    preserves_adam = True
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         wire = tensor.float() if tensor.dtype == torch.bfloat16 else tensor
@@ -78,6 +79,7 @@ class FP16(Compressor):
     name = "fp16"
     default_memory = "none"
     nominal_cf = 2.0
+    preserves_adam = True
 
     def compress(self, tensor: Tensor, name: str = "", step: int = 0) -> tuple[Payload, Ctx]:
         return (tensor.to(torch.float16),), Ctx(tensor.shape, tensor.dtype, self.exchange)
