@@ -358,9 +358,15 @@ class AdamExchangeOptimizer(WrappedOptimizer):
         state.use_adam_exchange(exchange, optimizer)
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        if self.hook_state.last_step_skipped:  # every rank skips it (gradients are None)
-            return None
-        return self.exchange.step(closure)
+        """Run ``closure`` (forward and backward: the hook exchanges) if given, then the
+        exchange's update — unless the hook skipped this step on every rank."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.hook_state.last_step_skipped:  # skipped: the gradients are None
+            self.exchange.step()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -26,6 +26,13 @@ Lightning's default ``weights_only`` loading reads the file; the callback then u
 own entry allowing only horovod_gravac's classes, tensors and standard containers. A
 checkpoint written with another number of processes is refused (residuals are per rank).
 
+AdamW: with an Adam/AdamW from ``configure_optimizers`` and a compressor beyond fp16, the
+callback (``adam_exchange="auto"``) runs the Adam-family exchange (:mod:`horovod_gravac.adam`):
+it wraps the trainer's optimizer in :class:`~horovod_gravac.ddp.AdamExchangeOptimizer`, so
+Adam steps dense until its second moment settles, then the preconditioned momentum is
+exchanged compressed. Lightning's checkpoints keep the phase with the optimizer's state.
+``adam_exchange="off"`` compresses AdamW's gradients instead.
+
 Needs ``lightning`` (``pip install lightning``, or ``pip install 'horovod-gravac[test]'``),
 the package that provides ``lightning.pytorch``.
 """
@@ -50,10 +57,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightnin
     raise ImportError("horovod_gravac.lightning needs PyTorch Lightning's `lightning.pytorch`: "
                       "pip install lightning (or pip install 'horovod-gravac[test]')") from exc
 
+from . import adam
 from . import agents as A
 from . import compression as C
+from .adam import AUTO, AdamExchange
 from .communication_torch import gather_to_rank0
-from .ddp import DDPCompressionState, register_comm_hook
+from .ddp import AdamExchangeOptimizer, DDPCompressionState, register_comm_hook
 from .engine import EngineConfig
 
 __all__ = ["CHECKPOINT_KEY", "CompressionCallback", "communication", "load_state_bytes",
@@ -164,6 +173,9 @@ class CompressionCallback(pl.Callback):
         min_compress_numel: gradients with fewer elements are sent uncompressed
             (0 compresses every tensor).
         compress_patterns: name patterns → always (True) / never (False) compress.
+        adam_exchange: ``"auto"`` (the Adam-family exchange for an Adam/AdamW under a
+            compressor beyond fp16), ``"off"``, or an
+            :class:`~horovod_gravac.adam.AdamExchange` (its freeze rule).
 
     Compressor, memory and agent objects are copied, so one object can serve several
     callbacks. The agents see the learning rate of the trainer's first optimizer. On a fit
@@ -179,8 +191,13 @@ class CompressionCallback(pl.Callback):
                  memory: str | C.Memory | None = None, agent: str | A.Agent | None = None, *,
                  on_nonfinite: str = "skip",
                  min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
-                 compress_patterns: Mapping[str, bool] | None = None) -> None:
+                 compress_patterns: Mapping[str, bool] | None = None,
+                 adam_exchange: str | AdamExchange | None = AUTO) -> None:
         super().__init__()
+        if not (adam_exchange in (AUTO, adam.OFF, None) or isinstance(adam_exchange, AdamExchange)):
+            raise ValueError("adam_exchange must be 'auto', 'off' or an AdamExchange, got "
+                             f"{adam_exchange!r}")
+        self._adam_exchange = adam_exchange
         # copies: an agent or compressor object keeps state, and the same object in two
         # callbacks (or trainers) would start ranks from different decisions
         compression, memory, agent = (copy.deepcopy(x) for x in (compression, memory, agent))
@@ -245,6 +262,25 @@ class CompressionCallback(pl.Callback):
                 "LightningModule, or DDPStrategy(ddp_comm_hook=...) on CUDA registered one); "
                 "DDP takes one: use CompressionCallback alone") from exc
         self._state, self._loaded, self._hooked = state, None, model
+        self._wrap_adam(trainer, state)
+
+    def _wrap_adam(self, trainer: pl.Trainer, state: DDPCompressionState) -> None:
+        """The Adam-family exchange around the trainer's first optimizer, where it applies."""
+        optimizers = trainer.strategy.optimizers
+        if not optimizers or isinstance(optimizers[0], AdamExchangeOptimizer):
+            return
+        exchange = adam.create(copy.deepcopy(self._adam_exchange), optimizers[0],
+                               state.compressor)
+        if exchange is None:
+            return
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                "gradient_clip_val clips the averaged gradient, which the Adam-family exchange "
+                "does not form once Adam's variance is frozen (the gradients then hold the "
+                "exchanged momentum): drop gradient_clip_val, or give "
+                "CompressionCallback(adam_exchange='off')")
+        trainer.strategy.optimizers = [AdamExchangeOptimizer(optimizers[0], state, exchange),
+                                       *optimizers[1:]]
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._hooked = None

@@ -14,6 +14,8 @@ import torch
 from tests.multirank import assert_identical_across_ranks, run_torchrun
 
 COMPRESSIONS = ("topk", "powersgd")
+#: and AdamW (TopK under the Adam-family exchange), in both clients
+LIGHTNING_RUNS = (*COMPRESSIONS, "adamw")
 EPOCHS, STEPS_PER_EPOCH = 3, 10  # as in tests/ranks/lightning_run.py and accelerate_run.py
 TIMEOUT = 150  # a launch takes ~10 s; a hung one fails the test instead of the suite
 LIGHTNING = importlib.util.find_spec("lightning") is not None
@@ -50,7 +52,7 @@ def check_compressed_training(runs, start_loss):
 @needs_lightning
 # -- Lightning -----------------------------------------------------------------------------------
 @needs_lightning
-@pytest.mark.parametrize("name", COMPRESSIONS)
+@pytest.mark.parametrize("name", LIGHTNING_RUNS)
 def test_lightning_ddp_on_cpu_trains_compressed_under_gravac(lightning_job, name):
     whole = ranks(lightning_job, name, "whole")
     assert ranks(lightning_job, name)[0]["strategy"] == "DDPStrategy"
@@ -60,7 +62,16 @@ def test_lightning_ddp_on_cpu_trains_compressed_under_gravac(lightning_job, name
 
 
 @needs_lightning
-@pytest.mark.parametrize("name", COMPRESSIONS)
+def test_lightning_adamw_runs_under_the_adam_family_exchange(lightning_job):
+    for job in ranks(lightning_job, "adamw"):
+        for run in ("whole", "resumed"):  # wrapped by the callback, frozen after 4 steps
+            assert job[run]["optimizer"] == "AdamExchangeOptimizer"
+            assert job[run]["frozen_step"] == 4
+        assert job["afresh"]["frozen_step"] is not None
+
+
+@needs_lightning
+@pytest.mark.parametrize("name", LIGHTNING_RUNS)
 def test_lightning_resume_continues_the_compression_state_bit_for_bit(lightning_job, name):
     for rank, job in enumerate(ranks(lightning_job, name)):
         whole, resumed, afresh = job["whole"], job["resumed"], job["afresh"]
@@ -159,10 +170,12 @@ def test_lightning_missing_gives_an_install_hint():
 @needs_accelerate
 # -- Accelerate ----------------------------------------------------------------------------------
 @needs_accelerate
-@pytest.mark.parametrize("name", COMPRESSIONS)
+@pytest.mark.parametrize("name", LIGHTNING_RUNS)
 def test_accelerate_on_cpu_trains_compressed_under_gravac(accelerate_job, name):
     assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" and r["processes"] == 2
                for r in accelerate_job)
     runs = ranks(accelerate_job, name)
     assert all(r["ddp"] for r in runs)  # prepare() handed back a DDP model
     check_compressed_training(runs, runs[0]["start_loss"])
+    if name == "adamw":  # the exchange stepped through Accelerate's optimizer wrapper
+        assert all(r["frozen_step"] == 4 for r in runs)

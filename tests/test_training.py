@@ -196,11 +196,13 @@ GPT_FLAGS = ["--model", "gpt4x256", "--data", "ptb", "--optimizer", "adamw", "--
     "topk", pytest.param("qsgd", marks=pytest.mark.slow),
     pytest.param("powersgd", marks=pytest.mark.slow)])
 def test_the_transformer_trains_on_two_ranks_under_every_compressor_family(tmp_path, compression):
-    # the adaptive CF and an error-budgeted plan under it (the quantizers have no CF to set)
+    # the adaptive CF and an error-budgeted plan under it (the quantizers have no CF to set),
+    # under the Adam-family exchange (gravac-train's default for AdamW), frozen after 6 steps
     agent = ["--agent", "gravac", "--window", "5", "--layer-plan", "--plan-interval", "8"] \
         if compression != "qsgd" else []
     s = train_job("gloo", tmp_path / compression, *GPT_FLAGS, "--steps", "24",
-                  "--eval-interval", "8", "--compression", compression, *agent)
+                  "--eval-interval", "8", "--compression", compression,
+                  "--adam-max-warmup", "6", *agent)
     assert s["replicas_identical"] and s["steps"] == 24
     with open(tmp_path / compression / "evals.csv") as f:
         perplexity = [float(r["value"]) for r in csv.DictReader(f) if r["metric"] == "perplexity"]
@@ -209,10 +211,12 @@ def test_the_transformer_trains_on_two_ranks_under_every_compressor_family(tmp_p
     assert len(perplexity) == 3 and perplexity == sorted(perplexity, reverse=True), perplexity
     assert perplexity[-1] < 1500, perplexity
     assert s["total_bytes"] < s["dense_bytes"]
-    if agent:
-        with open(tmp_path / compression / "steps.csv") as f:
-            plans = [r["plans"] for r in csv.DictReader(f)]
-        assert plans[-1] == "3", plans  # planned at steps 8, 16 and 24
+    with open(tmp_path / compression / "steps.csv") as f:
+        steps = list(csv.DictReader(f))
+    assert [r["phase"] for r in steps] == ["warmup"] * 6 + ["frozen"] * 18
+    assert all(r["send"] == "dense" for r in steps[:6])
+    if agent:  # the agent and its plan start at the freeze: planned at its steps 8 and 16
+        assert steps[-1]["plans"] == "2", [r["plans"] for r in steps]
 
 
 PTB_FLAGS = ["--model", "lstm200", "--data", "ptb", "--lr", "1", "--momentum", "0",

@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 from torch.nn.parallel import DistributedDataParallel
 
 from horovod_gravac import ddp
+from horovod_gravac.adam import AdamExchange
 from horovod_gravac.agents import GraVAC
 from tests.multirank import report
 
@@ -56,6 +57,29 @@ for name, compression in (("topk", "topk:100"), ("powersgd", "powersgd")):
                      "start_loss": start_loss, "loss": full_loss(plain),
                      "bytes": stats.total_bytes, "dense": stats.total_dense_bytes,
                      "exchanges": stats.steps}
+
+# AdamW under the Adam-family exchange, the README's recipe: the hook state and the optimizer
+# made before prepare, the hook registered on the DDP model prepare hands back
+torch.manual_seed(0)
+net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+start_loss = full_loss(net)
+state = ddp.DDPCompressionState(net, compression="topk:20", agent=gravac(), min_compress_numel=0)
+opt = ddp.AdamExchangeOptimizer(torch.optim.AdamW(net.parameters(), lr=1e-2, eps=1e-6), state,
+                                AdamExchange(warmup=4, max_warmup=4))
+loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=BATCH)
+model, opt, loader = accelerator.prepare(net, opt, loader)
+ddp.register_comm_hook(model, state=state)
+for epoch in range(EPOCHS):
+    for x, y in loader:
+        opt.zero_grad()
+        accelerator.backward(torch.nn.functional.cross_entropy(model(x), y))
+        opt.step()
+stats, plain = state.communication, accelerator.unwrap_model(model)
+results["adamw"] = {"ddp": isinstance(model, DistributedDataParallel),
+                    "params": {k: v.detach().clone() for k, v in plain.state_dict().items()},
+                    "start_loss": start_loss, "loss": full_loss(plain),
+                    "bytes": stats.total_bytes, "dense": stats.total_dense_bytes,
+                    "exchanges": stats.steps, "frozen_step": state.adam.frozen_step}
 
 report(accelerator.process_index, results=results,
        distributed_type=str(accelerator.distributed_type), processes=accelerator.num_processes)

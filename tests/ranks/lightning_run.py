@@ -1,7 +1,8 @@
 """PyTorch Lightning ``Trainer(strategy="ddp")`` on CPU with horovod_gravac's CompressionCallback,
 under ``torchrun`` (Lightning sees the torchelastic environment and launches nothing itself).
 
-For each compression (TopK, PowerSGD), under GraVAC:
+For each compression (TopK, PowerSGD; and TopK with AdamW, under the Adam-family exchange
+that the callback wraps around it), under GraVAC:
   * an uninterrupted fit of EPOCHS epochs, ModelCheckpoint writing a checkpoint per epoch;
   * a new Trainer and callback resumed with ``ckpt_path=`` from the first epoch's checkpoint
     and fitted to the same end: it must end where the uninterrupted fit did, bit for bit;
@@ -21,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from sklearn.datasets import load_digits
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from horovod_gravac.adam import AdamExchange
 from horovod_gravac.agents import GraVAC
 from horovod_gravac.lightning import CompressionCallback
 from tests.multirank import report
@@ -36,6 +38,8 @@ Y = torch.tensor(y_all[:SAMPLES])
 
 
 class Net(pl.LightningModule):
+    adamw = False  # configure_optimizers: SGD, or AdamW (the callback adds the exchange)
+
     def __init__(self):
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
@@ -49,6 +53,8 @@ class Net(pl.LightningModule):
         return torch.nn.functional.cross_entropy(self(x), y)
 
     def configure_optimizers(self):
+        if self.adamw:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, eps=1e-6)
         return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
 
 
@@ -88,16 +94,22 @@ def full_loss(module):
 
 def outcome(module, callback, spy):
     stats = callback.communication
+    optimizer = module.trainer.strategy.optimizers[0]
     return {"params": {k: v.detach().clone() for k, v in module.state_dict().items()},
+            "optimizer": type(optimizer).__name__,
+            "frozen_step": getattr(getattr(optimizer, "exchange", None), "frozen_step", None),
             "loss": full_loss(module), "bytes": stats.total_bytes,
             "dense": stats.total_dense_bytes, "exchanges": stats.steps,
             "bytes_so_far": spy.totals}
 
 
 results = {}
-for name, compression in (("topk", "topk:100"), ("powersgd", "powersgd")):
+for name, compression in (("topk", "topk:100"), ("powersgd", "powersgd"), ("adamw", "topk:20")):
+    Net.adamw = name == "adamw"
+
     def hook():  # a new agent for each callback: an agent object holds its own state
-        return dict(compression=compression, agent=gravac(), min_compress_numel=0)
+        adam = {"adam_exchange": AdamExchange(warmup=4, max_warmup=4)} if Net.adamw else {}
+        return dict(compression=compression, agent=gravac(), min_compress_numel=0, **adam)
 
     ckpt_dir = os.path.join(WORK, name)
 
