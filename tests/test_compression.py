@@ -565,3 +565,43 @@ def test_energy_profile_copies_nothing_from_the_host(spec, sample, monkeypatch):
     monkeypatch.setattr(torch, "tensor", host_copy)
     torch.testing.assert_close(compressor.energy_profile(x, [10, 20], "w", 0, sample=sample),
                                expected)
+
+
+def powersgd_steps(ranks_gradients, averaged_error: bool):
+    """PowerSGD rank 1 with error feedback on simulated ranks, as the engine runs it (P
+    summed, orthogonalised, Q averaged): the averaged approximation of every step. The
+    residual is this library's M_i − P̂ P̂ᵀ M_i, or (``averaged_error``) PyTorch's hook's and
+    epfml/powersgd's: M_i minus the averaged approximation."""
+    ranks = len(ranks_gradients[0])
+    compressors = [C.create("powersgd:1") for _ in range(ranks)]
+    memories = [C.ResidualMemory() for _ in range(ranks)]
+    out = []
+    for gradients in ranks_gradients:
+        compensated = [m.compensate(g, "w") for m, g in zip(memories, gradients)]
+        sent = [c.compress(x, "w") for c, x in zip(compressors, compensated)]
+        p_sum = sum(payload[0] for payload, _ in sent)
+        qs = [c.next_round((p_sum,), ctx) for c, (_, ctx) in zip(compressors, sent)]
+        q_mean = sum(q[0] for q in qs) / ranks
+        if not averaged_error:  # the library: local error, before the approximation
+            for m, c, x, (payload, ctx), q in zip(memories, compressors, compensated, sent, qs):
+                m.update("w", x.clone(), c, q, ctx)
+        approx = [c.aggregate([(q_mean,)], ctx) for c, (_, ctx) in zip(compressors, sent)]
+        if averaged_error:
+            for m, x in zip(memories, compensated):
+                m.residuals["w"] = x - approx[0]
+        out.append(approx[0])
+    return out
+
+
+def test_powersgds_error_split_among_ranks_does_not_change_what_they_apply():
+    """Where this library's PowerSGD and PyTorch's hook differ, the error kept per rank: M_i −
+    P̂P̂ᵀM_i here, M_i − the average there. Every round is linear in the ranks' M_i given the
+    shared Q and P̂ (P = Σ M_i Q, Q = Σ M_iᵀ P̂), and both rules leave the same sum of residuals
+    (N·(M̄ − P̂P̂ᵀM̄)); so the averaged approximation, step after step, is the same."""
+    gen = torch.Generator().manual_seed(0)
+    steps = [[torch.randn(40, 30, generator=gen) + 3 * torch.outer(
+        torch.randn(40, generator=gen), torch.randn(30, generator=gen)) for _ in range(3)]
+        for _ in range(6)]
+    ours, pytorchs = powersgd_steps(steps, False), powersgd_steps(steps, True)
+    for a, b in zip(ours, pytorchs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
