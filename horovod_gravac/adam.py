@@ -108,9 +108,10 @@ class AdamExchange:
                  max_warmup: int | None = None) -> None:
         self.rule = FreezeRule(warmup, tolerance, check_interval, max_warmup)
         self.optimizer: torch.optim.Optimizer | None = None
-        #: optimizer steps taken (the wrapped optimizer's ``step`` count, read at each check
-        #: and at the freeze, then counted)
+        #: the wrapped optimizer's step count (read from its state at the first step after
+        #: ``bind``, counted from then on: no host read during backward)
         self.steps = 0
+        self._counting = False
         #: T, the step whose v is frozen (None: warming up)
         self.frozen_step: int | None = None
         self._roots: dict[Tensor, Tensor] = {}  # √v̂ at the last check (warm-up)
@@ -154,7 +155,7 @@ class AdamExchange:
                                  f"exchange (the frozen preconditioner is 1/(√v + eps)), "
                                  f"got {group['eps']!r}")
         self.optimizer = optimizer
-        self.steps = self._optimizer_steps()
+        self._counting = False
 
     def _parameters(self) -> Iterator[tuple[dict[str, Any], Tensor]]:
         for group in self.optimizer.param_groups:
@@ -169,7 +170,9 @@ class AdamExchange:
     # -- the phases --------------------------------------------------------------------------
     def freeze(self) -> None:
         """Freeze v at the current step T (every rank at the same step: the decision's)."""
-        self.steps = self.frozen_step = self._optimizer_steps()
+        if not self._counting:  # frozen before any step since bind
+            self.steps, self._counting = self._optimizer_steps(), True
+        self.frozen_step = self.steps
         with torch.no_grad():
             for group, p in self._parameters():
                 state = self.optimizer.state[p]
@@ -215,7 +218,10 @@ class AdamExchange:
         exchanged momentum (``p.grad`` = x̄) after the freeze."""
         if not self.frozen:
             loss = self.optimizer.step(closure)
-            self.steps += 1
+            # the wrapped optimizer may have stepped without us (Horovod's
+            # broadcast_optimizer_state makes its state by a step): read its count once
+            self.steps = self.steps + 1 if self._counting else self._optimizer_steps()
+            self._counting = True
             if self.steps % self.rule.check_interval == 0:
                 self._check_variance()
             return loss
@@ -244,7 +250,7 @@ class AdamExchange:
 
     def _check_variance(self) -> None:
         """r = Σ|√v̂_t − √v̂_{t−k}| / Σ√v̂_t since the last check (one host read)."""
-        steps = self._optimizer_steps()
+        steps = self.steps
         changed, total, compared = [], [], False
         with torch.no_grad():
             for group, p in self._parameters():
@@ -288,7 +294,7 @@ class AdamExchange:
         self._denominators = by_parameter(state["denominators"])
         self._change = state["change"]
         self.frozen_step = state["frozen_step"]
-        self.steps = state["steps"]
+        self.steps, self._counting = state["steps"], True
         if self.frozen:
             self._read_groups()
 

@@ -44,6 +44,11 @@ class TorchTransport:
         self.group = process_group
         #: flat buffers of fused allreduces, by name, reused from step to step
         self._flat: dict[str, Tensor] = {}
+        #: where the agent's decision travels: on NCCL's default group a Gloo group of the
+        #: same ranks, so that reading it is never a device synchronisation (made here: every
+        #: rank makes its transport in the same order, as new_group needs)
+        self._control = dist.new_group(backend="gloo") \
+            if process_group is None and dist.get_backend() == "nccl" else process_group
 
     @property
     def rank(self) -> int:
@@ -55,8 +60,9 @@ class TorchTransport:
 
     @property
     def control_device(self) -> torch.device:
-        """Where the decision travels: NCCL broadcasts only CUDA tensors."""
-        if dist.get_backend(self.group) == "nccl":
+        """Where the decision travels: the host, but on an NCCL group of its own (which
+        broadcasts only CUDA tensors)."""
+        if dist.get_backend(self._control) == "nccl":
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
@@ -102,9 +108,10 @@ class TorchTransport:
                                                   async_op=True), received)
 
     def broadcast(self, tensor: Tensor, name: str) -> TorchHandle:
+        """From the group's rank 0 (the decision: on the control group)."""
         source = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        return TorchHandle(dist.broadcast(tensor, src=source, group=self.group, async_op=True),
-                           tensor)
+        return TorchHandle(dist.broadcast(tensor, src=source, group=self._control,
+                                          async_op=True), tensor)
 
 
 def gather_to_rank0(obj: Any, group: dist.ProcessGroup | None = None) -> list[Any] | None:

@@ -206,8 +206,10 @@ class DDPCompressionState:
                                  "with the DDP model itself")
             self._views[name] = grad
             self.engine.begin(name, self._exchanged(p, grad))
-        future: torch.futures.Future[Tensor] = torch.futures.Future()
-        self._futures.append((future, bucket.buffer()))
+        buffer = bucket.buffer()  # a CUDA future records the stream its value is made on
+        future: torch.futures.Future[Tensor] = torch.futures.Future(
+            devices=[buffer.device] if buffer.is_cuda else None)
+        self._futures.append((future, buffer))
         return future
 
     def _exchanged(self, p: Tensor, grad: Tensor) -> Tensor:

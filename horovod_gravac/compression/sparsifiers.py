@@ -1,8 +1,8 @@
 """Sparsifiers: send a subset of the elements as (values, int32 indices).
 
 k = max(1, ⌊n/CF⌋) (:func:`num_selected`). Except RandomK, the selected positions differ by
-rank, so payloads are all-gathered and summed with one ``index_add_``: the concatenation of
-every rank's (values, indices) is itself a valid payload whose decompression is the sum.
+rank, so payloads are all-gathered and summed with one ``index_add_`` per rank, in rank
+order (the same sum, bit for bit, on every rank and device).
 
 On accelerators (see :func:`~.base.sizes_may_depend_on_data`) TopK, RandomK and DGC take
 paths whose payload size is exactly k and that never read a value back to the host, so the
@@ -152,14 +152,17 @@ class Sparsifier(Compressor):
 
     def aggregate(self, payloads: Sequence[Payload], ctx: Ctx,
                   out: Tensor | None = None) -> Tensor:
-        """Every rank's (values, indices) concatenated is itself a payload whose
-        decompression is the sum: one ``index_add_`` (into ``out``, zeroed, if given)."""
+        """The sum of every rank's (values, indices): one ``index_add_`` per rank, in rank
+        order (into ``out``, zeroed, if given). Not one over all ranks' payloads at once:
+        positions repeat across ranks, and on CUDA repeated positions add atomically in an
+        order that varies, so ranks could decode different sums; within one payload they
+        are distinct (DGC's padding adds zeros)."""
         if self._is_bitmap(payloads[0]) or (out is not None and not out.is_contiguous()):
             return Compressor.aggregate(self, payloads, ctx, out)
-        values, positions = (torch.cat(parts) for parts in zip(*payloads))
-        target = torch.zeros(ctx.numel, dtype=ctx.dtype, device=values.device) \
+        target = torch.zeros(ctx.numel, dtype=ctx.dtype, device=payloads[0][0].device) \
             if out is None else out.view(-1).zero_()
-        target.index_add_(0, positions.long(), values.to(ctx.dtype))
+        for values, positions in payloads:
+            target.index_add_(0, positions.long(), values.to(ctx.dtype))
         return target.view(ctx.shape)
 
     def sent_norm_sq(self, payload: Payload, ctx: Ctx) -> Tensor:

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from horovod_gravac import agents as A
 from horovod_gravac import compression as C
 from horovod_gravac import ddp
+from horovod_gravac.adam import AdamExchange
 from horovod_gravac.engine import StepEngine
 from tests import multirank
 from tests.gpu.device import device_name, missing_reason
@@ -57,7 +58,11 @@ CONFIGS = {"plain DDP": None,
            "accordion": {"compression": "topk",
                          "agent": lambda: A.Accordion(low_cf=2, high_cf=20, interval=2)},
            "layer plan": {"compression": "topk", "min_compress_numel": 0,
-                          "agent": lambda: A.LayerPlan(A.Static(cf=10), plan_interval=3)}}
+                          "agent": lambda: A.LayerPlan(A.Static(cf=10), plan_interval=3)},
+           # AdamW under the Adam-family exchange, frozen from the first watched step on
+           "adam exchange (topk)": {"compression": "topk", "adam": True},
+           "adam exchange (gravac, powersgd)": {"compression": "powersgd", "agent": gravac,
+                                                "adam": True}}
 
 
 #: the hook states the current test made
@@ -82,12 +87,15 @@ def build(device: torch.device, settings: dict | None):
                               torch.nn.Linear(300, 40)).to(device)
     model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None,
                 bucket_cap_mb=0.05)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    state = None
+    state, adam = None, settings is not None and settings.get("adam")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if adam else \
+        torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     if settings is not None:
-        settings = {k: v() if callable(v) else v for k, v in settings.items()}
+        settings = {k: v() if callable(v) else v for k, v in settings.items() if k != "adam"}
         state = ddp.register_comm_hook(model, optimizer=opt, bucket_cap_mb=0.05, **settings)
         _states.append(state)
+    if adam:
+        opt = ddp.AdamExchangeOptimizer(opt, state, AdamExchange(warmup=1, max_warmup=WARM_UP))
     return model, opt, state
 
 
