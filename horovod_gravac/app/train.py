@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import time
@@ -33,6 +34,25 @@ WORKLOADS = {  # data → (task, models that fit, classes or None)
     "digits": ("image", ("mlp", "cnn_digits"), 10),
 }
 METRICS = {"lm": ("perplexity",), "image": ("accuracy", "top5")}
+#: ``--help``'s line for each model of ``app.models.MODELS`` and each data set of WORKLOADS
+MODEL_HELP = {
+    "mlp": "MLP 64-128-128-10 (26k parameters)",
+    "cnn_digits": "small CNN (0.28M parameters): the CNN workload that runs offline",
+    "resnet20": "CIFAR ResNet-20 (0.27M), sized for CPUs",
+    "resnet101": "bottleneck ResNet-101 with a CIFAR stem (42.5M), the paper's",
+    "vgg_small": "small VGG (1.3M), sized for CPUs",
+    "vgg16": "VGG16 (134.7M), the paper's",
+    "lstm200": "2x200 LSTM language model (4.7M), sized for CPUs",
+    "lstm650": "2x650 LSTM language model (19.8M)",
+    "lstm1500": "2x1500 LSTM language model (66.0M), the paper's",
+    "gpt4x256": "GPT-2-style decoder: 4 blocks, width 256, 4 heads, context 64 (5.7M)",
+}
+DATA_HELP = {
+    "ptb": "Penn Treebank, word level (perplexity; found or downloaded, see --data-dir)",
+    "cifar10": "CIFAR-10 (accuracy, top5; downloaded into --data-dir unless --no-download)",
+    "cifar100": "CIFAR-100 (accuracy, top5; downloaded like CIFAR-10)",
+    "digits": "scikit-learn's 8x8 digits (accuracy, top5; no download)",
+}
 BASELINES = ("horovod", "horovod-fp16", "ddp-powersgd")
 #: GraVAC's metrics row → steps.csv: time blocked on collectives, link bytes, and with
 #: ``--search cost_model`` the fitted link (bytes/s, seconds per step), mean compute and the
@@ -41,14 +61,55 @@ LINK_COLUMNS = ("wait_s", "link_bytes", "link_bandwidth", "link_latency", "compu
                 "predicted_step_s")
 
 
+def _one_line(doc: str | None) -> str:
+    """A docstring's first paragraph on one line, as plain text (``code`` as `code`)."""
+    text = " ".join((doc or "").strip().split("\n\n")[0].split())
+    text = re.sub(r":\w+:`~?([^`]*)`", lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return text.replace("``", "`")
+
+
+def choices_epilog() -> str:
+    """``--help``'s end: every model, data set, compressor and agent, one line each, from
+    the registries."""
+    from .. import agents as A
+    from .. import compression as C
+    from .models import MODELS
+
+    def block(title: str, rows: list[tuple[str, str]]) -> list[str]:
+        width = max(len(name) for name, _ in rows) + 2
+        return ["", title] + [f"  {name:<{width}}{text}" for name, text in rows]
+
+    fits = {m: ",".join(d for d, (_, models, _) in WORKLOADS.items() if m in models)
+            for m in MODELS}
+    width = max(map(len, fits.values())) + 2
+    agents = [("none", "no agent: the compressor's own setting at every step")]
+    agents += [(name, _one_line(sys.modules[cls.__module__].__doc__))
+               for name, cls in A.AGENTS.items()]
+    lines = (block("models (--model; the data sets each fits):",
+                   [(m, f"{fits[m]:<{width}}{MODEL_HELP[m]}") for m in MODELS])
+             + block("data sets (--data):", list(DATA_HELP.items()))
+             + block("compressors (--compression NAME[:VALUE]):",
+                     [(name, _one_line(cls.__doc__)) for name, cls in C.COMPRESSORS.items()])
+             + block("agents (--agent):", agents))
+    return "\n".join(lines[1:])
+
+
+class _Parser(argparse.ArgumentParser):
+    """``--help`` ends with :func:`choices_epilog`, built only then (it imports torch)."""
+
+    def format_help(self) -> str:
+        self.epilog = self.epilog or choices_epilog()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gravac-train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="gravac-train", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON or YAML file of flags ({\"model\": \"lstm200\", \"steps\": 300, "
                         "...}; a run's own config.json repeats it); command-line flags override it")
     g = p.add_argument_group("workload")
-    g.add_argument("--model", default="lstm200")
+    g.add_argument("--model", default="lstm200", help="one of the models listed below")
     g.add_argument("--data", default="ptb", choices=sorted(WORKLOADS))
     g.add_argument("--data-dir", default=None, help="PTB or CIFAR directory (PTB: ../shared/data/ptb)")
     g.add_argument("--no-download", action="store_true", help="never download CIFAR")
@@ -84,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--powersgd-rank", type=int, default=1, help="ddp-powersgd's matrix rank")
     g.add_argument("--powersgd-start", type=int, default=2,
                    help="ddp-powersgd: dense allreduce before this step (>= 2)")
-    g.add_argument("--compression", default="none", help="name[:value], e.g. topk:100")
+    g.add_argument("--compression", default="none",
+                   help="name[:value], e.g. topk:100 (the compressors are listed below)")
     g.add_argument("--value-dtype", default=None, choices=("float16", "bfloat16"),
                    help="topk/dgc: send the kept values in this dtype (default: the gradient's)")
     g.add_argument("--memory", default=None, help="error-feedback memory (default: the compressor's)")
