@@ -1,5 +1,5 @@
 """horovod-gravac: communicate less, adaptively, in data-parallel PyTorch on Horovod
-(``DistributedOptimizer``) or PyTorch DDP (``horovod_gravac.ddp``).
+(``DistributedOptimizer``) or PyTorch DDP (``horovod_gravac.ddp``)::
 
     import horovod.torch as hvd
     import horovod_gravac as hg

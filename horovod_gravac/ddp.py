@@ -1,5 +1,5 @@
 """The same compression, error feedback and agents for ``torch.distributed``: a DDP
-communication hook.
+communication hook::
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -347,7 +347,7 @@ class SeededCompressor(Compressor):
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def generator(self, device: torch.device, *key: Any) -> torch.Generator:
-        """The generator for ``device``, reseeded from (seed, *key)."""
+        """The generator for ``device``, reseeded from ``(seed, *key)``."""
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
