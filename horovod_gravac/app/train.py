@@ -881,7 +881,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     opt, frontend = build_exchange(args, work, base, hvd)
     through_ddp = work.model is not model
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
-    hvd.broadcast_optimizer_state(base, root_rank=0)
+    # the state of the optimizer that steps (Horovod's documented call): every exchange starts
+    # from the same state (Adam: the zero-gradient step that makes it counts in every path)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
     scheduler = build_scheduler(base, args, total_steps)
     first_step, total_bytes, evals, batches, resumed = 1, 0, [], work.batches(), None
     if args.resume:
