@@ -84,7 +84,7 @@ def configurations(steps: int, ranks: int, workload: str = "ptb") -> dict[str, C
                                                   "gravac"), adaptive=True),
             "GraVAC defaults (TopK)": Config(("--compression", "topk", "--agent", "gravac"),
                                              adaptive=True),
-            "PowerSGD rank 1, gradients": Config(("--compression", "powersgd:1",
+            "PowerSGD rank 1 (gradients)": Config(("--compression", "powersgd:1",
                                                   "--adam-exchange", "off")),
             "GraVAC defaults (PowerSGD, DDP hook)": Config(
                 ("--compression", "powersgd", "--agent", "gravac", "--ddp"), adaptive=True),
