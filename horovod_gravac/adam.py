@@ -75,6 +75,10 @@ from .agents import FreezeRule
 #: the optimizers the exchange steps (``AdamW`` is ``Adam`` with decoupled weight decay)
 ADAM_FAMILY: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.Adam, torch.optim.AdamW)
 AUTO, OFF = "auto", "off"
+#: what each rank compresses once v is frozen: its preconditioned local momentum (1-bit
+#: Adam's), or its preconditioned gradient with the momentum taken after the average
+MOMENTUM, GRADIENT = "momentum", "gradient"
+SENDS = (MOMENTUM, GRADIENT)
 
 
 def is_adam_family(optimizer: Any) -> bool:
@@ -105,8 +109,11 @@ class AdamExchange:
     """
 
     def __init__(self, warmup: int = 20, tolerance: float = 0.05, check_interval: int = 10,
-                 max_warmup: int | None = None) -> None:
+                 max_warmup: int | None = None, sends: str = MOMENTUM) -> None:
         self.rule = FreezeRule(warmup, tolerance, check_interval, max_warmup)
+        if sends not in SENDS:
+            raise ValueError(f"sends must be one of {SENDS}, got {sends!r}")
+        self.sends = sends
         self.optimizer: torch.optim.Optimizer | None = None
         #: the wrapped optimizer's step count (read from its state at the first step after
         #: ``bind``, counted from then on: no host read during backward)
@@ -197,13 +204,16 @@ class AdamExchange:
             self._local[p] = (float(group["betas"][0]), l2, bool(group.get("maximize")))
 
     def exchanged(self, p: Tensor, grad: Tensor) -> Tensor:
-        """What rank i sends for ``p`` once frozen: x_i = d ⊙ (β1·m + (1 − β1)·g_i), a new
-        tensor (elementwise on the device: no host synchronisation)."""
+        """What rank i sends for ``p`` once frozen: x_i = d ⊙ (β1·m + (1 − β1)·g_i) — or,
+        with ``sends="gradient"``, d ⊙ g_i —, a new tensor (elementwise on the device: no
+        host synchronisation)."""
         beta1, l2, maximize = self._local[p]
         if maximize:
             grad = grad.neg()
         if l2:
             grad = grad.add(p.detach(), alpha=l2)
+        if self.sends == GRADIENT:
+            return grad.div(self._denominators[p])
         local = torch.lerp(self.optimizer.state[p]["exp_avg"], grad, 1.0 - beta1)
         return local.div_(self._denominators[p])
 
@@ -234,12 +244,17 @@ class AdamExchange:
             for group in self.optimizer.param_groups:
                 lr, weight_decay = float(group["lr"]), float(group["weight_decay"])
                 decay = _decoupled(self.optimizer, group) and weight_decay != 0
-                step_size = lr / (1.0 - float(group["betas"][0]) ** self.steps)
+                beta1 = float(group["betas"][0])
+                step_size = lr / (1.0 - beta1 ** self.steps)
                 for p in group["params"]:
                     if p.grad is None:
                         continue
                     state, denominator = self.optimizer.state[p], self._denominators[p]
-                    momentum = torch.mul(p.grad, denominator, out=state["exp_avg"])
+                    if self.sends == GRADIENT:  # m ← β1·m + (1 − β1)·ḡ, ḡ = z̄ / d
+                        momentum = state["exp_avg"].mul_(beta1).addcmul_(
+                            p.grad, denominator, value=1.0 - beta1)
+                    else:
+                        momentum = torch.mul(p.grad, denominator, out=state["exp_avg"])
                     torch.maximum(denominator, momentum.abs(), out=denominator)
                     if decay:
                         p.mul_(1.0 - lr * weight_decay)

@@ -61,8 +61,11 @@ def one_bit_adam_reference(params, grads, warmup, decoupled):
     return params, m, v
 
 
+@pytest.mark.parametrize("sends", adam.SENDS)
 @pytest.mark.parametrize("family", ["AdamW", "Adam"])
-def test_the_frozen_variance_update_equals_a_one_bit_adam_reference(family):
+def test_the_frozen_variance_update_equals_a_one_bit_adam_reference(family, sends):
+    """Exchanged exactly, a rank's momentum or its gradient (the momentum then taken after
+    the average) is the same update: the average is linear."""
     shapes, ranks, steps, warmup = [(6, 5), (5,)], 3, 9, 4
     torch.manual_seed(0)
     params = [torch.randn(s, requires_grad=True) for s in shapes]
@@ -70,7 +73,7 @@ def test_the_frozen_variance_update_equals_a_one_bit_adam_reference(family):
     grads = noisy_gradients(shapes, ranks, steps)
     optimizer = getattr(torch.optim, family)(params, lr=LR, betas=BETAS, eps=EPS,
                                              weight_decay=WD)
-    exchange = AdamExchange(warmup=warmup, max_warmup=warmup)
+    exchange = AdamExchange(warmup=warmup, max_warmup=warmup, sends=sends)
     exchange.bind(optimizer)
     for step, per_rank in enumerate(grads):
         if step == warmup:
@@ -311,6 +314,8 @@ def test_auto_runs_the_exchange_for_adam_family_optimizers_under_real_compressio
     (lambda p: AdamExchange(warmup=0.5), "warmup must be an integer >= 1, got 0.5"),
     (lambda p: AdamExchange(tolerance=0), "tolerance must be a number > 0, got 0"),
     (lambda p: AdamExchange(check_interval=0), "check_interval must be an integer >= 1"),
+    (lambda p: AdamExchange(sends="update"), r"sends must be one of \('momentum', "
+                                             r"'gradient'\), got 'update'"),
     (lambda p: AdamExchange(warmup=10, max_warmup=5), "max_warmup must be None or an integer "
                                                       ">= 10, got 5"),
     (lambda p: AdamExchange().bind(torch.optim.AdamW([p], amsgrad=True)), "amsgrad=True"),

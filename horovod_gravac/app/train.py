@@ -228,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam-family exchange: steps between measurements of that change")
     g.add_argument("--adam-max-warmup", type=int, default=None,
                    help="Adam-family exchange: freeze after this many steps at the latest")
+    g.add_argument("--adam-sends", choices=("momentum", "gradient"), default="momentum",
+                   help="Adam-family exchange, once frozen: compress each rank's "
+                        "preconditioned momentum (1-bit Adam's), or its preconditioned "
+                        "gradient with the momentum taken after the average")
     g.add_argument("--on-nonfinite", choices=("skip", "raise"), default="skip",
                    help="a NaN/Inf gradient: skip the step on every rank, or stop")
     g = p.add_argument_group("checkpoints")
@@ -422,7 +426,7 @@ def make_adam_exchange(args: argparse.Namespace, compressor) -> Any:
     """The Adam-family exchange of the run (an ``AdamExchange``), or None: gradients."""
     from horovod_gravac.adam import AdamExchange
     exchange = AdamExchange(args.adam_warmup, args.adam_tolerance, args.adam_check_interval,
-                            args.adam_max_warmup)  # bad values fail here, flag or not
+                            args.adam_max_warmup, args.adam_sends)  # bad values fail here
     if args.adam_exchange == "on" and args.optimizer != "adamw":
         raise ValueError(f"--adam-exchange on needs --optimizer adamw, got --optimizer "
                          f"{args.optimizer}")
