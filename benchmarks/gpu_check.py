@@ -232,7 +232,39 @@ def time_compressors(device: torch.device, model: str, names: list[str], cf: flo
         rows.append(row)
         if progress is not None:
             progress(floor, rows)
+    rows.append(time_adam_exchange(grads, floor, min_run_time))
+    if progress is not None:
+        progress(floor, rows)
     return floor, rows
+
+
+def time_adam_exchange(grads: dict[str, torch.Tensor], floor: dict[str, float],
+                       min_run_time: float) -> dict[str, Any]:
+    """What the Adam-family exchange adds to a frozen step, compression aside: every
+    gradient's preconditioned momentum (``exchanged``) and the frozen-variance update."""
+    from horovod_gravac.adam import AdamExchange
+
+    params = [torch.zeros_like(g, requires_grad=True) for g in grads.values()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    for p, g in zip(params, grads.values()):
+        p.grad = g.clone()
+    optimizer.step()  # Adam's state, then frozen
+    exchange = AdamExchange(warmup=1)
+    exchange.bind(optimizer)
+    exchange.freeze()
+    pairs = list(zip(params, grads.values()))
+
+    def one_step():
+        for p, g in pairs:
+            p.grad = exchange.exchanged(p, g)
+        exchange.step()
+
+    ms = seconds(one_step, min_run_time) * 1e3
+    return {"compressor": "adam exchange", "setting": "exchanged + frozen update",
+            "mb_sent": 0.0, "ms": ms, "enqueue_ms": enqueue_seconds(one_step, params[0].device) * 1e3,
+            "x_copy": ms / floor["copy_ms"], "reference_ms": None,
+            "x_faster_than_reference": None, "grace_ms": None, "x_faster_than_grace": None,
+            "within_goal": ms / floor["copy_ms"] <= FLOOR_GOAL}
 
 
 def _fmt(value: float | None, spec: str) -> str:

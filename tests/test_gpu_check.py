@@ -68,10 +68,11 @@ def test_the_timing_table_is_written_from_cpu_numbers(tmp_path):
     floor, rows = G.time_compressors(torch.device("cpu"), "mlp", ["topk", "qsgd", "powersgd"],
                                      100.0, min_run_time=0.002,
                                      progress=lambda f, r: seen.append(len(r)))
-    assert seen == [0, 1, 2, 3, 4]  # the floor, then each row as it comes
+    assert seen == [0, 1, 2, 3, 4, 5]  # the floor, then each row as it comes
     assert [(r["compressor"], r["setting"]) for r in rows] == [
         ("topk", "CF 100 (default)"), ("qsgd", "default (CF 4)"),
-        ("powersgd", "rank 1 (default)"), ("powersgd", "CF 100")]
+        ("powersgd", "rank 1 (default)"), ("powersgd", "CF 100"),
+        ("adam exchange", "exchanged + frozen update")]
     assert floor["copy_ms"] > 0 and floor["flat_copy_gbps"] > 0 and floor["tensors"] >= 2
     for r in rows:
         assert r["ms"] > 0 and r["x_copy"] == pytest.approx(r["ms"] / floor["copy_ms"])
