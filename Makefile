@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NP ?= 2
 
-.PHONY: install test test-all test-docker test-gpu demo clean
+.PHONY: install test test-all test-docker test-gpu docs demo clean
 
 install:
 	bash launch/install.sh
@@ -25,8 +25,12 @@ PYTHON3 ?= python3
 test-gpu:
 	$(PYTHON3) -m benchmarks.gpu_check
 
+# the Sphinx site (docs/), warnings as errors: a renamed function breaks the build
+docs: install
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 demo: install
 	NP=$(NP) bash launch/demo.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info docs/_build

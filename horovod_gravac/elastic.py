@@ -1,4 +1,4 @@
-"""Horovod elastic for :class:`~horovod_gravac.DistributedOptimizer`.
+"""Horovod elastic for :class:`~horovod_gravac.optimizer.DistributedOptimizer`.
 
 Importing this module registers a state handler in Horovod's elastic handler registry, so
 ``hvd.elastic.TorchState(model=model, optimizer=opt, ...)`` (re-exported here as

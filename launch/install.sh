@@ -15,7 +15,7 @@
 #   HOROVOD_VERSION        Horovod release built from the PyPI sdist    (0.28.1)
 #   HOROVOD_GPU_OPERATIONS NCCL to build the GPU collectives (the GPU image does)  (unset)
 #   HOROVOD_WHEEL_CACHE    where built Horovod wheels are kept          (~/.cache/horovod-gravac/wheels)
-#   EXTRAS                 extras of horovod_gravac to install          (bench,test)
+#   EXTRAS                 extras of horovod_gravac to install          (bench,test,docs)
 #   INSTALL_PACKAGE        0: dependencies only, not this package       (1)
 #   INSTALL_IMAGE_TOOLS    1: also buildah and debootstrap (as root), for `make test-docker`  (0)
 set -euo pipefail
@@ -25,7 +25,7 @@ VENV="${VENV:-$repo/.venv}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 HOROVOD_VERSION="${HOROVOD_VERSION:-0.28.1}"
 HOROVOD_WHEEL_CACHE="${HOROVOD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/horovod-gravac/wheels}"
-EXTRAS="${EXTRAS:-bench,test}"
+EXTRAS="${EXTRAS:-bench,test,docs}"
 # empty means none (the CPU image passes it empty): Horovod's build must not see it at all
 [ -n "${HOROVOD_GPU_OPERATIONS:-}" ] || unset HOROVOD_GPU_OPERATIONS
 
