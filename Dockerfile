@@ -7,7 +7,7 @@
 #         --build-arg HOROVOD_GPU_OPERATIONS= --build-arg EXTRAS=bench,test \
 #         --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu .
 # Horovod is built by the same launch/install.sh that CI runs, so the two cannot drift apart.
-# The README's "Docker" section says how to take torch from a wheel directory, pass a proxy's
+# docs/guides/docker.md says how to take torch from a wheel directory, pass a proxy's
 # CA bundle, and bake in a local copy of the Penn Treebank.
 ARG BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04
 FROM ${BASE_IMAGE}

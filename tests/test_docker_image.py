@@ -38,8 +38,8 @@ def cpu_torch_wheels() -> Path | None:
 
 
 def cpu_build_arguments() -> tuple[dict[str, str], list[str]]:
-    """The CPU variant's build arguments and the volumes they refer to, as the README gives
-    them: no GPU collectives, a CPU torch (a wheel directory, else PyTorch's CPU index), this
+    """The CPU variant's build arguments and the volumes they refer to, as docs/guides/docker.md
+    gives them: no GPU collectives, a CPU torch (a wheel directory, else PyTorch's CPU index), this
     machine's CA bundle for pip, the PTB copy found here baked in."""
     args = {"BASE_IMAGE": BASE, "HOROVOD_GPU_OPERATIONS": "", "EXTRAS": "bench,test",
             "PTB_URL": "file:///ptb/"}

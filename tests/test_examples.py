@@ -1,4 +1,4 @@
-"""The README's recipes (examples/*.py) run on 2 real ranks and end identical on every rank."""
+"""The recipes (examples/*.py, docs/guides/horovod.md) run on 2 real ranks and end identical on every rank."""
 import pytest
 import torch
 
