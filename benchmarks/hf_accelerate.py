@@ -5,7 +5,7 @@ or under the Adam-family exchange, side by side at equal steps on PTB.
 Each configuration is one ``torchrun --nproc_per_node NP`` job of ``Accelerator(cpu=True)``
 (Gloo), the `gpt` workload's recipe (AdamW lr 1e-3, eps 1e-6, weight decay 0.01, 20 linear
 warm-up steps, then a cosine to 0; batch 20 × 64 tokens per rank), a GPT-2 of 4 layers of
-width 256 with 4 heads and a context of 64. The hook is registered the way the README's
+width 256 with 4 heads and a context of 64. The hook is registered the way the Accelerate guide's
 recipe does; PyTorch's PowerSGD hook runs with its documented warm-up
 (``start_powerSGD_iter`` = 10% of the steps) and one DDP bucket (it fails on Gloo with more).
 Every job writes its ``evals.csv`` (validation perplexity every ``--eval-interval`` steps) and
@@ -74,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
                                        n_embd=256, n_layer=4, n_head=4))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6, weight_decay=0.01)
     state = None
-    if isinstance(hook, dict):  # the README's recipe: the state before prepare
+    if isinstance(hook, dict):  # the Accelerate guide's recipe: the state before prepare
         state = ddp.DDPCompressionState(model, **hook)
         if exchange == "auto":
             optimizer = ddp.AdamExchangeOptimizer(optimizer, state)

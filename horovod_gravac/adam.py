@@ -100,6 +100,9 @@ class AdamExchange:
             over a check interval; > 0.
         check_interval: steps between two measurements of that change; >= 1.
         max_warmup: freeze after this many steps at the latest (None: only by the rule).
+        sends: what each rank compresses once frozen: ``"momentum"`` (1-bit Adam's: its
+            preconditioned local momentum) or ``"gradient"`` (its preconditioned gradient,
+            the momentum taken after the average: the shared β1·m is not sent again).
 
     A front-end :meth:`bind` s it to the wrapped optimizer, hands the engine
     :meth:`exchanged` instead of each gradient while :attr:`frozen`, passes

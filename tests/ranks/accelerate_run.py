@@ -58,7 +58,7 @@ for name, compression in (("topk", "topk:100"), ("powersgd", "powersgd")):
                      "bytes": stats.total_bytes, "dense": stats.total_dense_bytes,
                      "exchanges": stats.steps}
 
-# AdamW under the Adam-family exchange, the README's recipe: the hook state and the optimizer
+# AdamW under the Adam-family exchange, the Accelerate guide's recipe: the hook state and the optimizer
 # made before prepare, the hook registered on the DDP model prepare hands back
 torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
