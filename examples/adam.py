@@ -33,7 +33,7 @@ base = torch.optim.AdamW(model.parameters(), lr=3e-3, eps=1e-6, weight_decay=0.0
 opt = hg.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                               compression="topk:10", agent="gravac",
                               adam_exchange=AdamExchange(warmup=10, tolerance=0.2))
-hvd.broadcast_optimizer_state(base, root_rank=0)
+hvd.broadcast_optimizer_state(opt, root_rank=0)
 gen = torch.Generator().manual_seed(hvd.rank())
 for step in range(60):
     x, y = torch.randn(16, 32, generator=gen), torch.randint(4, (16,), generator=gen)

@@ -56,9 +56,9 @@ of the update's energy that survives, so a CF that costs quality shows a low gai
 
 ``exp_avg`` keeps Adam's units and ``exp_avg_sq`` the frozen v, so the wrapped optimizer's
 ``state_dict()`` reads as Adam's. After the freeze ``p.grad`` holds x̄ after the exchange
-(clipping it clips the update). Parameters whose v is 0 at the freeze (no gradient during
-the whole warm-up) would be scaled by 1/ε if they got one later: keep the warm-up long
-enough for every parameter to have had one. fp16 loss scaling (``GradScaler``) is not
+(clipping it clips the update). A parameter whose v is 0 at the freeze (no gradient during
+the whole warm-up) moves at most lr / (1 − β1^t) a step when it gets one later (the
+floor), as Adam's first step would. fp16 loss scaling (``GradScaler``) is not
 supported after the freeze (the momentum would mix scaled and unscaled units); bf16
 autocast is.
 """
