@@ -202,7 +202,7 @@ def test_the_transformer_trains_on_two_ranks_under_every_compressor_family(tmp_p
         if compression != "qsgd" else []
     s = train_job("gloo", tmp_path / compression, *GPT_FLAGS, "--steps", "24",
                   "--eval-interval", "8", "--compression", compression,
-                  "--adam-max-warmup", "6", *agent)
+                  "--adam-warmup", "6", "--adam-max-warmup", "6", *agent)
     assert s["replicas_identical"] and s["steps"] == 24
     with open(tmp_path / compression / "evals.csv") as f:
         perplexity = [float(r["value"]) for r in csv.DictReader(f) if r["metric"] == "perplexity"]
