@@ -10,7 +10,7 @@ runs, by default (``adam_exchange="auto"``), the exchange of 1-bit Adam:
 
 1. dense steps of the wrapped AdamW until rank 0 sees v settle (its relative change over
    ``check_interval`` steps at most ``tolerance``, after at least ``warmup`` steps);
-2. v frozen, every rank exchanges its preconditioned momentum d ⊙ (β1·m + (1 − β1)·g),
+2. v frozen, every rank exchanges its preconditioned gradient d ⊙ g (d = 1/(√v̂ + ε)),
    compressed with error feedback under the agent's decisions, and ``step()`` applies the
    frozen-variance update (a floor keeps each coordinate's update at most lr / (1 − β1^t)
    where gradients outgrow the frozen v).

@@ -1,6 +1,6 @@
-"""The Adam-family exchange: compress Adam's preconditioned momentum, not its gradient.
+"""The Adam-family exchange: freeze Adam's variance, then compress the preconditioned update.
 
-**Why not the gradient** (1-bit Adam, Tang et al., ICML 2021). Adam's second moment
+**Why not the raw gradient** (1-bit Adam, Tang et al., ICML 2021). Adam's second moment
 v ← β2·v + (1 − β2)·ḡ² is not linear in the averaged gradient ḡ. With a compressed ḡ the
 coordinates that are rarely sent get a v that decays towards 0, and the residual they carry
 arrives, when it finally is sent, amplified by 1/√v; error feedback cannot cancel that,
@@ -17,18 +17,19 @@ Adam, with the freeze decided by a variance-stability rule as in 0/1 Adam):
    (:mod:`horovod_gravac.agents.phases`), and every rank freezes at the same step.
 2. *Freeze* at step T: v̂ = v_T / (1 − β2^T) stays, and d = 1 / (√v̂ + ε) is kept per
    parameter. Adam's update d ⊙ m̂ is now linear in the momentum.
-3. *Compressed momentum.* At every later step t, as backprop produces each gradient g_i of
-   rank i (layer by layer, during backward)::
+3. *Compressed, preconditioned exchange.* At every later step t, as backprop produces each
+   gradient g_i of rank i (layer by layer, during backward), rank i sends (Adam's L2:
+   g_i + λ·p; maximize: −g_i), in the units of the update::
 
-       m_i = β1·m + (1 − β1)·g_i          (Adam's L2: g_i + λ·p; maximize: −g_i)
-       x_i = d ⊙ m_i                       (in the units of the update)
+       x_i = d ⊙ g_i                       (sends="gradient", the default)
+       x_i = d ⊙ (β1·m + (1 − β1)·g_i)     (sends="momentum", 1-bit Adam's)
 
    and x_i goes to the engine as a gradient would: error feedback (x_i + e_i with this
    rank's residual), compression at the agent's decision, the average x̄ (a two-stage
    compressor keeps a second residual where each chunk is summed: error feedback on both
    stages). ``step()`` then applies the same x̄ on every rank::
 
-       m ← x̄ / d                           (the momentum every rank keeps, in exp_avg)
+       m ← β1·m + (1 − β1)·x̄ / d           (sends="gradient"; "momentum": m ← x̄ / d)
        1/d ← max(1/d, |m|)                 (the floor, below)
        p ← p − lr·λ·p                      (AdamW's decoupled weight decay)
        p ← p − lr / (1 − β1^t) · d ⊙ m
@@ -48,11 +49,18 @@ the update is the frozen-variance one, linear in x̄. (A residual kept where the
 is in the old, larger units of x: it is sent somewhat larger than meant, and bounded like
 every update.)
 
-**Why the preconditioned momentum** (beyond 1-bit Adam, which compresses m itself): scaled
-by d, a sparsifier keeps the coordinates whose *update* is largest (those with a small v̂
-move most under Adam), a low-rank approximation is the best one in the update's norm, and a
-compression gain measured on what is exchanged — GraVAC's δ = ‖C(x)‖² / ‖x‖² — is the share
-of the update's energy that survives, so a CF that costs quality shows a low gain.
+**Why preconditioned** (1-bit Adam compresses m itself): scaled by d, a sparsifier keeps the
+coordinates whose *update* is largest (those with a small v̂ move most under Adam), a low-rank
+approximation is the best one in the update's norm, and a compression gain measured on what
+is exchanged — GraVAC's δ = ‖C(x)‖² / ‖x‖² — is the share of the update's energy that
+survives, so a CF that costs quality shows a low gain.
+
+**Why the gradient by default.** Sending the momentum sends the shared β1·m again at every
+step, and its compression error with it; sending d ⊙ g_i leaves m to be formed after the
+average, identically on every rank, from what arrived. On gpt4x256 (PTB, AdamW, 2 ranks,
+250 steps, frozen at step 60; ``benchmarks/adam_freeze.py``) the gradient sends ended at
+perplexity 522 with PowerSGD rank 1 and 556 with TopK 100×, the momentum sends at 563 and
+603 (dense 485; the frozen exchange without compression 492).
 
 ``exp_avg`` keeps Adam's units and ``exp_avg_sq`` the frozen v, so the wrapped optimizer's
 ``state_dict()`` reads as Adam's. After the freeze ``p.grad`` holds x̄ after the exchange
@@ -100,9 +108,9 @@ class AdamExchange:
             over a check interval; > 0.
         check_interval: steps between two measurements of that change; >= 1.
         max_warmup: freeze after this many steps at the latest (None: only by the rule).
-        sends: what each rank compresses once frozen: ``"momentum"`` (1-bit Adam's: its
-            preconditioned local momentum) or ``"gradient"`` (its preconditioned gradient,
-            the momentum taken after the average: the shared β1·m is not sent again).
+        sends: what each rank compresses once frozen: ``"gradient"`` (its preconditioned
+            gradient, the momentum taken after the average: the shared β1·m is not sent
+            again) or ``"momentum"`` (1-bit Adam's: its preconditioned local momentum).
 
     A front-end :meth:`bind` s it to the wrapped optimizer, hands the engine
     :meth:`exchanged` instead of each gradient while :attr:`frozen`, passes
@@ -112,7 +120,7 @@ class AdamExchange:
     """
 
     def __init__(self, warmup: int = 20, tolerance: float = 0.05, check_interval: int = 10,
-                 max_warmup: int | None = None, sends: str = MOMENTUM) -> None:
+                 max_warmup: int | None = None, sends: str = GRADIENT) -> None:
         self.rule = FreezeRule(warmup, tolerance, check_interval, max_warmup)
         if sends not in SENDS:
             raise ValueError(f"sends must be one of {SENDS}, got {sends!r}")
@@ -137,7 +145,8 @@ class AdamExchange:
     def __repr__(self) -> str:
         rule = self.rule
         return (f"AdamExchange(warmup={rule.warmup}, tolerance={rule.tolerance:g}, "
-                f"check_interval={rule.check_interval}, max_warmup={rule.max_warmup})")
+                f"check_interval={rule.check_interval}, max_warmup={rule.max_warmup}, "
+                f"sends={self.sends!r})")
 
     # -- set-up ------------------------------------------------------------------------------
     def bind(self, optimizer: torch.optim.Optimizer) -> None:
@@ -207,9 +216,9 @@ class AdamExchange:
             self._local[p] = (float(group["betas"][0]), l2, bool(group.get("maximize")))
 
     def exchanged(self, p: Tensor, grad: Tensor) -> Tensor:
-        """What rank i sends for ``p`` once frozen: x_i = d ⊙ (β1·m + (1 − β1)·g_i) — or,
-        with ``sends="gradient"``, d ⊙ g_i —, a new tensor (elementwise on the device: no
-        host synchronisation)."""
+        """What rank i sends for ``p`` once frozen: x_i = d ⊙ g_i — or, with
+        ``sends="momentum"``, d ⊙ (β1·m + (1 − β1)·g_i) —, a new tensor (elementwise on the
+        device: no host synchronisation)."""
         beta1, l2, maximize = self._local[p]
         if maximize:
             grad = grad.neg()
@@ -228,7 +237,7 @@ class AdamExchange:
     # -- the update --------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """The wrapped optimizer's step while warming up; the frozen-variance update of the
-        exchanged momentum (``p.grad`` = x̄) after the freeze."""
+        exchanged x̄ (``p.grad``) after the freeze."""
         if not self.frozen:
             loss = self.optimizer.step(closure)
             # the wrapped optimizer may have stepped without us (Horovod's
@@ -337,7 +346,7 @@ def create(spec: str | AdamExchange | None, optimizer: torch.optim.Optimizer,
 def create_memory(memory: str | C.Memory | None, compressor: C.Compressor,
                   exchange: AdamExchange | None) -> C.Memory:
     """The error-feedback memory: under the exchange, the residual one unless another is
-    given (the momentum needs error feedback whatever the compressor's own default), never
+    given (the exchanged update needs error feedback whatever the compressor's own default), never
     DGC's (it keeps a momentum of its own)."""
     if exchange is None:
         return C.create_memory(memory, compressor)

@@ -149,7 +149,7 @@ class DDPCompressionState:
         self._attached = (module, process_group)
 
     def use_adam_exchange(self, exchange: AdamExchange, optimizer: torch.optim.Optimizer) -> None:
-        """Exchange ``optimizer``'s preconditioned momentum once its variance is frozen
+        """Exchange ``optimizer``'s preconditioned gradient once its variance is frozen
         (:mod:`horovod_gravac.adam`): the agent becomes
         :class:`~horovod_gravac.agents.AdamPhases` over the configured one, the memory error
         feedback (unless one was given). :class:`AdamExchangeOptimizer` calls it."""
@@ -214,7 +214,7 @@ class DDPCompressionState:
 
     def _exchanged(self, p: Tensor, grad: Tensor) -> Tensor:
         """What goes to the engine for ``p``: its gradient, or once Adam's variance is
-        frozen its preconditioned local momentum (:meth:`AdamExchange.exchanged`)."""
+        frozen its preconditioned gradient (:meth:`AdamExchange.exchanged`)."""
         exchange = self.adam
         if exchange is None:
             return grad

@@ -29,7 +29,7 @@ checkpoint written with another number of processes is refused (residuals are pe
 AdamW: with an Adam/AdamW from ``configure_optimizers`` and a compressor beyond fp16, the
 callback (``adam_exchange="auto"``) runs the Adam-family exchange (:mod:`horovod_gravac.adam`):
 it wraps the trainer's optimizer in :class:`~horovod_gravac.ddp.AdamExchangeOptimizer`, so
-Adam steps dense until its second moment settles, then the preconditioned momentum is
+Adam steps dense until its second moment settles, then the preconditioned gradient is
 exchanged compressed. Lightning's checkpoints keep the phase with the optimizer's state.
 ``adam_exchange="off"`` compresses AdamW's gradients instead.
 
@@ -277,7 +277,7 @@ class CompressionCallback(pl.Callback):
             raise ValueError(
                 "gradient_clip_val clips the averaged gradient, which the Adam-family exchange "
                 "does not form once Adam's variance is frozen (the gradients then hold the "
-                "exchanged momentum): drop gradient_clip_val, or give "
+                "exchanged update): drop gradient_clip_val, or give "
                 "CompressionCallback(adam_exchange='off')")
         trainer.strategy.optimizers = [AdamExchangeOptimizer(optimizers[0], state, exchange),
                                        *optimizers[1:]]

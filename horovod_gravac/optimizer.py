@@ -66,7 +66,7 @@ class DistributedOptimizer(WrappedOptimizer):
     ``adam_exchange``: with a ``torch.optim.Adam``/``AdamW`` whose gradients are compressed
     (more than fp16 does), the default ``"auto"`` runs the Adam-family exchange
     (:mod:`horovod_gravac.adam`): dense Adam steps until rank 0 sees Adam's second moment
-    settle, then the moment is frozen and the preconditioned momentum is exchanged
+    settle, then the moment is frozen and the preconditioned gradient is exchanged
     compressed, with error feedback, under the agent's decisions; ``step()`` applies the
     frozen-variance update itself. ``"off"`` exchanges gradients as for any other optimizer
     (Adam's variance then sees the compressed gradient); an
@@ -216,7 +216,7 @@ class DistributedOptimizer(WrappedOptimizer):
 
     def _exchanged(self, p: Tensor, grad: Tensor) -> Tensor:
         """What goes to the engine for ``p``: its gradient, or once Adam's variance is
-        frozen its preconditioned local momentum (:meth:`AdamExchange.exchanged`)."""
+        frozen its preconditioned gradient (:meth:`AdamExchange.exchanged`)."""
         if self.adam is None:
             return grad
         if not self.engine.in_flight and self.engine.decision.variance_frozen \

@@ -167,9 +167,11 @@ def test_a_lossless_exchange_is_adam_until_the_freeze_then_frozen_momentum_sgd(s
     assert [d.variance_frozen for d in opt.decisions] == [False] * warmup + [True] * (steps - warmup)
 
 
-def test_gravac_measures_its_gain_on_the_preconditioned_momentum_exactly(single_rank):
-    """One warm-up step with g0, then x = d ⊙ (β1·m + (1 − β1)·g1) is exchanged: the gain
-    terms GraVAC sees are ‖x‖² and ‖TopK(x, c)‖² for every ladder CF — not the gradient's."""
+@pytest.mark.parametrize("sends", adam.SENDS)
+def test_gravac_measures_its_gain_on_what_is_exchanged_exactly(single_rank, sends):
+    """One warm-up step with g0, then x = d ⊙ g1 (or, sending the momentum,
+    d ⊙ (β1·m + (1 − β1)·g1)) is exchanged: the gain terms GraVAC sees are ‖x‖² and
+    ‖TopK(x, c)‖² for every ladder CF — not the raw gradient's."""
     class Recording(A.GraVAC):
         def decide(self, stats):
             self.seen = stats
@@ -183,13 +185,15 @@ def test_gravac_measures_its_gain_on_the_preconditioned_momentum_exactly(single_
     base = torch.optim.AdamW([w], lr=LR, betas=BETAS, eps=1e-8, weight_decay=0.0)
     opt = hg.DistributedOptimizer(base, named_parameters=[("w", w)], compression="topk",
                                   agent=agent, min_compress_numel=0,
-                                  adam_exchange=AdamExchange(warmup=1, max_warmup=1))
+                                  adam_exchange=AdamExchange(warmup=1, max_warmup=1,
+                                                             sends=sends))
     for g in (g0, g1):
         opt.zero_grad()
         (w * g).sum().backward()
         opt.step()
     m = (1 - BETAS[0]) * g0  # after the dense step; v̂ = g0² at T = 1
-    x = (BETAS[0] * m + (1 - BETAS[0]) * g1) / (g0.abs() + 1e-8)
+    sent = g1 if sends == adam.GRADIENT else BETAS[0] * m + (1 - BETAS[0]) * g1
+    x = sent / (g0.abs() + 1e-8)
     energies = x.pow(2).sort(descending=True).values
     expected = {cf: energies[:max(1, int(10 // cf))].sum().item() for cf in (2, 4, 8, 10)}
     seen = agent.seen

@@ -7,7 +7,7 @@ exchange therefore runs in two phases, and this agent decides when the second be
 1. **warm-up** — every step is dense: the gradient is averaged uncompressed and the wrapped
    Adam/AdamW steps as it always does, so its second moment v is dense training's;
 2. **frozen** — from the step after rank 0 decides it on, v̂ stays as it is and every rank
-   exchanges its preconditioned momentum, compressed with error feedback. The wrapped agent
+   exchanges its preconditioned gradient, compressed with error feedback. The wrapped agent
    (GraVAC, Accordion, static, a layer plan; none: the compressor's own setting) decides the
    compression from then on, beginning with its initial decision — and it measures what is
    actually exchanged, in the metric of Adam's update.

@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--whole-model-norms", action="store_true", help="Accordion on the model norm")
     g.add_argument("--adam-exchange", choices=("auto", "on", "off"), default="auto",
                    help="Adam-family exchange (horovod_gravac.adam): dense AdamW until its second "
-                        "moment settles, then frozen, and the preconditioned momentum exchanged "
+                        "moment settles, then frozen, and the preconditioned gradient exchanged "
                         "compressed. auto: with --optimizer adamw and a compressor beyond fp16; "
                         "off: compress AdamW's gradients instead (the earlier behaviour)")
     g.add_argument("--adam-warmup", type=int, default=20,
@@ -228,10 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam-family exchange: steps between measurements of that change")
     g.add_argument("--adam-max-warmup", type=int, default=None,
                    help="Adam-family exchange: freeze after this many steps at the latest")
-    g.add_argument("--adam-sends", choices=("momentum", "gradient"), default="momentum",
+    g.add_argument("--adam-sends", choices=("gradient", "momentum"), default="gradient",
                    help="Adam-family exchange, once frozen: compress each rank's "
-                        "preconditioned momentum (1-bit Adam's), or its preconditioned "
-                        "gradient with the momentum taken after the average")
+                        "preconditioned gradient, the momentum taken after the average, or "
+                        "its preconditioned momentum (1-bit Adam's)")
     g.add_argument("--on-nonfinite", choices=("skip", "raise"), default="skip",
                    help="a NaN/Inf gradient: skip the step on every rank, or stop")
     g = p.add_argument_group("checkpoints")
@@ -438,7 +438,7 @@ def make_adam_exchange(args: argparse.Namespace, compressor) -> Any:
     if args.clip is not None:
         raise ValueError("--clip clips the averaged gradient, which the Adam-family exchange "
                          "does not form once the variance is frozen (p.grad then holds the "
-                         "exchanged momentum): drop --clip or give --adam-exchange off")
+                         "exchanged update): drop --clip or give --adam-exchange off")
     return exchange
 
 
