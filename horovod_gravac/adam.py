@@ -60,7 +60,9 @@ step, and its compression error with it; sending d ⊙ g_i leaves m to be formed
 average, identically on every rank, from what arrived. On gpt4x256 (PTB, AdamW, 2 ranks,
 250 steps, frozen at step 60; ``benchmarks/adam_freeze.py``) the gradient sends ended at
 perplexity 522 with PowerSGD rank 1 and 556 with TopK 100×, the momentum sends at 563 and
-603 (dense 485; the frozen exchange without compression 492).
+603 (dense 485; the frozen exchange without compression 492). 1-bit two-stage, whose scale
+per chunk keeps every coordinate, went the other way: 528 with the gradient, 511 with the
+momentum.
 
 ``exp_avg`` keeps Adam's units and ``exp_avg_sq`` the frozen v, so the wrapped optimizer's
 ``state_dict()`` reads as Adam's. After the freeze ``p.grad`` holds x̄ after the exchange
