@@ -89,6 +89,7 @@ from benchmarks.step_time import phases, read_steps
 from horovod_gravac import compression as C
 from horovod_gravac.agents.gravac import cf_ladder, compression_throughputs
 from horovod_gravac.app.models import create_model, parameter_shapes
+from horovod_gravac.engine import exchange_rounds
 from horovod_gravac.transport import link_bytes, link_steps
 
 #: the exchanges the model is validated on: name → gravac-train flags
@@ -133,9 +134,7 @@ def step_traffic(shapes: Iterable[tuple[str, torch.Size]], compressor: C.Compres
     compressor.bind(0, world_size)
     link = decoded = 0.0
     for name, shape in shapes:
-        rounds = ((4 * shape.numel(), C.Exchange.ALLREDUCE),) if name in uncompressed else \
-            compressor.expected_rounds(shape, cf)
-        for nbytes, kind in rounds:
+        for nbytes, kind in exchange_rounds(compressor, shape, cf, dense=name in uncompressed):
             link += link_bytes(kind, nbytes, world_size)
             decoded += decoded_bytes(kind, nbytes, world_size)
     return Traffic(link, decoded)

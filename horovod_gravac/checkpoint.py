@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import communication
+from .transport import horovod as horovod_transport
 from .optimizer import ADAM_KEY, DistributedOptimizer
 from .optimizer import STATE_KEY as _OURS
 
@@ -76,11 +76,11 @@ def save(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     ``extra`` (epoch, data position, …) is saved from rank 0; ``rank_state`` is saved from
     every rank (an LSTM's hidden state on its shard); :func:`load` returns both.
     """
-    rank, size = communication.world()
+    rank, size = horovod_transport.world()
     state = optimizer.state_dict()
     ours = state.pop(_OURS, None)
     mine = {"optimizer": _to(ours, "cpu"), "rng": rng_state(), "rank_state": _to(rank_state, "cpu")}
-    everyone = communication.allgather_object(mine)
+    everyone = horovod_transport.allgather_object(mine)
     if rank != 0:
         return
     ckpt = {"format": FORMAT, "world_size": size, "identity": _identity(optimizer),
@@ -114,8 +114,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     Returns the ``extra`` saved, with ``"rank_state"``: this rank's own ``rank_state`` (None
     after a conversion to another world size).
     """
-    rank, size = communication.world()
-    ckpt = communication.broadcast_object(_read(Path(path)) if rank == 0 else None)
+    rank, size = horovod_transport.world()
+    ckpt = horovod_transport.broadcast_object(_read(Path(path)) if rank == 0 else None)
     if isinstance(ckpt, Exception):
         raise ckpt
     written, here = ckpt["identity"], _identity(optimizer)

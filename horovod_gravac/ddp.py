@@ -57,7 +57,7 @@ from . import adam
 from . import agents as A
 from . import compression as C
 from .adam import AdamExchange
-from .communication_torch import TorchTransport
+from .transport.torch_distributed import TorchTransport
 from .engine import (DEFAULT_BUCKET_CAP_MB, CommunicationStats, EngineConfig,
                      NonFiniteGradientError, StepEngine, StepOutcome, StepReport)
 from .wrapped import WrappedOptimizer
@@ -197,7 +197,19 @@ class DDPCompressionState:
         self._reset_step()
 
     # -- the step ------------------------------------------------------------------------------
-    def _start_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
+    def start_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+        """The hook's work for one DDP bucket: each gradient to the engine; a future that
+        holds the averaged bucket once backward is done (the step finishes in a callback
+        queued, at the step's first bucket, before DDP's own end of backward)."""
+        if self.engine is None:
+            raise ValueError("this DDPCompressionState is not attached to a model (it was "
+                             "loaded): state.attach(model) or register_comm_hook(ddp_model, "
+                             "state=state)")
+        if not self._queued:
+            # DDP queues its own end of backward (which waits for every bucket's future and
+            # writes p.grad from it) after its last bucket's hook, i.e. after this one
+            _after_backward(self._end_of_backward)
+            self._queued = True
         for p, grad in zip(bucket.parameters(), bucket.gradients()):
             name = self._names.get(p)
             if name is None:
@@ -237,7 +249,7 @@ class DDPCompressionState:
             future.set_result(buffer)
         self.last_step_skipped = outcome.skipped
         if outcome.skipped:  # after DDP has written p.grad from the futures
-            Variable._execution_engine.queue_callback(lambda: self._skip(outcome))
+            _after_backward(lambda: self._skip(outcome))
 
     def _skip(self, outcome: StepOutcome) -> None:
         for p in self._params.values():  # optimizer.step() then changes nothing, on every rank
@@ -255,16 +267,13 @@ def compression_hook(state: DDPCompressionState,
     Register it with :func:`register_comm_hook` (which builds ``state``), or directly:
     ``model.register_comm_hook(state, compression_hook)`` with an attached state.
     """
-    if state.engine is None:
-        raise ValueError("this DDPCompressionState is not attached to a model (it was "
-                         "loaded): state.attach(model) or register_comm_hook(ddp_model, "
-                         "state=state)")
-    if not state._queued:
-        # DDP queues its own end of backward (which waits for every bucket's future and
-        # writes p.grad from it) after its last bucket's hook, i.e. after this one
-        Variable._execution_engine.queue_callback(state._end_of_backward)
-        state._queued = True
-    return state._start_bucket(bucket)
+    return state.start_bucket(bucket)
+
+
+def _after_backward(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when the autograd engine finishes this backward pass — the hook DDP
+    itself uses to end its backward (PyTorch has no public one)."""
+    Variable._execution_engine.queue_callback(callback)
 
 
 def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,

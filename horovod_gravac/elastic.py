@@ -20,7 +20,7 @@ import copy
 from horovod.torch.elastic import TorchState
 from horovod.torch.elastic.state import StateHandler, get_handler_registry, set_handler_registry
 
-from . import communication
+from .transport import horovod as horovod_transport
 from .optimizer import ADAM_KEY, DistributedOptimizer
 from .optimizer import STATE_KEY as _OURS
 
@@ -49,7 +49,7 @@ class OptimizerStateHandler(StateHandler):
         state = self.value.state_dict()
         ours = state.pop(_OURS)
         shared = _FROM_RANK_0 + (("compressor",) if self.value.compressor.state_is_shared else ())
-        root = communication.broadcast_object(
+        root = horovod_transport.broadcast_object(
             {"optimizer": state, **{k: ours[k] for k in shared if k in ours}})
         merged = root.pop("optimizer")
         merged[_OURS] = {**ours, **root}  # memories and byte counters stay this rank's own

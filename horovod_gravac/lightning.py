@@ -61,7 +61,7 @@ from . import adam
 from . import agents as A
 from . import compression as C
 from .adam import AUTO, AdamExchange
-from .communication_torch import gather_to_rank0
+from .transport.torch_distributed import gather_to_rank0
 from .ddp import AdamExchangeOptimizer, DDPCompressionState, register_comm_hook
 from .engine import EngineConfig
 

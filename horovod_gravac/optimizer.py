@@ -21,7 +21,7 @@ from . import adam
 from . import agents as A
 from . import compression as C
 from .adam import AUTO, AdamExchange
-from .communication import HorovodTransport, hvd  # hvd: a clear error when missing
+from .transport.horovod import HorovodTransport, hvd  # hvd: a clear error when missing
 from .engine import (DEFAULT_BUCKET_CAP_MB, CommunicationStats, EngineConfig,
                      NonFiniteGradientError, StepEngine, StepReport)
 from .validation import check_number
@@ -35,6 +35,30 @@ MODEL_TENSOR = "__model__"
 STATE_KEY = "horovod_gravac"
 #: the Adam-family exchange's part of it (phase, step count), the same on every rank
 ADAM_KEY = "adam"
+
+
+def _parameter_names(optimizer: torch.optim.Optimizer,
+                     named_parameters: Iterable[tuple[str, Tensor]] | None
+                     ) -> list[tuple[str, Tensor]]:
+    """``(name, parameter)`` of the optimizer's parameters, checked; without names,
+    Horovod's (``allreduce.noname.<group>.<index>``), so that every rank agrees."""
+    if named_parameters is None:
+        return [(f"allreduce.noname.{i}.{j}", p) for i, group in enumerate(optimizer.param_groups)
+                for j, p in enumerate(group["params"])]
+    named = list(named_parameters)
+    if any(not isinstance(n, str) or not isinstance(p, Tensor) for n, p in named):
+        raise ValueError("named_parameters must yield (str, Tensor) pairs, as "
+                         "model.named_parameters() does")
+    names = [n for n, _ in named]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"parameter names must be unique; repeated: {duplicates}")
+    missing = {id(p) for group in optimizer.param_groups for p in group["params"]} - \
+        {id(p) for _, p in named}
+    if missing:
+        raise ValueError(f"{len(missing)} parameter(s) of the optimizer are missing "
+                         "from named_parameters")
+    return named
 
 
 class DistributedOptimizer(WrappedOptimizer):
@@ -136,24 +160,7 @@ class DistributedOptimizer(WrappedOptimizer):
             raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if named_parameters is None:  # Horovod's names, so that every rank agrees
-            named = [(f"allreduce.noname.{i}.{j}", p)
-                     for i, group in enumerate(optimizer.param_groups)
-                     for j, p in enumerate(group["params"])]
-        else:
-            named = list(named_parameters)
-            if any(not isinstance(n, str) or not isinstance(p, Tensor) for n, p in named):
-                raise ValueError("named_parameters must yield (str, Tensor) pairs, as "
-                                 "model.named_parameters() does")
-            names = [n for n, _ in named]
-            duplicates = sorted({n for n in names if names.count(n) > 1})
-            if duplicates:
-                raise ValueError(f"parameter names must be unique; repeated: {duplicates}")
-            missing = {id(p) for p in params} - {id(p) for _, p in named}
-            if missing:
-                raise ValueError(f"{len(missing)} parameter(s) of the optimizer are missing "
-                                 "from named_parameters")
-
+        named = _parameter_names(optimizer, named_parameters)
         super().__init__(optimizer)
         self.backward_passes_per_step = backward_passes_per_step
         self.granularity = granularity
@@ -409,7 +416,7 @@ def _form_groups(groups: int | list[list[Tensor]] | None, params: list[Tensor],
         raise ValueError("groups must be None, an integer >= 1 or a list of lists of "
                          f"parameters, got {groups!r}")
     if isinstance(groups, int):
-        from horovod.common.util import split_list  # after .communication's clear error
+        from horovod.common.util import split_list  # after the transport's clear error
         chunks = split_list(trainable, check_number("groups", groups, 1, integer=True))
     else:
         known, seen, chunks = {id(p) for p in params}, set(), []

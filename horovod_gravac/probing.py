@@ -22,7 +22,23 @@ from .compression import Compressor
 MIN_SAMPLE = 1024
 
 
-class GainProbe:
+class Probe:
+    """Per-tensor rows of measurements within a step, taken as one vector for the engine to
+    sum over ranks; ``spec.sample`` elements a step shared among the tensors ``sizes``
+    names."""
+
+    def __init__(self, spec: ProbeSpec | ErrorSpec, compressor: Compressor,
+                 sizes: list[tuple[str, int]]) -> None:
+        self.spec, self.compressor = spec, compressor
+        self.names = [name for name, _ in sizes]
+        self.samples = shares(spec.sample, sizes)
+        self._rows: dict[str, Tensor] = {}
+
+    def clear(self) -> None:
+        self._rows = {}
+
+
+class GainProbe(Probe):
     """Measures ``spec`` for ``compressor`` on the tensors ``sizes`` names (every rank alike).
 
     ``spec.sample`` elements a step are shared among the tensors in proportion to their
@@ -34,12 +50,6 @@ class GainProbe:
         compressor: whose compressions are measured.
         sizes: ``(name, numel)`` of every tensor that may be measured.
     """
-
-    def __init__(self, spec: ProbeSpec, compressor: Compressor,
-                 sizes: list[tuple[str, int]]) -> None:
-        self.spec, self.compressor = spec, compressor
-        self.samples = shares(spec.sample, sizes)
-        self._rows: dict[str, Tensor] = {}
 
     def measure(self, name: str, grad: Tensor, compensated: Tensor, decision: Decision,
                 step: int) -> None:
@@ -61,9 +71,6 @@ class GainProbe:
             return torch.zeros(self.spec.width, device=device)
         return torch.stack([r.to(device) for r in rows.values()]).sum(0)
 
-    def clear(self) -> None:
-        self._rows = {}
-
 
 def shares(sample: int | None, sizes: list[tuple[str, int]]) -> dict[str, int | None]:
     """``sample`` elements shared among tensors in proportion to their sizes (at least
@@ -73,7 +80,7 @@ def shares(sample: int | None, sizes: list[tuple[str, int]]) -> dict[str, int | 
             for name, n in sizes}
 
 
-class ErrorProbe:
+class ErrorProbe(Probe):
     """Measures ``spec`` (a layer plan's errors) for ``compressor`` on the tensors ``sizes``
     names, in that order (the compressed ones; every rank alike).
 
@@ -82,13 +89,6 @@ class ErrorProbe:
         compressor: whose compression errors are measured.
         sizes: ``(name, numel)`` of every tensor measured, in the order rows travel.
     """
-
-    def __init__(self, spec: ErrorSpec, compressor: Compressor,
-                 sizes: list[tuple[str, int]]) -> None:
-        self.spec, self.compressor = spec, compressor
-        self.names = [name for name, _ in sizes]
-        self.samples = shares(spec.sample, sizes)
-        self._rows: dict[str, Tensor] = {}
 
     def measure(self, name: str, compensated: Tensor, decision: Decision, step: int) -> None:
         """Record tensor ``name``'s row: [‖x‖², ‖x − C(x, c)‖² per candidate], x = g + e."""
@@ -103,6 +103,3 @@ class ErrorProbe:
         rows, self._rows = self._rows, {}
         zeros = torch.zeros(self.spec.width, device=device)
         return torch.cat([rows[n].to(device) if n in rows else zeros for n in self.names])
-
-    def clear(self) -> None:
-        self._rows = {}

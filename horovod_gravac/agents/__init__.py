@@ -8,7 +8,8 @@ from typing import Any
 
 from .accordion import Accordion
 from .base import (COMPENSATED, GRADIENT, RECENT_STEPS, SEND_CHOICES, SEND_COMPRESSED, SEND_DENSE,
-                   SEND_MIN, Agent, Decision, ErrorSpec, GainMeasure, ProbeSpec, StepStats)
+                   SEND_MIN, Agent, Decision, ErrorSpec, GainMeasure, ProbeSpec, StepStats,
+                   Wrapper)
 from .gravac import GAINS, SCALING_POLICIES, GraVAC
 from .phases import FROZEN, WARMUP, AdamPhases, FreezeRule
 from .plan import LayerPlan, plan_layers
@@ -35,4 +36,4 @@ def create(spec: str | Agent | None, **params: Any) -> Agent | None:
 __all__ = ["AGENTS", "Agent", "Accordion", "AdamPhases", "FROZEN", "FreezeRule", "WARMUP", "COMPENSATED", "Decision", "ErrorSpec", "GAINS",
            "GRADIENT", "GainMeasure", "GraVAC", "LayerPlan", "ProbeSpec", "RECENT_STEPS",
            "SCALING_POLICIES", "SEND_CHOICES", "SEND_COMPRESSED", "SEND_DENSE", "SEND_MIN", "Static", "StepStats",
-           "create", "plan_layers"]
+           "Wrapper", "create", "plan_layers"]

@@ -230,6 +230,8 @@ class Agent:
     adaptive: ClassVar[bool] = True
     #: True when the decisions set the CF (the compressor must have an adjustable one)
     sets_cf: ClassVar[bool] = True
+    #: True when the decisions set a CF per tensor themselves (Accordion's ``per_layer``)
+    per_layer: bool = False
 
     @property
     def probe(self) -> ProbeSpec | None:
@@ -265,6 +267,19 @@ class Agent:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         restore(self, copy.deepcopy(state))
         self.history = deque(self.history, maxlen=RECENT_STEPS)
+
+
+class Wrapper(Agent):
+    """An agent around another, ``agent``, that adjusts its decisions: the engine measures
+    what the inner agent asks for, and the metrics stream is the inner agent's, the
+    wrapper's figures added to its rows."""
+
+    def __init__(self, agent: Agent) -> None:  # no history of its own: the inner agent's
+        self.agent = agent
+
+    probe = property(lambda self: self.agent.probe)
+    needs_layer_norms = property(lambda self: self.agent.needs_layer_norms)
+    history = property(lambda self: self.agent.history)
 
 
 def plain(value: Any) -> Any:

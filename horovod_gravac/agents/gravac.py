@@ -195,27 +195,21 @@ class GainTracker:
         return self.values.get(key)
 
 
-class ThroughputSearch:
-    """The paper's search: a window per candidate CF θmin·θs, ranked by the compression
-    throughput measured while it was sent; it settles at saturation or at θmax and reopens
-    when the settled gain drifts or the learning rate steps (see the module docstring)."""
+class Search:
+    """What GraVAC asks of a search strategy: the floor θmin and the candidate CF θmin·θs it
+    holds, whether it still searches, the compression throughput recorded per CF sent, and
+    what it makes of a step's measurements and of a window's end. Subclasses implement
+    ``measured``, ``delta`` and ``window_end``."""
 
-    name = "throughput"
+    name = ""
+    #: CFs whose gain and link bytes the engine measures at every measured step
     ladder: tuple[float, ...] = ()
 
-    def __init__(self, theta_min: float, theta_max: float, theta_s: float, omega: float,
-                 omega_throughput: float, reopen_tolerance: float | None,
-                 reopen_confirmations: int, reopen_lr_ratio: float | None) -> None:
+    def __init__(self, theta_min: float, theta_max: float, theta_s: float,
+                 omega_throughput: float) -> None:
         self.theta_min, self.theta_max, self.theta_s = theta_min, theta_max, theta_s
-        self.omega, self.omega_throughput = omega, omega_throughput
-        self.reopen_tolerance, self.reopen_confirmations = reopen_tolerance, reopen_confirmations
-        self.reopen_lr_ratio = reopen_lr_ratio
-        self.initial = (theta_min, theta_s)
+        self.omega_throughput = omega_throughput
         self.searching = True
-        #: once settled: (the settled CF's gain at the first window end, the learning rate)
-        self.reference_gain: float | None = None
-        self.reference_lr: float | None = None
-        self.drifted_checks = 0
         self.reopened = 0  # how many times the search reopened
         self.throughput: dict[float, list[float]] = {}  # CF → [Σ T_sys·δ, steps]
 
@@ -230,6 +224,46 @@ class ThroughputSearch:
         acc = self.throughput.setdefault(sent_cf, [0.0, 0])
         acc[0] += compression_throughput
         acc[1] += 1
+
+    def measured(self, stats: StepStats, tracker: GainTracker) -> None:
+        """A measured step's gain terms into ``tracker``."""
+        raise NotImplementedError
+
+    def timed(self, sent_cf: float, stats: StepStats) -> None:
+        """A timed step that sent ``sent_cf`` (a search that models the link fits it)."""
+
+    def delta(self, tracker: GainTracker) -> tuple[float | None, float | None]:
+        """(δmin, δc): the smoothed gains at θmin and at the candidate CF."""
+        raise NotImplementedError
+
+    def window_end(self, agent: "GraVAC", lr: float | None) -> None:
+        """CheckGraVAC: move θmin and θs."""
+        raise NotImplementedError
+
+    def row(self) -> dict[str, Any]:
+        """The search's columns of the agent's metrics row."""
+        return {}
+
+
+class ThroughputSearch(Search):
+    """The paper's search: a window per candidate CF θmin·θs, ranked by the compression
+    throughput measured while it was sent; it settles at saturation or at θmax and reopens
+    when the settled gain drifts or the learning rate steps (see the module docstring)."""
+
+    name = "throughput"
+
+    def __init__(self, theta_min: float, theta_max: float, theta_s: float, omega: float,
+                 omega_throughput: float, reopen_tolerance: float | None,
+                 reopen_confirmations: int, reopen_lr_ratio: float | None) -> None:
+        super().__init__(theta_min, theta_max, theta_s, omega_throughput)
+        self.omega = omega
+        self.reopen_tolerance, self.reopen_confirmations = reopen_tolerance, reopen_confirmations
+        self.reopen_lr_ratio = reopen_lr_ratio
+        self.initial = (theta_min, theta_s)
+        #: once settled: (the settled CF's gain at the first window end, the learning rate)
+        self.reference_gain: float | None = None
+        self.reference_lr: float | None = None
+        self.drifted_checks = 0
 
     def measured(self, stats: StepStats, tracker: GainTracker) -> None:
         """The decision's two levels, θmin and θmin·θs."""
@@ -306,7 +340,7 @@ class ThroughputSearch:
         return {"reopened": self.reopened}
 
 
-class CostModelSearch(ThroughputSearch):
+class CostModelSearch(Search):
     """Every ladder CF ranked at each window end by its gain over the step time a fitted
     link model predicts for it (see the module docstring); θmin stays the floor."""
 
@@ -314,7 +348,7 @@ class CostModelSearch(ThroughputSearch):
 
     def __init__(self, theta_min: float, theta_max: float, omega_throughput: float,
                  epsilon: float) -> None:
-        super().__init__(theta_min, theta_max, 1.0, 0.0, omega_throughput, None, 1, None)
+        super().__init__(theta_min, theta_max, 1.0, omega_throughput)
         self.epsilon = epsilon
         #: CFs whose gain and bytes the engine measures
         self.ladder = cf_ladder(theta_min, theta_max)
@@ -460,7 +494,7 @@ class GraVAC(Agent):
         self.gain_sample = check_number("gain_sample", gain_sample, 1, integer=True,
                                         optional=True)
         self.tracker = GainTracker(gain, ewma, self.window, self.gain_interval)
-        self.search: ThroughputSearch = CostModelSearch(
+        self.search: Search = CostModelSearch(
             theta_min, theta_max, omega_throughput, self.epsilon) \
             if search == "cost_model" else ThroughputSearch(
                 theta_min, theta_max, theta_s, omega, omega_throughput, reopen_tolerance,
@@ -530,8 +564,7 @@ class GraVAC(Agent):
             if stats.gain_measured:
                 search.measured(stats, self.tracker)
             self._record_throughput(stats)
-            if isinstance(search, CostModelSearch):
-                search.timed(self.sent_cf(stats.sent), stats)
+            search.timed(self.sent_cf(stats.sent), stats)
         self.steps_in_window += 1
         if self.steps_in_window >= self.window:
             self.steps_in_window = 0

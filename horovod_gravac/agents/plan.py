@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..validation import check_number
-from .base import Agent, Decision, ErrorSpec, StepStats
+from .base import Agent, Decision, ErrorSpec, StepStats, Wrapper
 from .gravac import DEFAULT_GAIN_SAMPLE
 
 #: candidate CFs per tensor, as factors of the uniform CF (L-GreCo: ranks ½× to 2×)
@@ -96,7 +96,7 @@ def plan_layers(errors: Mapping[str, Sequence[float]], link_bytes: Mapping[str, 
     return choice
 
 
-class LayerPlan(Agent):
+class LayerPlan(Wrapper):
     """A time-level agent's uniform CF, redistributed over the tensors within its error.
 
     Arguments:
@@ -117,17 +117,15 @@ class LayerPlan(Agent):
     def __init__(self, agent: Agent | str, alpha: float = 1.0, plan_interval: int = 100,
                  factors: Sequence[float] = DEFAULT_FACTORS, measure_steps: int = 3,
                  sample: int | None = DEFAULT_GAIN_SAMPLE) -> None:
-        # no Agent.__init__: the metrics stream (history) is the time-level agent's, which
-        # the plan's figures are added to
         from . import create  # the registry imports this module
         inner = create(agent)
         if inner is None:
             raise ValueError("LayerPlan needs a time-level agent (static, accordion, gravac), "
                              f"got {agent!r}")
-        if getattr(inner, "per_layer", False):
+        if inner.per_layer:
             raise ValueError(f"agent {inner.name!r} sets per-tensor CFs itself (per_layer=True); "
                              "a layer plan redistributes one uniform CF: use per_layer=False")
-        self.agent = inner
+        super().__init__(inner)
         self.name = f"{inner.name}+plan"
         self.alpha = check_number("alpha", alpha, 0, low_open=True)
         self.plan_interval = check_number("plan_interval", plan_interval, 1, integer=True)
@@ -161,9 +159,6 @@ class LayerPlan(Agent):
 
     # -- what the engine sees --------------------------------------------------------------
     adaptive = True
-    probe = property(lambda self: self.agent.probe)
-    needs_layer_norms = property(lambda self: self.agent.needs_layer_norms)
-    history = property(lambda self: self.agent.history)
 
     @property
     def error_probe(self) -> ErrorSpec:

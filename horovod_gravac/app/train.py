@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="JSON or YAML file of flags ({\"model\": \"lstm200\", \"steps\": 300, "
                         "...}; a run's own config.json repeats it); command-line flags override it")
+    for add in (_workload_arguments, _exchange_arguments, _agent_arguments,
+                _adam_arguments, _output_arguments):
+        add(p)
+    return p
+
+
+def _workload_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, the data and the optimizer."""
     g = p.add_argument_group("workload")
     g.add_argument("--model", default="lstm200", help="one of the models listed below")
     g.add_argument("--data", default="ptb", choices=sorted(WORKLOADS))
@@ -134,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-decay-steps", default="", help="comma-separated steps, e.g. 9000,14000")
     g.add_argument("--lr-decay-factor", type=float, default=0.1)
     g.add_argument("--clip", type=float, default=None, help="gradient norm clipping (LSTM: 0.25)")
+
+
+def _exchange_arguments(p: argparse.ArgumentParser) -> None:
+    """How gradients travel: a baseline, or this library's compression."""
     g = p.add_argument_group("communication")
     g.add_argument("--baseline", choices=BASELINES, default=None,
                    help="use hvd.DistributedOptimizer (dense or fp16), or PyTorch DDP with its "
@@ -160,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compress-pattern", action="append", default=None, metavar="PATTERN=BOOL",
                    help="parameter names matching PATTERN (fnmatch) are always (true) or never "
                         "(false) compressed, e.g. '*.bias=false'; repeatable, first match wins")
+    g.add_argument("--on-nonfinite", choices=("skip", "raise"), default="skip",
+                   help="a NaN/Inf gradient: skip the step on every rank, or stop")
+
+
+def _agent_arguments(p: argparse.ArgumentParser) -> None:
+    """The agent that sets the CF, and its parameters."""
+    g = p.add_argument_group("agents")
     g.add_argument("--agent", default="none", choices=("none", "static", "gravac", "accordion"))
     g.add_argument("--cf", type=float, default=None, help="static agent's CF")
     g.add_argument("--theta-min", type=float, default=10.0)
@@ -214,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--interval-unit", choices=("steps", "epochs"), default="epochs")
     g.add_argument("--eta", type=float, default=0.5)
     g.add_argument("--whole-model-norms", action="store_true", help="Accordion on the model norm")
+
+
+def _adam_arguments(p: argparse.ArgumentParser) -> None:
+    """The Adam-family exchange (horovod_gravac.adam)."""
+    g = p.add_argument_group("Adam-family exchange")
     g.add_argument("--adam-exchange", choices=("auto", "on", "off"), default="auto",
                    help="Adam-family exchange (horovod_gravac.adam): dense AdamW until its second "
                         "moment settles, then frozen, and the preconditioned gradient exchanged "
@@ -232,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Adam-family exchange, once frozen: compress each rank's "
                         "preconditioned gradient, the momentum taken after the average, or "
                         "its preconditioned momentum (1-bit Adam's)")
-    g.add_argument("--on-nonfinite", choices=("skip", "raise"), default="skip",
-                   help="a NaN/Inf gradient: skip the step on every rank, or stop")
+
+
+def _output_arguments(p: argparse.ArgumentParser) -> None:
+    """Checkpoints, evaluation and output."""
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint", default=None, help="checkpoint file (written by rank 0)")
     g.add_argument("--checkpoint-every", type=int, default=None,
@@ -252,8 +278,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=1)
     g.add_argument("--no-progress", action="store_true")
-    return p
-
 
 def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """The flags a config file may set (every option but --config and --help), by dest."""
@@ -326,7 +350,16 @@ def flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Every flag checked before Horovod starts: errors name the flag, value and range."""
+    """Every flag checked before Horovod starts: errors name the flag, value and range. It
+    completes ``args`` too: defaults that depend on other flags, and the objects the flags
+    describe (``agent_obj``, ``adam_obj``)."""
+    task = _check_workload(args)
+    _check_run(args, task)
+    _check_exchange(args)
+
+
+def _check_workload(args: argparse.Namespace) -> str:
+    """The model, data and optimizer flags; returns the task (``"lm"`` or ``"image"``)."""
     task, models, _ = WORKLOADS[args.data]
     if args.model not in models:
         raise ValueError(f"--model {args.model!r} does not fit --data {args.data!r}; "
@@ -363,6 +396,11 @@ def validate(args: argparse.Namespace) -> None:
     args.decay_steps = parse_steps(args.lr_decay_steps)
     if args.decay_steps and args.lr_schedule == "cosine":
         raise ValueError("--lr-decay-steps applies to --lr-schedule step, not cosine")
+    return task
+
+
+def _check_run(args: argparse.Namespace, task: str) -> None:
+    """Targets, checkpoints, and which front-end runs."""
     if args.target_metric is not None and args.target_metric not in METRICS[task]:
         raise ValueError(f"--target-metric {args.target_metric!r} does not apply to --data "
                          f"{args.data!r}; use one of {', '.join(METRICS[task])}")
@@ -386,6 +424,10 @@ def validate(args: argparse.Namespace) -> None:
     if args.baseline and (args.agent != "none" or args.compression != "none"):
         raise ValueError("--baseline runs hvd.DistributedOptimizer: it takes no --agent or "
                          "--compression")
+
+
+def _check_exchange(args: argparse.Namespace) -> None:
+    """The compression, the agent and the Adam-family exchange, built once to check them."""
     from horovod_gravac import compression
     args.compress_patterns = parse_patterns(args.compress_pattern)
     if args.min_compress_numel is None:
@@ -865,6 +907,35 @@ def build_exchange(args: argparse.Namespace, work: "Workload", base, hvd):
     return opt, opt
 
 
+def apply_update(opt, model, clip: float | None, through_ddp: bool) -> None:
+    """The optimizer step, after clipping the averaged gradients' norm to ``clip``."""
+    import torch
+    if clip and through_ddp:  # DDP averaged the gradients during backward
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+    elif clip:
+        opt.synchronize()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        with opt.skip_synchronize():
+            opt.step()
+    else:
+        opt.step()
+
+
+def report_columns(report: Any) -> dict[str, Any]:
+    """A ``steps.csv`` row's columns from the engine's :class:`StepReport` (None: a baseline)."""
+    row = report.agent_row if report is not None else {}
+    decision = report.decision if report is not None else None
+    measured = {"wait_s": report.wait_s, "link_bytes": report.link_bytes,
+                "rounds": report.rounds, "link_steps": report.link_steps,
+                "begin_s": report.begin_s, "finish_s": report.finish_s} \
+        if report is not None else {}
+    return {**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS, *PLAN_COLUMNS,
+                                       *ADAM_COLUMNS)}, **measured,
+            "cf_sent": decision.sent_cf if decision else "",
+            "send": decision.send if decision else ""}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import horovod.torch as hvd
     import torch
@@ -924,16 +995,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         forward_end = time.perf_counter()
         loss.backward()
         backward_end = time.perf_counter()
-        if args.clip and through_ddp:  # DDP averaged the gradients during backward
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            opt.step()
-        elif args.clip:
-            opt.synchronize()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-            with opt.skip_synchronize():
-                opt.step()
-        else:
-            opt.step()
+        apply_update(opt, model, args.clip, through_ddp)
         if scheduler:
             scheduler.step()
         now = time.perf_counter()
@@ -947,22 +1009,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 dense_bytes // (2 if args.baseline == "horovod-fp16" else 1)
         total_bytes += sent
         with untimed():
-            row = report.agent_row if report is not None else {}
-            decision = report.decision if report is not None else None
-            measured = {"wait_s": report.wait_s, "link_bytes": report.link_bytes,
-                        "rounds": report.rounds, "link_steps": report.link_steps,
-                        "begin_s": report.begin_s, "finish_s": report.finish_s} \
-                if report is not None else {}
-            log.step({**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS,
-                                                  *PLAN_COLUMNS, *ADAM_COLUMNS)},
-                      **measured, "forward_s": forward_end - step_start,
+            log.step({**report_columns(report), "forward_s": forward_end - step_start,
                       "backward_s": backward_end - forward_end, "update_s": now - backward_end,
                       "step": step, "epoch": step / work.steps_per_epoch, "wall": now - start,
                       "step_s": step_time, "loss": loss.item(),
                       "samples_per_s": samples_per_step / step_time,
-                      "cf": sent and dense_bytes / sent,
-                      "cf_sent": decision.sent_cf if decision else "",
-                      "send": decision.send if decision else "", "bytes": sent,
+                      "cf": sent and dense_bytes / sent, "bytes": sent,
                       "total_bytes": total_bytes, "dense_bytes": dense_bytes * step,
                       "skipped_steps": skipped})
             if step % args.eval_interval == 0 or step == total_steps:
@@ -992,10 +1044,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "steps_to_target": steps_to_target, "target_metric": args.target_metric,
         "target": args.target, "final": evals[-1] if evals else {}, "total_bytes": total_bytes,
         "dense_bytes": dense_bytes * step, "mean_cf": dense_bytes * step / max(total_bytes, 1),
-        "skipped_steps": skipped, "evals": evals,
-        "transport": "ddp" if through_ddp else "horovod",
-        "hosts": hosts, "parameter_digests": digests, "replicas_identical": len(set(digests)) == 1,
-    }
+        "skipped_steps": skipped, "evals": evals, "transport": "ddp" if through_ddp else "horovod",
+        "hosts": hosts, "parameter_digests": digests, "replicas_identical": len(set(digests)) == 1}
     if rank == 0:
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

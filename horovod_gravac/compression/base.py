@@ -58,6 +58,15 @@ class Ctx:
         return self.shape.numel()
 
 
+#: every tensor of a packed message starts at a multiple of this many bytes (``transport``)
+WIRE_ALIGN = 8
+
+
+def align(nbytes: int) -> int:
+    """``nbytes`` rounded up to the alignment every packed tensor starts at."""
+    return nbytes + (-nbytes) % WIRE_ALIGN
+
+
 def wire_bytes(payload: Payload) -> int:
     """Exact bytes the payload puts on the wire."""
     return sum(t.numel() * t.element_size() for t in payload)

@@ -57,14 +57,12 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .base import Compressor, Ctx, Exchange, Payload, is_finite, write_into
+from .base import Compressor, Ctx, Exchange, Payload, align, is_finite, write_into
 
 #: the values of a two-stage-capable quantizer's ``exchange`` argument
 EXCHANGES = ("auto", "allgather", "two_stage")
 #: ``exchange="auto"`` exchanges in two stages from this many ranks on
 AUTO_TWO_STAGE_FROM = 5
-#: every tensor of a packed message starts at a multiple of this many bytes (``transport``)
-_WIRE_ALIGN = 8
 #: the scratch buffer of the padded chunks (apart from the quantizers' own slots)
 _PAD_SLOT = 8
 
@@ -89,10 +87,6 @@ def valid_counts(rows: int, first: int, numel: int, width: int,
     computed on ``device``, nothing read back)."""
     starts = (torch.arange(rows, device=device) + first) * width
     return (numel - starts).clamp_(0, width)
-
-
-def _aligned(nbytes: int) -> int:
-    return nbytes + (-nbytes) % _WIRE_ALIGN
 
 
 class TwoStageQuantizer(Compressor):
@@ -228,7 +222,7 @@ class TwoStageQuantizer(Compressor):
         if not self.two_stage:
             return super().expected_rounds(shape, cf)
         width = chunk_width(shape.numel(), self.world_size, self.chunk_multiple)
-        row = sum(_aligned(count * dtype.itemsize) for count, dtype in self.row_layout(width))
+        row = sum(align(count * dtype.itemsize) for count, dtype in self.row_layout(width))
         return ((self.world_size * row, Exchange.ALLTOALL), (row, Exchange.ALLGATHER))
 
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:

@@ -37,7 +37,7 @@ WARM_UP, WATCHED = 2, 3
 DATA_DEPENDENT = ("threshold", "redsync", "sidco")
 #: host reads known to be in the backward hooks: (file, source line) → why
 KNOWN_READS = {
-    ("engine.py", "self._decision = A.Decision.decode(values.tolist(), self.names)"):
+    ("control.py", "self._decision = A.Decision.decode(values.tolist(), self.names)"):
         "an adaptive agent's decision is read at the step's first begin (README: Hot path; "
         "a device read on NCCL)",
 }

@@ -31,7 +31,7 @@ def test_cuda_warnings_are_recorded_with_their_phase_and_site(monkeypatch):
                 unpack(headed, [torch.float32], None)
             warnings.warn("not a sync")  # passed on, not recorded
     assert [(e.phase, e.site[0], e.site[2]) for e in recorder.events] == [
-        ("hooks", "transport.py", "unpack"), ("finish", "transport.py", "unpack")]
+        ("hooks", "protocol.py", "unpack"), ("finish", "protocol.py", "unpack")]
     assert "view(HEADER_DTYPE).tolist()" in str(recorder.events[0])
     assert modes == ["warn", "default"]
     with recorder.watching(), recorder.strict():

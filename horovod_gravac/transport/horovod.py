@@ -1,5 +1,5 @@
 """The one module that calls Horovod's collectives: the engine's transport on a Horovod
-process set (see ``transport`` for what a transport does), Horovod's sparse allreduce for
+process set (see :mod:`.protocol` for what a transport does), Horovod's sparse allreduce for
 torch sparse gradients, and the object collectives of checkpoints and elastic state.
 
 Every collective is asynchronous and summed (``op=hvd.Sum``), one per bucket and kind:
@@ -29,7 +29,7 @@ except ImportError as _exc:  # the one dependency pip cannot install for you
         f" ({_exc})") from _exc
 from torch import Tensor
 
-from .transport import header_length
+from .protocol import header_length
 
 
 def allgather_object(obj: Any) -> list[Any]:

@@ -1,5 +1,5 @@
-"""The torch.distributed counterpart of ``communication`` (Horovod's): the engine's transport
-on a process group, for the DDP communication hook (see ``transport``).
+"""The torch.distributed counterpart of :mod:`.horovod`: the engine's transport
+on a process group, for the DDP communication hook (see :mod:`.protocol`).
 
 torch.distributed matches collectives by the order they are started, not by name: the engine
 starts them in one order on every rank (buckets in a fixed order, rounds after rounds).
@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .transport import header_length
+from .protocol import header_length
 
 
 class TorchHandle:

@@ -1,7 +1,7 @@
 """What every transport provides, and what both share: the wire format of a gathered message
 and the traffic each kind of collective puts on a rank's link.
 
-A transport (Horovod's in ``communication``, torch.distributed's in ``communication_torch``)
+A transport (Horovod's in :mod:`.horovod`, torch.distributed's in :mod:`.torch_distributed`)
 starts four asynchronous collectives; the engine (``engine``) decides what goes into them.
 Every collective sums, gathers or scatters one buffer:
 
@@ -27,9 +27,8 @@ from typing import Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .compression import Exchange
+from ..compression.base import WIRE_ALIGN, Exchange, align
 
-_ALIGN = 8
 HEADER_DTYPE = torch.int64
 
 
@@ -61,11 +60,6 @@ class Transport(Protocol):
     def broadcast(self, tensor: Tensor, name: str) -> Handle: ...
 
 
-def align(nbytes: int) -> int:
-    """``nbytes`` rounded up to the alignment every packed tensor starts at."""
-    return nbytes + (-nbytes) % _ALIGN
-
-
 def pack(tensors: Sequence[Tensor], header: bool) -> Tensor:
     """Tensors → one flat uint8 buffer: [length, n0, n1, … as int64][t0][t1]…, each tensor's
     bytes padded to 8 so that every part can be viewed in its dtype again.
@@ -77,8 +71,8 @@ def pack(tensors: Sequence[Tensor], header: bool) -> Tensor:
     for t in tensors:
         raw = t.reshape(-1).contiguous().view(torch.uint8)
         parts.append(raw)
-        if raw.numel() % _ALIGN:
-            parts.append(raw.new_zeros((-raw.numel()) % _ALIGN))
+        if raw.numel() % WIRE_ALIGN:
+            parts.append(raw.new_zeros((-raw.numel()) % WIRE_ALIGN))
     if header:
         body = sum(p.numel() for p in parts)
         length = 8 * (1 + len(tensors)) + body
@@ -119,8 +113,8 @@ def pack_rows(tensors: Sequence[Tensor], rows: int) -> Tensor:
     for t in tensors:
         raw = t.reshape(rows, -1).contiguous().view(torch.uint8)
         parts.append(raw)
-        if raw.shape[1] % _ALIGN:
-            parts.append(raw.new_zeros(rows, (-raw.shape[1]) % _ALIGN))
+        if raw.shape[1] % WIRE_ALIGN:
+            parts.append(raw.new_zeros(rows, (-raw.shape[1]) % WIRE_ALIGN))
     return torch.cat(parts, dim=1)
 
 

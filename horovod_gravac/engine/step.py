@@ -1,0 +1,325 @@
+"""The step: one rank's side of a compressed, fused gradient exchange, begun tensor by tensor
+during backprop and finished once all have begun.
+
+1. ``begin(name, grad)`` for every tensor, as backprop produces it: the tensor is encoded
+   (:mod:`.encoding`: error feedback and compression at the decision's CF) and joins its
+   bucket; a complete bucket leaves at once as fused collectives (:mod:`.buckets`), so
+   communication starts while backprop goes on.
+2. ``finish(write_back)``: the compressors' further rounds, bucket by bucket in one fixed
+   order; every averaged gradient to ``write_back(name, tensor)``; the verdict (is the
+   averaged gradient finite? — read back to the host once per step, with the agent's
+   statistics and Accordion's layer norms); the agent's decision (:mod:`.control`); the
+   :class:`~horovod_gravac.engine.StepReport` for the step callbacks.
+
+The engine calls no collective itself: a transport (``communication``,
+``communication_torch``) does.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.hooks import RemovableHandle
+
+from .. import agents as A
+from ..probing import ErrorProbe, GainProbe
+from ..transport import Transport
+from .accounting import CommunicationStats, StepCounters, StepReport
+from .buckets import Bucket, BucketExchange
+from .config import BucketLayout, EngineConfig
+from .control import Control
+from .encoding import Encoder
+from .verdict import NonFiniteGradientError, nonfinite_error, nonfinite_tensors, read_back
+
+#: skipped steps; the application decides where it goes
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """``finish``'s result: skip the optimizer step? (and the error to raise, if asked)."""
+
+    skipped: bool
+    error: NonFiniteGradientError | None = None
+
+
+class StepEngine:
+    """One rank's compressed exchange, step after step (see the module docstring).
+
+    Arguments:
+        config: compressor, memory, agent and settings.
+        transport: the collectives (Horovod's or torch.distributed's).
+        tensors: ``(name, shape, element_size)`` of every tensor, in the model's order; the
+            same on every rank.
+        groups: explicit buckets (lists of names; the others go alone), or None: by size.
+        uncompressed: names exchanged dense without a residual (default: by the config's
+            ``min_compress_numel`` and ``compress_patterns``).
+    """
+
+    #: numbers the engines of a process, in the order they are made (the same on every rank):
+    #: collective names must be unique among everything in flight, across engines too
+    _made = itertools.count()
+
+    def __init__(self, config: EngineConfig, transport: Transport,
+                 tensors: Sequence[tuple[str, torch.Size, int]],
+                 groups: Sequence[Sequence[str]] | None = None,
+                 uncompressed: frozenset[str] | None = None) -> None:
+        self.config = config
+        self.label = f"gravac.{next(self._made)}"
+        self.compressor, self.memory, self.agent = config.compressor, config.memory, config.agent
+        self.transport = transport
+        # the rank keys stochastic rounding (independent noise across ranks); rank and size
+        # set a two-stage exchange's chunks (bound again at every step: elastic resizes). A
+        # process outside the transport's ranks (a Horovod process set) has no rank there
+        # and never exchanges.
+        if getattr(transport, "included", True):
+            self.compressor.bind(transport.rank, transport.size)
+        self.names = [name for name, _, _ in tensors]
+        self.shapes = {name: torch.Size(shape) for name, shape, _ in tensors}
+        self.uncompressed = config.uncompressed(
+            [(n, shape.numel()) for n, shape in self.shapes.items()]) \
+            if uncompressed is None else uncompressed
+        self.layout = BucketLayout.by_size(
+            [(n, torch.Size(shape).numel() * size) for n, shape, size in tensors],
+            config.bucket_cap_mb * 2**20, groups)
+        agent = self.agent
+        probe = GainProbe(agent.probe, self.compressor,
+                          [(n, s.numel()) for n, s in self.shapes.items()]) \
+            if agent is not None and agent.probe is not None else None
+        error_probe = ErrorProbe(agent.error_probe, self.compressor,
+                                 [(n, s.numel()) for n, s in self.shapes.items()
+                                  if n not in self.uncompressed]) \
+            if agent is not None and agent.error_probe is not None else None
+        self.communication = CommunicationStats()
+        self._counters = StepCounters(transport.size)
+        self._encoder = Encoder(self.compressor, self.memory, self.uncompressed, probe,
+                                error_probe)
+        self._buckets = BucketExchange(self.layout, transport, self.label, config.average,
+                                       config.predivide, self.communication, self._counters,
+                                       carrier=self.names[0] if self.names else None)
+        self._control = Control(agent, transport, self.shapes, self.compressor,
+                                self.uncompressed, probe, error_probe, self._counters,
+                                self.label)
+        self.step_count = 0
+        #: steps whose averaged gradient was not finite (not applied)
+        self.skipped_steps = 0
+        #: the decision applied at each of the last RECENT_STEPS steps, on this rank
+        self.decisions: deque[A.Decision] = deque(maxlen=A.RECENT_STEPS)
+        self._callbacks: OrderedDict[int, Callable[[StepReport], None]] = OrderedDict()
+        self._last_sync = time.perf_counter()
+        self._untimed = 0.0
+        self._reset_step()
+
+    @property
+    def decision(self) -> A.Decision | None:
+        """The decision for the next step (None without an agent); waits for its broadcast."""
+        return self._control.decision
+
+    @decision.setter
+    def decision(self, value: A.Decision | dict[str, Any] | None) -> None:
+        """A decision, or its dict from a state (``progress()``)."""
+        self._control.decision = value
+
+    # -- a step ------------------------------------------------------------------------------
+    def _reset_step(self) -> None:
+        self._applied: A.Decision | None = None
+        self._begun: set[str] = set()
+        self._finish_start = 0.0
+        self._device: torch.device | None = None
+        self._counters.clear(self.transport.size)
+        self._buckets.reset()
+        self._encoder.clear()
+
+    def _start_step(self, device: torch.device) -> None:
+        if self._applied is None and self.agent is not None:
+            self._applied = self.decision
+        if self._device is None:
+            self._device = device
+            self.compressor.bind(self.transport.rank, self.transport.size)
+            self._counters.world_size = self.transport.size
+
+    def begin(self, name: str, grad: Tensor) -> None:
+        """Error feedback and compression of tensor ``name``; its bucket leaves once complete."""
+        start = time.perf_counter()
+        try:
+            self._arrive(name, grad.device)
+            ticket = self._encoder.encode(name, grad, self._applied, self.step_count)
+            self.communication.record(name, 0, grad.numel())
+            bucket = self._buckets.arrive(name)
+            bucket.tickets[name] = ticket
+            self._launch_ready(bucket)
+        finally:
+            self._counters.begin_s += time.perf_counter() - start
+
+    def begin_sparse(self, name: str, grad: Tensor) -> None:
+        """A torch sparse gradient: uncompressed, no error feedback, through the transport's
+        sparse allreduce (Horovod's); it leaves at once."""
+        self._arrive(name, grad.device)
+        self._buckets.launch_sparse(name, grad.coalesce())
+        self._launch_ready(self._buckets.arrive(name))
+
+    def begun(self, name: str) -> bool:
+        return name in self._begun
+
+    @property
+    def in_flight(self) -> bool:
+        """A step has begun and not finished."""
+        return bool(self._begun)
+
+    def _arrive(self, name: str, device: torch.device) -> None:
+        if name not in self.shapes:
+            raise ValueError(f"unknown tensor {name!r}: the engine was built for "
+                             f"{len(self.names)} tensors ({', '.join(self.names[:4])}, ...)")
+        if name in self._begun:
+            raise RuntimeError(f"tensor {name!r} began twice in one step")
+        self._start_step(device)
+        self._begun.add(name)
+
+    def _launch_ready(self, bucket: Bucket) -> None:
+        """Launch what is complete: the bucket, and the carrier once every tensor began."""
+        all_begun = len(self._begun) == len(self.names)
+        for ready in self._buckets.ready(bucket, all_begun, self._control.measures):
+            self._launch(ready)
+
+    def _launch(self, bucket: Bucket) -> None:
+        """A bucket's first round; the carrier's carries the agent's statistics."""
+        stats = self._control.statistics_vector(self._applied, self._device) \
+            if bucket is self._buckets.carrier else None
+        self._buckets.launch(bucket, 0, stats)
+
+    def finish(self, write_back: Callable[[str, Tensor], None], lr: float | None = None,
+               destination: Callable[[str], Tensor | None] | None = None,
+               variance_change: float | None = None) -> StepOutcome:
+        """Complete the step (every tensor must have begun): further rounds, results to
+        ``write_back(name, averaged)``, the verdict, the agent, the report.
+
+        ``destination(name)``: a tensor of the gradient's shape and dtype that the averaged
+        gradient may be decoded into (the one ``write_back`` gets then), or None.
+        ``lr`` and ``variance_change`` (an Adam-family exchange's measurement, see
+        :class:`~horovod_gravac.agents.StepStats`) are handed to the agent."""
+        missing = [n for n in self.names if n not in self._begun]
+        if missing:
+            raise RuntimeError(f"finish() before every tensor began; missing: {missing[:5]}")
+        self._finish_start = time.perf_counter() - self._counters.wait_s  # less the waits
+        for bucket in self._buckets.buckets:  # the carrier may still wait for the last tensor
+            if not bucket.rounds:
+                self._launch(bucket)
+        self._buckets.complete_step(destination or (lambda name: None))
+        results = self._buckets.results()
+        wants_norms = self.agent is not None and self.agent.needs_layer_norms and \
+            self.transport.rank == 0
+        device = self._device or torch.device("cpu")
+        finite, terms, norms = read_back(self._buckets.flags, self._buckets.stats,
+                                         [(n, results[n]) for n in self.names], wants_norms,
+                                         device)
+        culprits = [] if finite else nonfinite_tensors(self._buckets.tickets(), self.names,
+                                                       device)
+        for name in culprits:  # a NaN/Inf never stays in a residual
+            self.memory.reset(name)
+        for name in self.names:
+            write_back(name, results[name])
+        return self._conclude(finite, culprits, terms, norms, lr, variance_change)
+
+    def _conclude(self, finite: bool, culprits: list[str], terms: list[float] | None,
+                  norms: dict[str, float], lr: float | None,
+                  variance_change: float | None) -> StepOutcome:
+        """Count the step, consult the agent, report to the callbacks."""
+        self.communication.end_step()
+        skipped = not finite
+        self.skipped_steps += skipped
+        applied = self._applied
+        if self.agent is not None:
+            self.decisions.append(applied)
+        now = time.perf_counter()
+        iter_time, self._last_sync = now - self._last_sync - self._untimed, now
+        self._untimed = 0.0
+        agent_stats, row = None, {}
+        if skipped:
+            log.warning("step %d: the averaged gradient is not finite%s; step skipped",
+                        self.step_count, f" (this rank's {', '.join(culprits)})"
+                        if culprits else "")
+        elif self.agent is not None:
+            agent_stats = self._control.statistics(self.step_count, applied, terms, norms,
+                                                   iter_time, lr, variance_change)
+            row = self._control.consult(agent_stats, applied)
+        counters = self._counters
+        report = StepReport(step=self.step_count, bytes=self.communication.last_bytes,
+                            dense_bytes=self.communication.last_dense_bytes, skipped=skipped,
+                            decision=applied, stats=agent_stats, agent_row=row,
+                            wait_s=counters.wait_s, begin_s=counters.begin_s,
+                            finish_s=time.perf_counter() - self._finish_start - counters.wait_s,
+                            link_bytes=counters.link_bytes, rounds=counters.rounds,
+                            link_steps=counters.link_steps, _next=lambda: self.decision)
+        error = self.nonfinite_error(culprits) \
+            if skipped and self.config.on_nonfinite == "raise" else None
+        self._reset_step()
+        for callback in list(self._callbacks.values()):
+            callback(report)
+        self.step_count += 1
+        return StepOutcome(skipped, error)
+
+    # -- around the steps -----------------------------------------------------------------------
+    def register_step_callback(self, callback: Callable[[StepReport], None]) -> RemovableHandle:
+        """Call ``callback(report)`` on every rank after each step (a :class:`StepReport`).
+        Returns a handle whose ``remove()`` unregisters it."""
+        handle = RemovableHandle(self._callbacks)
+        self._callbacks[handle.id] = callback
+        return handle
+
+    @contextlib.contextmanager
+    def untimed(self) -> Iterator[None]:
+        """Time spent inside is not part of the step time agents see."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._untimed += time.perf_counter() - start
+
+    def nonfinite_error(self, culprits: list[str]) -> NonFiniteGradientError:
+        """The error ``on_nonfinite="raise"`` raises at this step."""
+        return nonfinite_error(self.step_count, culprits, self.memory.keeps_state)
+
+    def forget_step_in_flight(self) -> None:
+        """Drop a half-done step and any decision in flight (a Horovod world that is gone)."""
+        self._control.drop_in_flight()
+        self.communication.discard_step()
+        self._reset_step()
+
+    # -- state -----------------------------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        """The engine's own state: step, skipped steps, byte counts, the next decision
+        (not the compressor's, memory's or agent's, which those objects hold); plain
+        containers, so ``torch.load`` reads it with ``weights_only=True``."""
+        decision = self.decision
+        return {"step": self.step_count, "skipped_steps": self.skipped_steps,
+                "communication": self.communication.state_dict(),
+                "decision": None if decision is None else dataclasses.asdict(decision)}
+
+    def load_progress(self, progress: dict[str, Any]) -> None:
+        self.step_count = progress["step"]
+        self.skipped_steps = progress.get("skipped_steps", 0)
+        self.communication.load_state_dict(progress["communication"])
+        if self.agent is not None and progress.get("decision") is not None:
+            self.decision = progress["decision"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.progress(), "memory": self.memory.state_dict(),
+                "compressor": self.compressor.state_dict(),
+                "agent": self.agent.state_dict() if self.agent is not None else None}
+
+    def load_state_dict(self, ours: dict[str, Any]) -> None:
+        self.memory.load_state_dict(ours["memory"])
+        self.compressor.load_state_dict(ours["compressor"])
+        agent_state = ours.get("agent")
+        if self.agent is not None and agent_state is not None:
+            self.agent.load_state_dict(agent_state)
+        # a decision only means something to the agent that made it
+        self.load_progress(ours if agent_state is not None else {**ours, "decision": None})
