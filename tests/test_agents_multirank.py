@@ -3,7 +3,7 @@ import pytest
 
 from tests.multirank import LAUNCHERS, assert_identical_across_ranks, run_ranks
 
-STEPS = 300  # GraVAC windows of 25/40 steps, Accordion intervals of 50: several each
+STEPS = 150  # GraVAC windows of 25/40 steps, Accordion intervals of 50: several each
 
 
 @pytest.fixture(scope="module", params=[

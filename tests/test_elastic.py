@@ -23,6 +23,7 @@ def test_fixed_size_elastic_run_keeps_residuals_per_rank_and_takes_the_agent_fro
     assert reports[0]["residual_norm"] != reports[1]["residual_norm"]
 
 
+@pytest.mark.slow
 def test_two_failures_before_a_commit_roll_back_to_it_twice_and_end_like_an_undisturbed_run(
         fixed):
     whole = fixed

@@ -9,7 +9,8 @@ NAN_STEP, INF_STEP = 5, 9
 RUNS = [f"{n}:cf=10" if C.create(n).adjustable_cf else n for n in C.names()] + ["gravac"]
 
 
-@pytest.fixture(scope="module", params=LAUNCHERS)
+@pytest.fixture(scope="module", params=[  # make test: Gloo; make test-all: MPI too
+    pytest.param(l, marks=pytest.mark.slow) if l == "mpirun" else l for l in LAUNCHERS])
 def job(request):
     return run_ranks("nonfinite_checks.py", 2, request.param, timeout=300)
 

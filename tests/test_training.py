@@ -288,13 +288,17 @@ def test_interrupted_training_resumed_from_its_checkpoint_ends_like_an_uninterru
     assert resumed["total_bytes"] == whole["total_bytes"]
 
 
-@pytest.mark.parametrize("script,launcher,env", [
+@pytest.mark.parametrize("script,launcher,env", [  # make test: one per launcher
     ("run_gravac.sh", "horovodrun", {"WINDOW": "5"}),
-    ("run_gravac.sh", "mpirun", {"WINDOW": "5", "COMPRESSION": "redsync", "POLICY": "geometric"}),
-    ("run_gravac.sh", "horovodrun-mpi", {"WINDOW": "5"}),
+    pytest.param("run_gravac.sh", "mpirun",
+                 {"WINDOW": "5", "COMPRESSION": "redsync", "POLICY": "geometric"},
+                 marks=pytest.mark.slow),
+    pytest.param("run_gravac.sh", "horovodrun-mpi", {"WINDOW": "5"}, marks=pytest.mark.slow),
     ("run_accordion.sh", "mpirun", {}),
-    ("run_baseline.sh", "horovodrun", {"COMPRESSION": "topk", "CF": "10"}),
-    ("run_baseline.sh", "mpirun", {"BASELINE": "horovod-fp16"}),
+    pytest.param("run_baseline.sh", "horovodrun", {"COMPRESSION": "topk", "CF": "10"},
+                 marks=pytest.mark.slow),
+    pytest.param("run_baseline.sh", "mpirun", {"BASELINE": "horovod-fp16"},
+                 marks=pytest.mark.slow),
 ])
 def test_launch_scripts(tmp_path, script, launcher, env):
     res = subprocess.run(
