@@ -112,14 +112,22 @@ class StepCounters:
             self.link_bytes += link_bytes(exchange, payload_bytes, self.world_size)
         self.link_steps += link_steps(exchange, self.world_size)
 
-    @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
+    def waiting(self) -> contextlib.AbstractContextManager[None]:
         """Time inside counts as blocked on a collective."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.wait_s += time.perf_counter() - start
+        return timing(self._waited)
+
+    def _waited(self, seconds: float) -> None:
+        self.wait_s += seconds
+
+
+@contextlib.contextmanager
+def timing(add: Callable[[float], None]) -> Iterator[None]:
+    """Hands ``add`` the seconds spent inside."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        add(time.perf_counter() - start)
 
 
 @dataclass(frozen=True)

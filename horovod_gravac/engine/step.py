@@ -23,7 +23,7 @@ import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 from .. import agents as A
 from ..probing import ErrorProbe, GainProbe
 from ..transport import Transport
-from .accounting import CommunicationStats, StepCounters, StepReport
+from .accounting import CommunicationStats, StepCounters, StepReport, timing
 from .buckets import Bucket, BucketExchange
 from .config import BucketLayout, EngineConfig
 from .control import Control
@@ -274,14 +274,12 @@ class StepEngine:
         self._callbacks[handle.id] = callback
         return handle
 
-    @contextlib.contextmanager
-    def untimed(self) -> Iterator[None]:
+    def untimed(self) -> contextlib.AbstractContextManager[None]:
         """Time spent inside is not part of the step time agents see."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._untimed += time.perf_counter() - start
+        return timing(self._add_untimed)
+
+    def _add_untimed(self, seconds: float) -> None:
+        self._untimed += seconds
 
     def nonfinite_error(self, culprits: list[str]) -> NonFiniteGradientError:
         """The error ``on_nonfinite="raise"`` raises at this step."""
