@@ -34,6 +34,7 @@ def test_two_failures_before_a_commit_roll_back_to_it_twice_and_end_like_an_undi
         assert torch.equal(value, failed[0]["params"][key]), key
 
 
+@pytest.mark.slow
 def test_removed_worker_training_goes_on_with_the_rest():
     # Horovod 0.28.1's elastic driver sometimes never tells the workers of a host-list change
     # (seen once in ~10 runs here: 3,000 steps at the old size); one more job in that case —

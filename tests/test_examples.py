@@ -21,6 +21,7 @@ def test_mixed_precision_skips_the_overflow_and_residuals_follow_the_loss_scale(
     assert reports[0]["scale"] == 2.0 ** 17
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_exchanges_once_per_step():
     reports = run("accumulation.py")
     assert [r["exchanges"] for r in reports] == [30, 30]
@@ -33,6 +34,7 @@ def test_adamw_state_is_identical_on_every_rank():
     assert_identical_across_ranks(flat, "s")
 
 
+@pytest.mark.slow
 def test_what_not_to_compress_is_sent_dense_without_a_residual():
     reports = run("what_not_to_compress.py")
     dense = ["decoder.bias", "decoder.weight", "lstm.bias_ih_l0", "norm.bias", "norm.weight"]

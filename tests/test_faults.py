@@ -24,7 +24,7 @@ def run_until_failure(launcher: str, np: int, how: str) -> tuple[int, float, str
     return proc.returncode, time.monotonic() - start, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("how", ["kill", "raise"])
+@pytest.mark.parametrize("how", ["kill", pytest.param("raise", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("launcher, np", [  # make test: 2 Gloo ranks; make test-all: all
     (launcher, np) if (launcher, np) == ("gloo", 2) else
     pytest.param(launcher, np, marks=pytest.mark.slow)

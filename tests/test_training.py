@@ -290,13 +290,13 @@ def test_interrupted_training_resumed_from_its_checkpoint_ends_like_an_uninterru
     assert resumed["total_bytes"] == whole["total_bytes"]
 
 
-@pytest.mark.parametrize("script,launcher,env", [  # make test: one per launcher
+@pytest.mark.parametrize("script,launcher,env", [  # make test: one; make test-all: all
     ("run_gravac.sh", "horovodrun", {"WINDOW": "5"}),
     pytest.param("run_gravac.sh", "mpirun",
                  {"WINDOW": "5", "COMPRESSION": "redsync", "POLICY": "geometric"},
                  marks=pytest.mark.slow),
     pytest.param("run_gravac.sh", "horovodrun-mpi", {"WINDOW": "5"}, marks=pytest.mark.slow),
-    ("run_accordion.sh", "mpirun", {}),
+    pytest.param("run_accordion.sh", "mpirun", {}, marks=pytest.mark.slow),
     pytest.param("run_baseline.sh", "horovodrun", {"COMPRESSION": "topk", "CF": "10"},
                  marks=pytest.mark.slow),
     pytest.param("run_baseline.sh", "mpirun", {"BASELINE": "horovod-fp16"},
