@@ -33,6 +33,8 @@ CONFIGS = {  # name → (hook: None (DDP's allreduce), "powersgd-hook" or our se
     "PowerSGD rank 1 on gradients": ({"compression": "powersgd:1"}, "off"),
     "TopK 100x on gradients": ({"compression": "topk:100"}, "off"),
     "PowerSGD rank 1 + Adam exchange": ({"compression": "powersgd:1"}, "auto"),
+    # the exchange without compression: what freezing the variance alone costs
+    "Adam exchange uncompressed": ({"compression": "none"}, "auto"),
     "TopK 100x + Adam exchange": ({"compression": "topk:100"}, "auto"),
     "GraVAC (PowerSGD) + Adam exchange": ({"compression": "powersgd", "agent": "gravac"},
                                          "auto"),
