@@ -27,6 +27,7 @@ def test_gradient_accumulation_exchanges_once_per_step():
     assert [r["exchanges"] for r in reports] == [30, 30]
 
 
+@pytest.mark.slow
 def test_adamw_state_is_identical_on_every_rank():
     reports = run("adam.py")
     flat = [{"s": torch.cat([t.reshape(-1).double() for s in r["optimizer_state"].values()

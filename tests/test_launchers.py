@@ -4,9 +4,9 @@ import pytest
 from tests.multirank import LAUNCHERS, MultiRankError, assert_identical_across_ranks, run_ranks
 
 
-@pytest.mark.parametrize("launcher", [  # make test: Gloo; make test-all: MPI too
-    pytest.param(l, marks=pytest.mark.slow) if l == "mpirun" else l for l in LAUNCHERS])
-@pytest.mark.parametrize("np", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.slow  # make test: tests/test_optimizer.py's dense run against Horovod's optimizer
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("np", [2, 4])
 def test_dense_horovod_training_is_identical_on_all_ranks(launcher, np):
     reports = run_ranks("dense_smoke.py", np, launcher)
     assert [r["size"] for r in reports] == [np] * np

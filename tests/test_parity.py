@@ -10,8 +10,8 @@ COMPRESSED = ("sparse_as_dense_topk", "groups_topk", "groups_powersgd", "groups_
 
 
 @pytest.fixture(scope="module", params=[
-    # make test: 4 ranks under mpirun; make test-all: every launcher and size
-    pytest.param((l, n), marks=pytest.mark.slow) if (l, n) != ("mpirun", 4)
+    # make test: 2 ranks under mpirun; make test-all: every launcher and size
+    pytest.param((l, n), marks=pytest.mark.slow) if (l, n) != ("mpirun", 2)
     else (l, n) for l in LAUNCHERS for n in (2, 4)], ids=lambda p: f"{p[0]}-np{p[1]}")
 def job(request):
     launcher, np = request.param

@@ -5,7 +5,7 @@ import pytest
 from tests.multirank import assert_identical_across_ranks, run_ranks
 
 
-@pytest.fixture(scope="module", params=[pytest.param(("gloo", 2), marks=pytest.mark.slow), ("mpirun", 4)],
+@pytest.fixture(scope="module", params=[("gloo", 2), pytest.param(("mpirun", 4), marks=pytest.mark.slow)],
                 ids=lambda p: f"{p[0]}-np{p[1]}")
 def job(request, tmp_path_factory):
     launcher, np = request.param

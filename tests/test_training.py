@@ -228,7 +228,7 @@ PTB_FLAGS = ["--model", "lstm200", "--data", "ptb", "--lr", "1", "--momentum", "
              "--clip", "0.25", "--eval-batches", "20"]
 
 
-@pytest.mark.parametrize("launcher", ["mpirun", pytest.param("gloo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("launcher", [pytest.param(l, marks=pytest.mark.slow) for l in ("mpirun", "gloo")])
 def test_short_runs_under_both_launchers(tmp_path, launcher):
     s = train_job(launcher, tmp_path / "digits", "--model", "mlp", "--data", "digits",
                   "--steps", "40", "--eval-interval", "20", "--compression", "dgc",
