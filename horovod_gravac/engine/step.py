@@ -258,7 +258,7 @@ class StepEngine:
                             finish_s=time.perf_counter() - self._finish_start - counters.wait_s,
                             link_bytes=counters.link_bytes, rounds=counters.rounds,
                             link_steps=counters.link_steps, _next=lambda: self.decision)
-        error = self.nonfinite_error(culprits) \
+        error = nonfinite_error(self.step_count, culprits, self.memory.keeps_state) \
             if skipped and self.config.on_nonfinite == "raise" else None
         self._reset_step()
         for callback in list(self._callbacks.values()):
@@ -280,10 +280,6 @@ class StepEngine:
 
     def _add_untimed(self, seconds: float) -> None:
         self._untimed += seconds
-
-    def nonfinite_error(self, culprits: list[str]) -> NonFiniteGradientError:
-        """The error ``on_nonfinite="raise"`` raises at this step."""
-        return nonfinite_error(self.step_count, culprits, self.memory.keeps_state)
 
     def forget_step_in_flight(self) -> None:
         """Drop a half-done step and any decision in flight (a Horovod world that is gone)."""
