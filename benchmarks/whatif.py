@@ -74,14 +74,12 @@ import argparse
 import csv
 import itertools
 import json
-import math
 import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 
 from benchmarks.end_to_end import WORKLOADS, launch, slug
@@ -89,8 +87,9 @@ from benchmarks.step_time import phases, read_steps
 from horovod_gravac import compression as C
 from horovod_gravac.agents.gravac import cf_ladder, compression_throughputs
 from horovod_gravac.app.models import create_model, parameter_shapes
-from horovod_gravac.engine import exchange_rounds
-from horovod_gravac.transport import link_bytes, link_steps
+from horovod_gravac.agents.costmodel import Link, Traffic, fit_link
+from horovod_gravac.engine import BucketLayout
+from horovod_gravac.engine import step_traffic as engine_step_traffic
 
 #: the exchanges the model is validated on: name → gravac-train flags
 CONFIGS: dict[str, tuple[str, ...]] = {
@@ -112,81 +111,16 @@ GRAVAC_EPSILON = 0.7
 BUCKET_BYTES = 25 * 2**20  # the engine's default fusion bucket (25 MB of float32 gradients)
 
 
-# -- traffic -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Traffic:
-    """One step's traffic on one rank: link bytes (ring-weighted) and the compressed bytes
-    it decodes (an allgather's N payloads, a sum's or an alltoall's one)."""
-
-    link_bytes: float
-    decoded_bytes: float
-
-
-def decoded_bytes(exchange: C.Exchange, payload_bytes: float, world_size: int) -> float:
-    """Compressed bytes a rank decodes after a collective on ``payload_bytes`` per rank."""
-    return world_size * payload_bytes if exchange is C.Exchange.ALLGATHER else payload_bytes
-
-
+# -- traffic and the link: the library's step model ----------------------------------------
 def step_traffic(shapes: Iterable[tuple[str, torch.Size]], compressor: C.Compressor,
                  uncompressed: frozenset[str], cf: float | None, world_size: int) -> Traffic:
     """The traffic of a step that compresses every tensor not in ``uncompressed`` with
-    ``compressor`` at ``cf`` (the rest go dense, summed), on ``world_size`` ranks."""
+    ``compressor`` at ``cf`` (the rest go dense, summed), on ``world_size`` ranks, in the
+    engine's default buckets (:func:`horovod_gravac.engine.step_traffic`)."""
+    shapes = dict(shapes)
+    layout = BucketLayout.by_size([(n, 4 * s.numel()) for n, s in shapes.items()], BUCKET_BYTES)
     compressor.bind(0, world_size)
-    link = decoded = 0.0
-    for name, shape in shapes:
-        for nbytes, kind in exchange_rounds(compressor, shape, cf, dense=name in uncompressed):
-            link += link_bytes(kind, nbytes, world_size)
-            decoded += decoded_bytes(kind, nbytes, world_size)
-    return Traffic(link, decoded)
-
-
-# -- the link ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Link:
-    """Seconds a step waits on collectives: ``per_round`` per exchange round, ``per_step``
-    per ring message step, ``per_byte`` per link byte."""
-
-    per_round: float
-    per_step: float
-    per_byte: float
-
-    def wait(self, rounds: float, steps: float, nbytes: float) -> float:
-        return self.per_round * rounds + self.per_step * steps + self.per_byte * nbytes
-
-    @property
-    def gbit_per_s(self) -> float:
-        return 8 / self.per_byte / 1e9 if self.per_byte > 0 else math.inf
-
-
-def fit_link(points: Sequence[tuple[float, float, float, float]],
-             per_step: float | None = None) -> Link:
-    """Non-negative least squares of wait ≈ a·r + λ·s + β·B over (r, s, B, wait) points:
-    the best of every subset of the terms solved unconstrained whose solution is ≥ 0 (exact
-    for so few unknowns). ``per_step`` given: λ is that, and a and β are fitted to what
-    remains. ``ValueError`` with no point."""
-    if not points:
-        raise ValueError("fit_link needs at least one measured run")
-    x = np.array([p[:3] for p in points], dtype=float)
-    y = np.array([p[3] for p in points], dtype=float)
-    free = [0, 1, 2]
-    if per_step is not None:
-        y = y - per_step * x[:, 1]
-        free = [0, 2]
-    scale = np.where(x.max(axis=0) > 0, x.max(axis=0), 1.0)  # conditioning: bytes are ~1e6
-    best, best_error = np.zeros(3), float(np.sum(y ** 2))
-    for size in range(1, len(free) + 1):
-        for cols in map(list, itertools.combinations(free, size)):
-            sol, *_ = np.linalg.lstsq(x[:, cols] / scale[cols], y, rcond=None)
-            if np.any(sol < 0):
-                continue
-            coef = np.zeros(3)
-            coef[cols] = sol / scale[cols]
-            error = float(np.sum((x @ coef - y) ** 2))
-            if error < best_error - 1e-15:
-                best, best_error = coef, error
-    if per_step is not None:
-        best[1] = per_step
-    return Link(*(float(c) for c in best))
+    return engine_step_traffic(compressor, shapes, uncompressed, layout.buckets, world_size, cf)
 
 
 def cluster_link(gbit_per_s: float, per_step_s: float, per_round_s: float) -> Link:
@@ -484,12 +418,12 @@ def project(args: argparse.Namespace) -> list[dict]:
 class PaperConfig:
     """A configuration at the paper's scale: compressor, CF, the kinds of the collectives it
     starts per fusion bucket (the dense sum of the small tensors first, riding in the
-    compressor's own when it sums), and the bucket's exchange rounds."""
+    compressor's own when it sums: what its codec's passes are counted from; its rounds and
+    ring message steps are the engine's, :func:`step_traffic`)."""
 
     spec: str
     cf: float | None
     collectives: tuple[C.Exchange, ...]
-    rounds: int = 1
 
 
 _SUM, _GATHER, _SCATTER = C.Exchange.ALLREDUCE, C.Exchange.ALLGATHER, C.Exchange.ALLTOALL
@@ -499,10 +433,9 @@ PAPER_CONFIGS = {
     "TopK 100x (allgather)": PaperConfig("topk", 100.0, (_SUM, _GATHER)),
     "TopK 1000x (allgather)": PaperConfig("topk", 1000.0, (_SUM, _GATHER)),
     "8-bit (allgather)": PaperConfig("8bit:exchange=allgather", None, (_SUM, _GATHER)),
-    "8-bit (two-stage)": PaperConfig("8bit:exchange=two_stage", None, (_SUM, _SCATTER, _GATHER),
-                                     2),
-    "PowerSGD rank 1 (allreduce)": PaperConfig("powersgd:1", None, (_SUM, _SUM), 2),
-    "PowerSGD rank 4 (allreduce)": PaperConfig("powersgd:4", None, (_SUM, _SUM), 2),
+    "8-bit (two-stage)": PaperConfig("8bit:exchange=two_stage", None, (_SUM, _SCATTER, _GATHER)),
+    "PowerSGD rank 1 (allreduce)": PaperConfig("powersgd:1", None, (_SUM, _SUM)),
+    "PowerSGD rank 4 (allreduce)": PaperConfig("powersgd:4", None, (_SUM, _SUM)),
 }
 #: the paper's workloads: model → (its input for one worker's batch, as a meta tensor maker)
 PAPER_MODELS: dict[str, Callable[[], torch.Tensor]] = {
@@ -587,10 +520,7 @@ def paper_step(config: PaperConfig, shapes: Sequence[tuple[str, torch.Size]],
             return encode, n * decode
         return encode, decode
     codec_s = sum(max(t, floor_s) for e, d in codec for t in passes(e, d))
-    buckets = math.ceil(sum(4 * s.numel() for _, s in shapes) / BUCKET_BYTES)
-    steps = buckets * sum(link_steps(kind, n) for kind in config.collectives)
-    return Prediction(compute_s, codec_s, link.wait(buckets * config.rounds, steps,
-                                                    traffic.link_bytes))
+    return Prediction(compute_s, codec_s, link.wait_for(traffic))
 
 
 def paper(args: argparse.Namespace) -> list[dict]:

@@ -51,24 +51,31 @@ class GainProbe(Probe):
         sizes: ``(name, numel)`` of every tensor that may be measured.
     """
 
+    @property
+    def width(self) -> int:
+        """Floats a step's terms take (:meth:`ProbeSpec.width`)."""
+        return self.spec.width(len(self.compressor.candidates) if self.spec.per_codec else 0)
+
     def measure(self, name: str, grad: Tensor, compensated: Tensor, decision: Decision,
                 step: int) -> None:
         """Record tensor ``name``'s row: [‖reference‖^p, ‖C(x, c)‖^p for each CF]."""
         spec = self.spec
         x = compensated if spec.measure.compressed == COMPENSATED else grad
         reference = compensated if spec.measure.reference == COMPENSATED else grad
-        energies = self.compressor.energy_profile(x, spec.cfs(decision), name, step,
-                                                  sample=self.samples[name])
+        energies = self.compressor.energies(x, name, step, sample=self.samples[name]) \
+            if spec.per_codec else \
+            self.compressor.energy_profile(x, spec.cfs(decision), name, step,
+                                           sample=self.samples[name])
         norm = torch.linalg.vector_norm(reference, dtype=torch.float32)
         row = torch.cat([norm.square().reshape(1), energies.float()])
         self._rows[name] = row.sqrt() if spec.measure.power == 1 else row
 
     def take(self, device: torch.device) -> Tensor:
-        """This step's terms summed over tensors (:attr:`ProbeSpec.width` floats; zeros when
+        """This step's terms summed over tensors (:attr:`width` floats; zeros when
         nothing was measured); forgets them."""
         rows, self._rows = self._rows, {}
         if not rows:
-            return torch.zeros(self.spec.width, device=device)
+            return torch.zeros(self.width, device=device)
         return torch.stack([r.to(device) for r in rows.values()]).sum(0)
 
 

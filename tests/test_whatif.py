@@ -143,9 +143,11 @@ def test_paper_steps_decode_per_peer_only_when_gathered_and_wait_per_bucket():
     dense = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"], shapes, frozenset(), 0.05,
                          [], link, 32)
     assert dense.wait_s == pytest.approx(1e-4 + 1e-5 * 62 + 3.2e-10 * 2 * 31 / 32 * 4 * 2048 ** 2)
-    two_stage = steps["8-bit (two-stage)"]  # an alltoall, then an allgather: two rounds
+    # an alltoall, then an allgather: two rounds, priced from the engine's buckets (no dense
+    # sum where every tensor is compressed)
+    two_stage = steps["8-bit (two-stage)"]
     assert two_stage.wait_s == pytest.approx(
-        2e-4 + 1e-5 * (62 + 31 + 31) + 3.2e-10 * W.step_traffic(
+        2e-4 + 1e-5 * (31 + 31) + 3.2e-10 * W.step_traffic(
             shapes, C.create("8bit:exchange=two_stage"), frozenset(), None, 32).link_bytes)
 
 
@@ -179,14 +181,20 @@ def test_missing_calibration_runs_and_steps_to_target_files_are_named(tmp_path):
         W.load_steps_to_target(tmp_path / "none.csv")
 
 
-def test_paper_steps_pay_every_bucket_its_rounds():
+def test_paper_steps_pay_every_bucket_its_rounds_as_the_engine_fuses_them():
     link = W.cluster_link(25, 1e-5, 1e-4)
     one = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"], (("w", torch.Size([2048, 2048])),),
                        frozenset(), 0.0, [], link, 8)
+    # three 16 MB tensors: the engine's 25 MB buckets hold one each (three rounds); one
+    # tensor of 64 MB goes alone (one round), as BucketLayout.by_size lays them out
     three = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"],
-                         (("w", torch.Size([4096, 4096])),), frozenset(), 0.0, [], link, 8)
+                         tuple((f"w{i}", torch.Size([2048, 2048])) for i in range(3)),
+                         frozenset(), 0.0, [], link, 8)
+    big = W.paper_step(W.PAPER_CONFIGS["dense (allreduce)"],
+                       (("w", torch.Size([4096, 4096])),), frozenset(), 0.0, [], link, 8)
     latency = 1e-4 + 1e-5 * 14  # one bucket's round and ring steps
-    assert three.wait_s - 4 * (one.wait_s - latency) == pytest.approx(3 * latency)
+    assert three.wait_s - 3 * (one.wait_s - latency) == pytest.approx(3 * latency)
+    assert big.wait_s - 4 * (one.wait_s - latency) == pytest.approx(latency)
 
 
 def test_a_kernel_floor_is_paid_once_per_pass_not_per_gathered_payload():

@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from .accordion import Accordion
+from .choice import CodecChoice
+from .costmodel import CodecCosts, Link, Traffic, fit_link
 from .base import (COMPENSATED, GRADIENT, RECENT_STEPS, SEND_CHOICES, SEND_COMPRESSED, SEND_DENSE,
                    SEND_MIN, Agent, Decision, ErrorSpec, GainMeasure, ProbeSpec, StepStats,
                    Wrapper)
@@ -15,7 +17,8 @@ from .phases import FROZEN, WARMUP, AdamPhases, FreezeRule
 from .plan import LayerPlan, plan_layers
 from .static import Static
 
-AGENTS: dict[str, type[Agent]] = {cls.name: cls for cls in (Static, GraVAC, Accordion)}
+AGENTS: dict[str, type[Agent]] = {cls.name: cls for cls in (Static, GraVAC, Accordion,
+                                                              CodecChoice)}
 
 
 def create(spec: str | Agent | None, **params: Any) -> Agent | None:
@@ -33,7 +36,8 @@ def create(spec: str | Agent | None, **params: Any) -> Agent | None:
         raise ValueError(f"bad parameters for agent {spec!r}: {exc}") from None
 
 
-__all__ = ["AGENTS", "Agent", "Accordion", "AdamPhases", "FROZEN", "FreezeRule", "WARMUP", "COMPENSATED", "Decision", "ErrorSpec", "GAINS",
+__all__ = ["AGENTS", "Agent", "Accordion", "CodecChoice", "CodecCosts", "Link", "Traffic",
+           "fit_link", "AdamPhases", "FROZEN", "FreezeRule", "WARMUP", "COMPENSATED", "Decision", "ErrorSpec", "GAINS",
            "GRADIENT", "GainMeasure", "GraVAC", "LayerPlan", "ProbeSpec", "RECENT_STEPS",
            "SCALING_POLICIES", "SEND_CHOICES", "SEND_COMPRESSED", "SEND_DENSE", "SEND_MIN", "Static", "StepStats",
            "Wrapper", "create", "plan_layers"]

@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .costmodel import Traffic
+
 #: how many recent steps ``Agent.history`` and ``DistributedOptimizer.decisions`` keep: a job
 #: that runs for days must not grow without bound (write the stream out, as gravac-train does)
 RECENT_STEPS = 10_000
@@ -34,7 +36,10 @@ class Decision:
     compression gain at that step (GraVAC's ``gain_interval``), ``measure_errors`` whether it
     measures a layer plan's compression errors (:class:`ErrorSpec`); ``variance_frozen``
     whether the Adam-family exchange is past its warm-up (:class:`~.phases.AdamPhases`):
-    Adam's second moment is frozen and the preconditioned momentum is exchanged.
+    Adam's second moment is frozen and the preconditioned momentum is exchanged. ``codec``:
+    which of a set of candidates compresses every tensor (its index in
+    :class:`~horovod_gravac.compression.Candidates`; :class:`~.choice.CodecChoice`), at the
+    candidate's own setting; None: the compressor at ``cf``.
     """
 
     cf: float | None
@@ -44,6 +49,7 @@ class Decision:
     measure_gain: bool = True
     measure_errors: bool = False
     variance_frozen: bool = False
+    codec: int | None = None
 
     @property
     def sent_cf(self) -> float | None:
@@ -63,10 +69,11 @@ class Decision:
 
     # A fixed-length vector of floats, so the decision travels as one small broadcast
     # (no pickling, no size exchange):
-    # [cf, θmin, send, measure_gain, measure_errors, variance_frozen, has layer_cf, per layer].
+    # [cf, θmin, send, measure_gain, measure_errors, variance_frozen, codec, has layer_cf,
+    #  per layer].
     @staticmethod
     def encoded_length(layers: list[str]) -> int:
-        return 7 + len(layers)
+        return 8 + len(layers)
 
     def encode(self, layers: list[str]) -> list[float]:
         """This decision as ``encoded_length(layers)`` floats; NaN marks "not set"."""
@@ -79,20 +86,22 @@ class Decision:
                 nan if self.theta_min is None else float(self.theta_min),
                 float(SEND_CHOICES.index(self.send)), float(self.measure_gain),
                 float(self.measure_errors), float(self.variance_frozen),
+                nan if self.codec is None else float(self.codec),
                 float(self.layer_cf is not None),
                 *(float(overrides.get(name, nan)) for name in layers)]
 
     @classmethod
     def decode(cls, values: list[float], layers: list[str]) -> "Decision":
         """The decision :meth:`encode` turned into ``values``."""
-        cf, theta_min, send, measure_gain, measure_errors, frozen, has_layer_cf = values[:7]
-        layer_cf = {name: v for name, v in zip(layers, values[7:]) if v == v} \
+        cf, theta_min, send, measure_gain, measure_errors, frozen, codec, has_layer_cf = \
+            values[:8]
+        layer_cf = {name: v for name, v in zip(layers, values[8:]) if v == v} \
             if has_layer_cf else None
         return cls(cf=None if cf != cf else cf,
                    theta_min=None if theta_min != theta_min else theta_min,
                    send=SEND_CHOICES[int(send)], layer_cf=layer_cf,
                    measure_gain=bool(measure_gain), measure_errors=bool(measure_errors),
-                   variance_frozen=bool(frozen))
+                   variance_frozen=bool(frozen), codec=None if codec != codec else int(codec))
 
 
 GRADIENT, COMPENSATED = "gradient", "compensated"
@@ -122,13 +131,16 @@ class ProbeSpec:
 
     ``sample`` bounds the elements a compressor may estimate each energy from (None: exact, by
     multi-level compression within the lowest CF's selection, as the paper defines it).
-    The terms, summed over tensors, travel as one float vector of :attr:`width` values
+    ``per_codec``: instead of CFs, ‖C_k(x)‖² for every candidate k of a set
+    (:class:`~horovod_gravac.compression.Candidates`), each at its own setting.
+    The terms, summed over tensors, travel as one float vector of :meth:`width` values
     (:meth:`decode`), summed over ranks.
     """
 
     measure: GainMeasure
     ladder: tuple[float, ...] = ()
     sample: int | None = None
+    per_codec: bool = False
 
     def cfs(self, decision: Decision) -> tuple[float, ...]:
         """The CFs measured under ``decision``, ascending."""
@@ -137,13 +149,15 @@ class ProbeSpec:
         low = decision.theta_min if decision.theta_min is not None else decision.cf
         return (min(low, decision.cf), decision.cf)
 
-    @property
-    def width(self) -> int:
-        """Terms per row: the reference, then one per CF measured."""
-        return 1 + (len(self.ladder) or 2)
+    def width(self, codecs: int = 0) -> int:
+        """Terms per row: the reference, then one per CF measured (or per one of ``codecs``
+        candidates)."""
+        return 1 + (codecs if self.per_codec else len(self.ladder) or 2)
 
     def decode(self, values: list[float]) -> dict[str, Any]:
         """The terms summed over tensors and ranks as :class:`StepStats` fields."""
+        if self.per_codec:
+            return {"gain_reference": values[0], "gain_codecs": dict(enumerate(values[1:]))}
         if not self.ladder:
             return {"gain_reference": values[0], "gain_min": values[1],
                     "gain_compressed": values[2]}
@@ -197,7 +211,11 @@ class StepStats:
     the link bytes each candidate would cost it. ``variance_change``: during an Adam-family
     exchange's warm-up, at the steps that measure it, the relative change of Adam's
     preconditioner over the last check interval (:class:`~horovod_gravac.adam.AdamExchange`;
-    the same on every rank), else None.
+    the same on every rank), else None. ``rounds`` and ``link_steps``: the exchange rounds
+    and ring message steps of the step (:class:`~horovod_gravac.engine.StepReport`).
+    With a set of candidates: ``codec`` the one sent, ``gain_codecs`` each candidate's gain
+    term, and on rank 0 ``codec_traffic`` each candidate's priced step
+    (:class:`~.costmodel.Traffic`).
     """
 
     step: int
@@ -218,6 +236,11 @@ class StepStats:
     layer_errors: dict[str, tuple[float, ...]] = field(default_factory=dict)
     candidate_link_bytes: dict[str, tuple[float, ...]] = field(default_factory=dict)
     variance_change: float | None = None
+    rounds: int = 0
+    link_steps: int = 0
+    codec: int | None = None
+    gain_codecs: dict[int, float] = field(default_factory=dict)
+    codec_traffic: dict[int, Traffic] = field(default_factory=dict)
 
 
 class Agent:
@@ -232,6 +255,8 @@ class Agent:
     sets_cf: ClassVar[bool] = True
     #: True when the decisions set a CF per tensor themselves (Accordion's ``per_layer``)
     per_layer: bool = False
+    #: True when the decisions name a codec of a set of candidates (``Decision.codec``)
+    chooses_codec: ClassVar[bool] = False
 
     @property
     def probe(self) -> ProbeSpec | None:
@@ -248,6 +273,12 @@ class Agent:
 
     def initial_decision(self) -> Decision:
         raise NotImplementedError
+
+    def use_candidates(self, names: tuple[str, ...]) -> None:
+        """The set of candidates the decisions' ``codec`` indexes (their specs, in order);
+        only agents that choose the codec take one."""
+        raise ValueError(f"agent {self.name!r} does not choose among compression candidates "
+                         f"({'|'.join(names)}): give agent='choice', or one compressor")
 
     def decide(self, stats: StepStats) -> Decision:
         raise NotImplementedError
@@ -280,6 +311,10 @@ class Wrapper(Agent):
     probe = property(lambda self: self.agent.probe)
     needs_layer_norms = property(lambda self: self.agent.needs_layer_norms)
     history = property(lambda self: self.agent.history)
+    chooses_codec = property(lambda self: self.agent.chooses_codec)
+
+    def use_candidates(self, names: tuple[str, ...]) -> None:
+        self.agent.use_candidates(names)
 
 
 def plain(value: Any) -> Any:

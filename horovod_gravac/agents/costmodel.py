@@ -19,10 +19,116 @@ With one CF measured (the first window) the latency is taken as 0 and all waitin
 to bytes: that overstates what more compression saves, and the next CF sent corrects it. A
 step at CF c is then predicted to take ``compute + latency + B(c) / bandwidth``, compute being
 the mean over all measured steps. No tensors here: plain floats that pickle.
+
+**The step model** that :class:`~.choice.CodecChoice` fits online and ``benchmarks.whatif``
+calibrates offline is the same: a step takes its compute (with the codec's own work) plus
+the waiting on its exchange, priced by :class:`Link` from its :class:`Traffic` — rounds ×
+a fixed cost, ring message steps × latency, link bytes / bandwidth — with the link fitted
+by :func:`fit_link` (non-negative least squares) to measured waits.
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One step's exchange on one rank: link bytes (ring-weighted,
+    ``transport.link_bytes``), the compressed bytes it decodes (an allgather's N payloads, a
+    sum's or an alltoall's one), its exchange rounds and its collectives' ring message steps
+    (``transport.link_steps``)."""
+
+    link_bytes: float
+    decoded_bytes: float = 0.0
+    rounds: float = 0.0
+    link_steps: float = 0.0
+
+
+@dataclass(frozen=True)
+class Link:
+    """Seconds a step waits on collectives: ``per_round`` per exchange round, ``per_step``
+    per ring message step, ``per_byte`` per link byte."""
+
+    per_round: float
+    per_step: float
+    per_byte: float
+
+    def wait(self, rounds: float, steps: float, nbytes: float) -> float:
+        return self.per_round * rounds + self.per_step * steps + self.per_byte * nbytes
+
+    def wait_for(self, traffic: Traffic) -> float:
+        """The wait of a step with ``traffic``."""
+        return self.wait(traffic.rounds, traffic.link_steps, traffic.link_bytes)
+
+    @property
+    def gbit_per_s(self) -> float:
+        return 8 / self.per_byte / 1e9 if self.per_byte > 0 else math.inf
+
+
+def fit_link(points: Sequence[tuple[float, float, float, float]],
+             per_step: float | None = None) -> Link:
+    """Non-negative least squares of wait ≈ a·r + λ·s + β·B over (r, s, B, wait) points:
+    the best of every subset of the terms solved unconstrained whose solution is ≥ 0 (exact
+    for so few unknowns). Where several fit equally well (one point fits any one term
+    exactly), the bytes come first: waiting is charged to bytes until a second measurement
+    says otherwise. ``per_step`` given: λ is that, and a and β are fitted to what remains.
+    ``ValueError`` with no point."""
+    if not points:
+        raise ValueError("fit_link needs at least one measured run")
+    x = np.array([p[:3] for p in points], dtype=float)
+    y = np.array([p[3] for p in points], dtype=float)
+    free = [2, 0, 1]
+    if per_step is not None:
+        y = y - per_step * x[:, 1]
+        free = [2, 0]
+    scale = np.where(x.max(axis=0) > 0, x.max(axis=0), 1.0)  # conditioning: bytes are ~1e6
+    best, best_error = np.zeros(3), float(np.sum(y ** 2))
+    for size in range(1, len(free) + 1):
+        for cols in map(list, itertools.combinations(free, size)):
+            sol, *_ = np.linalg.lstsq(x[:, cols] / scale[cols], y, rcond=None)
+            if np.any(sol < 0):
+                continue
+            coef = np.zeros(3)
+            coef[cols] = sol / scale[cols]
+            error = float(np.sum((x @ coef - y) ** 2))
+            if error < best_error - 1e-12 * max(1.0, float(np.sum(y ** 2))):
+                best, best_error = coef, error
+    if per_step is not None:
+        best[1] = per_step
+    return Link(*(float(c) for c in best))
+
+
+class CodecCosts:
+    """Per codec sent: its steps and the sums of their compute (step time less waiting: the
+    codec's own work included), waiting, rounds, ring message steps and link bytes. Plain
+    numbers (it pickles, and ``state_dict`` copies it)."""
+
+    def __init__(self) -> None:
+        #: codec → [steps, Σ compute, Σ wait, Σ rounds, Σ link steps, Σ link bytes]
+        self.sent: dict[int, list[float]] = {}
+
+    def add(self, codec: int, step_time: float, wait: float, rounds: float,
+            link_steps: float, link_bytes: float) -> None:
+        sums = self.sent.setdefault(codec, [0, 0.0, 0.0, 0.0, 0.0, 0.0])
+        for i, value in enumerate((1, max(step_time - wait, 0.0), wait, rounds, link_steps,
+                                   link_bytes)):
+            sums[i] += value
+
+    def compute(self, codec: int) -> float | None:
+        """Mean compute of the steps that sent ``codec`` (None: never sent)."""
+        sums = self.sent.get(codec)
+        return sums[1] / sums[0] if sums else None
+
+    def link(self) -> Link | None:
+        """The link fitted to every codec's mean (rounds, steps, bytes, wait); None before
+        a step."""
+        points = [(r / n, s / n, b / n, w / n) for n, _, w, r, s, b in self.sent.values() if n]
+        return fit_link(points) if points else None
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,16 @@ class AdamPhases(Agent):
         return self.agent is not None and self.agent.sets_cf
 
     @property
+    def chooses_codec(self) -> bool:  # type: ignore[override]
+        return self.agent is not None and self.agent.chooses_codec
+
+    def use_candidates(self, names: tuple[str, ...]) -> None:
+        if self.agent is None:
+            super().use_candidates(names)
+        else:
+            self.agent.use_candidates(names)
+
+    @property
     def needs_layer_norms(self) -> bool:  # type: ignore[override]
         return self.agent is not None and self.agent.needs_layer_norms
 

@@ -122,6 +122,9 @@ class LayerPlan(Wrapper):
         if inner is None:
             raise ValueError("LayerPlan needs a time-level agent (static, accordion, gravac), "
                              f"got {agent!r}")
+        if inner.chooses_codec:
+            raise ValueError(f"agent {inner.name!r} chooses a codec, not a CF: a layer plan "
+                             "redistributes one uniform CF (give static, accordion or gravac)")
         if inner.per_layer:
             raise ValueError(f"agent {inner.name!r} sets per-tensor CFs itself (per_layer=True); "
                              "a layer plan redistributes one uniform CF: use per_layer=False")

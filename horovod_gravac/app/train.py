@@ -179,7 +179,10 @@ def _exchange_arguments(p: argparse.ArgumentParser) -> None:
 def _agent_arguments(p: argparse.ArgumentParser) -> None:
     """The agent that sets the CF, and its parameters."""
     g = p.add_argument_group("agents")
-    g.add_argument("--agent", default="none", choices=("none", "static", "gravac", "accordion"))
+    g.add_argument("--agent", default="none",
+                   choices=("none", "static", "gravac", "accordion", "choice"),
+                   help="choice: the codec among --compression's candidates (auto, or "
+                        "'dense|fp16|powersgd:1|topk:100'), every --window steps")
     g.add_argument("--cf", type=float, default=None, help="static agent's CF")
     g.add_argument("--theta-min", type=float, default=10.0)
     g.add_argument("--theta-max", type=float, default=1000.0)
@@ -459,8 +462,10 @@ def _check_exchange(args: argparse.Namespace) -> None:
         raise ValueError("--plan-factors must be comma-separated numbers like 0.5,1,2, got "
                          f"{args.plan_factors!r}") from None
     args.agent_obj = make_agent(args)
-    if args.agent_obj is not None:
+    if args.agent_obj is not None and args.agent_obj.sets_cf:
         compression.check_adjustable(compressor, args.agent)
+    from horovod_gravac.engine.config import check_candidates
+    check_candidates(compressor, args.agent_obj)
     args.adam_obj = make_adam_exchange(args, compressor)
 
 
@@ -524,6 +529,12 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
                 "reopen_lr_ratio": args.reopen_lr_ratio or None, "search": args.search,
                 "gain_sample": args.gain_sample or None,
                 "batch_size": args.batch_size or default_batch(args)}
+    if args.agent == "choice":
+        return {"epsilon": args.epsilon, "omega": args.omega_throughput,
+                "interval": auto_window(args.steps) if args.window is None else args.window,
+                "settle_steps": args.settle_steps,
+                "gain_sample": args.gain_sample or None,
+                **({} if args.gain_interval is None else {"gain_interval": args.gain_interval})}
     if args.agent == "accordion":
         return {"low_cf": args.low_cf, "high_cf": args.high_cf, "interval": args.interval,
                 "eta": args.eta, "per_layer": not args.whole_model_norms}
@@ -542,6 +553,8 @@ def make_agent(args: argparse.Namespace, total_steps: int | None = None,
         params["steps_per_epoch"] = steps_per_epoch
     if args.agent == "gravac" and args.window is None and total_steps:
         params["window"] = auto_window(total_steps)
+    if args.agent == "choice" and args.window is None and total_steps:
+        params["interval"] = auto_window(total_steps)
     agent = agents.create(args.agent, **params)
     if not args.layer_plan:
         return agent
@@ -804,7 +817,7 @@ PLAN_COLUMNS = ("plans", "plan_bytes_ratio", "plan_error_ratio")
 #: the Adam-family exchange's: warmup or frozen, and the variance change the freeze rule saw
 ADAM_COLUMNS = ("phase", "variance_change")
 STEP_COLUMNS = ("step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf", "cf_sent",
-                "send", "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
+                "send", "codec", "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
                 "skipped_steps", *LINK_COLUMNS, "rounds", "link_steps",
                 *PHASE_COLUMNS, *PLAN_COLUMNS, *ADAM_COLUMNS)
 
@@ -933,7 +946,8 @@ def report_columns(report: Any) -> dict[str, Any]:
     return {**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS, *PLAN_COLUMNS,
                                        *ADAM_COLUMNS)}, **measured,
             "cf_sent": decision.sent_cf if decision else "",
-            "send": decision.send if decision else ""}
+            "send": decision.send if decision else "",
+            "codec": "" if decision is None or decision.codec is None else decision.codec}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

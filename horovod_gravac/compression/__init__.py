@@ -16,6 +16,7 @@ from typing import Any
 from .base import (Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker,
                    is_finite, num_selected, payload_is_finite, scale_and_check, validate_cf,
                    wire_bytes, write_into)
+from .candidates import DEFAULT_CANDIDATES, DENSE, SEPARATOR, Candidates
 from .lowrank import PowerSGD
 from .memory import MEMORIES, DGCMemory, EFSignSGDMemory, Memory, ResidualMemory
 from .selection import DEFAULT_MIN_COMPRESS_NUMEL, uncompressed_tensors
@@ -82,11 +83,18 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def create(spec: str | Compressor, **params: Any) -> Compressor:
-    """A compressor from its name (or ``"name:value"`` string) and parameters."""
+    """A compressor from its name (or ``"name:value"`` string) and parameters; a set of
+    candidates an agent chooses among from ``"dense|fp16|topk:100"`` (``"auto"``:
+    :data:`DEFAULT_CANDIDATES`)."""
     if isinstance(spec, Compressor):
         if params:
             raise ValueError("parameters can't be given with a compressor object")
         return spec
+    if isinstance(spec, str) and (SEPARATOR in spec or spec.strip().lower() == "auto"):
+        if params:
+            raise ValueError(f"parameters can't be given with a set of candidates ({spec!r}): "
+                             "write them into each candidate, e.g. 'topk:cf=100,value_dtype=fp16'")
+        return create_candidates(DEFAULT_CANDIDATES if spec.strip().lower() == "auto" else spec)
     name, parsed = parse_spec(spec)
     cls = COMPRESSORS.get(name)
     if cls is None:
@@ -107,6 +115,31 @@ def create(spec: str | Compressor, **params: Any) -> Compressor:
         return cls(**parsed)
     except TypeError as exc:
         raise ValueError(f"bad parameters for compressor {name!r}: {exc}") from None
+
+
+def create_candidates(spec: str) -> Candidates:
+    """The set ``"dense|fp16|powersgd:1"``: each candidate built once (``"dense"`` is
+    ``"none"``); an empty set, an empty candidate, a duplicate or a set within a set is a
+    ``ValueError`` naming it."""
+    specs = [part.strip() for part in spec.split(SEPARATOR)]
+    if len(specs) < 2 or not all(specs):
+        raise ValueError(f"compression candidates must be two or more specs separated by "
+                         f"{SEPARATOR!r}, like {DEFAULT_CANDIDATES!r}; got {spec!r}")
+    built, seen = [], {}
+    for text in specs:
+        if text.lower() == "auto":
+            raise ValueError(f"compression candidates {spec!r}: 'auto' is itself a set "
+                             f"({DEFAULT_CANDIDATES}); list candidates instead")
+        try:
+            compressor = create("none" if text.lower() == DENSE else text)
+        except ValueError as exc:
+            raise ValueError(f"compression candidates {spec!r}: {exc}") from None
+        key = repr(compressor) + repr(sorted(vars(compressor).items(), key=lambda kv: kv[0]))
+        if key in seen:
+            raise ValueError(f"compression candidates {spec!r}: {text!r} repeats {seen[key]!r}")
+        seen[key] = text
+        built.append(compressor)
+    return Candidates(built, specs)
 
 
 def check_adjustable(compressor: Compressor, agent_name: str) -> None:
@@ -131,7 +164,8 @@ def create_memory(name: str | Memory | None, compressor: Compressor, **params: A
 
 
 __all__ = [
-    "COMPRESSORS", "MEMORIES", "Compressor", "Ctx", "Exchange", "Memory", "Payload",
+    "COMPRESSORS", "MEMORIES", "Candidates", "DEFAULT_CANDIDATES", "create_candidates",
+    "Compressor", "Ctx", "Exchange", "Memory", "Payload",
     "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "SeededCompressor", "check_adjustable",
     "create", "create_memory", "names", "parse_spec", "num_selected",
     "DEFAULT_MIN_COMPRESS_NUMEL", "uncompressed_tensors", "validate_cf", "wire_bytes",

@@ -13,11 +13,12 @@ torch.distributed), by responsibility:
 * :mod:`.accounting` — bytes, the step's counters, the report, the pricing of an exchange.
 """
 from .accounting import (CommunicationStats, StepReport, exchange_rounds, ladder_link_bytes,
-                         tensor_link_bytes)
+                         step_traffic, tensor_link_bytes)
 from .config import DEFAULT_BUCKET_CAP_MB, NONFINITE_ACTIONS, BucketLayout, EngineConfig
 from .step import StepEngine, StepOutcome
 from .verdict import NonFiniteGradientError
 
 __all__ = ["BucketLayout", "CommunicationStats", "DEFAULT_BUCKET_CAP_MB", "EngineConfig",
            "NONFINITE_ACTIONS", "NonFiniteGradientError", "StepEngine", "StepOutcome",
-           "StepReport", "exchange_rounds", "ladder_link_bytes", "tensor_link_bytes"]
+           "StepReport", "exchange_rounds", "ladder_link_bytes", "step_traffic",
+           "tensor_link_bytes"]

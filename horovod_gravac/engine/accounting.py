@@ -27,6 +27,30 @@ def exchange_rounds(compressor: C.Compressor, shape: torch.Size, cf: float | Non
     return tuple(compressor.expected_rounds(shape, cf))
 
 
+def step_traffic(compressor: C.Compressor, shapes: dict[str, torch.Size],
+                 uncompressed: frozenset[str], buckets: Sequence[Sequence[str]],
+                 world_size: int, cf: float | None = None) -> A.Traffic:
+    """The traffic of a step that sends every tensor not in ``uncompressed`` with
+    ``compressor`` at ``cf`` (None: its own setting; the rest dense, summed) in the fused
+    ``buckets``, on ``world_size`` ranks: a bucket's round is one round with one collective
+    per kind of payload, as :class:`~.buckets.BucketExchange` sends it."""
+    compressor.bind(compressor.process_rank, world_size)
+    link = decoded = rounds = steps = 0.0
+    for bucket in buckets:
+        per_round: list[set[C.Exchange]] = []
+        for name in bucket:
+            for i, (nbytes, kind) in enumerate(exchange_rounds(
+                    compressor, shapes[name], cf, dense=name in uncompressed)):
+                link += link_bytes(kind, nbytes, world_size)
+                decoded += world_size * nbytes if kind is C.Exchange.ALLGATHER else nbytes
+                if i == len(per_round):
+                    per_round.append(set())
+                per_round[i].add(kind)
+        rounds += len(per_round)
+        steps += sum(link_steps(kind, world_size) for kinds in per_round for kind in kinds)
+    return A.Traffic(link, decoded, rounds, steps)
+
+
 def tensor_link_bytes(compressor: C.Compressor, shape: torch.Size, cf: float | None,
                       world_size: int, dense: bool = False) -> float:
     """Bytes one tensor's exchange puts on a rank's link (see :func:`exchange_rounds`)."""

@@ -51,6 +51,7 @@ class EngineConfig:
         check_number("gradient_predivide_factor", self.predivide, 0, low_open=True)
         if self.agent is not None and self.agent.sets_cf:
             C.check_adjustable(self.compressor, self.agent.name)
+        check_candidates(self.compressor, self.agent)
 
     @classmethod
     def create(cls, compression: str | C.Compressor = "none",
@@ -63,6 +64,19 @@ class EngineConfig:
     def uncompressed(self, sizes: Sequence[tuple[str, int]]) -> frozenset[str]:
         """Names of the tensors exchanged dense (see ``compression.uncompressed_tensors``)."""
         return C.uncompressed_tensors(sizes, self.min_compress_numel, self.compress_patterns)
+
+
+def check_candidates(compressor: C.Compressor, agent: A.Agent | None) -> None:
+    """A set of candidates needs an agent that chooses among them, and such an agent a set."""
+    if isinstance(compressor, C.Candidates):
+        if agent is None:
+            raise ValueError(f"compression candidates {'|'.join(compressor.specs)} need an "
+                             "agent that chooses among them: give agent='choice'")
+        agent.use_candidates(compressor.specs)
+    elif agent is not None and agent.chooses_codec:
+        raise ValueError(f"agent {agent.name!r} chooses among compression candidates, and "
+                         f"{compressor.name!r} is one compressor: give compression='auto' "
+                         f"({C.DEFAULT_CANDIDATES}) or your own set like 'dense|fp16|topk:100'")
 
 
 @dataclass(frozen=True)

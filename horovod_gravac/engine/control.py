@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import sys
 import weakref
@@ -21,8 +22,9 @@ from torch import Tensor
 from .. import agents as A
 from .. import compression as C
 from ..probing import ErrorProbe, GainProbe
-from ..transport import Handle, Transport
-from .accounting import StepCounters, ladder_link_bytes, tensor_link_bytes
+from ..transport import Handle, Transport, link_steps
+from .accounting import StepCounters, ladder_link_bytes, step_traffic, tensor_link_bytes
+from .config import BucketLayout
 
 #: changes of the CF sent and the variance's freeze; the application decides where it goes
 log = logging.getLogger(__name__)
@@ -57,7 +59,9 @@ class Control:
         agent: the agent (None: no decisions, no statistics).
         transport: the collectives (the decision's broadcast).
         shapes: every tensor's shape by name, in the model's order.
-        compressor: the compressor (to price a CF in link bytes).
+        compressor: the compressor (to price a CF in link bytes), or the set of candidates
+            (to price each).
+        layout: the buckets (a candidate's rounds).
         uncompressed: the tensors sent dense.
         probe, error_probe: the probes whose sums the statistics carry.
         counters: the step's counters (the broadcast's wait and round).
@@ -66,17 +70,19 @@ class Control:
 
     def __init__(self, agent: A.Agent | None, transport: Transport,
                  shapes: dict[str, torch.Size], compressor: C.Compressor,
-                 uncompressed: frozenset[str], probe: GainProbe | None,
+                 uncompressed: frozenset[str], layout: BucketLayout, probe: GainProbe | None,
                  error_probe: ErrorProbe | None, counters: StepCounters, label: str) -> None:
         self.agent, self.transport, self.shapes = agent, transport, shapes
         self.names = list(shapes)
-        self.compressor, self.uncompressed = compressor, uncompressed
+        self.compressor, self.uncompressed, self.layout = compressor, uncompressed, layout
         self.probe, self.error_probe = probe, error_probe
         self.counters, self.label = counters, label
         self._decision = agent.initial_decision() if agent is not None else None
         #: the decision's broadcast in flight, and its buffer (alive until received)
         self._incoming: tuple[Handle, Tensor] | None = None
         self._ladder_bytes: dict[float, float] | None = None
+        self._codec_traffic: dict[int, A.Traffic] | None = None
+        self._traffic_size = 0
         if not _CONTROLS:
             atexit.register(_receive_decisions_in_flight)
         _CONTROLS.add(self)
@@ -129,7 +135,7 @@ class Control:
         """What the agent sees of a step: the summed ``terms`` decoded, the times, and on
         rank 0 the link bytes the candidate CFs would cost."""
         spec = self.probe.spec if self.probe is not None else None
-        gain_terms = spec.width if spec is not None else 0
+        gain_terms = self.probe.width if spec is not None else 0
         gains = spec.decode(terms[:gain_terms]) if spec is not None and terms is not None else {}
         errors_measured = applied.measure_errors and self.error_probe is not None and \
             terms is not None
@@ -143,10 +149,14 @@ class Control:
         ladder = self._ladder_link_bytes() if spec is not None and spec.ladder and rank0 \
             else {}
         measured = applied.measure_gain and spec is not None
+        codecs = self._codec_traffics() if spec is not None and spec.per_codec and rank0 \
+            else {}
         return A.StepStats(
             step=step, iter_time=iter_time, world_size=size,
             gain_measured=measured, lr=lr, sent=applied.send, layer_norms=norms,
             wait_time=self.counters.wait_s, link_bytes=self.counters.link_bytes,
+            rounds=self.counters.rounds, link_steps=self.counters.link_steps,
+            codec=applied.codec, codec_traffic=codecs,
             **{k: v for k, v in gains.items() if measured},
             ladder_link_bytes=ladder if measured else {},
             errors_measured=errors_measured, layer_errors=errors,
@@ -161,6 +171,21 @@ class Control:
                                                    self.transport.size)
         return self._ladder_bytes
 
+    def _codec_traffics(self) -> dict[int, A.Traffic]:
+        """Per candidate of the set, a step's traffic with it (the decision's broadcast
+        included): from the shapes alone, so computed once (again if the world resizes)."""
+        size = self.transport.size
+        if self._codec_traffic is None or self._traffic_size != size:
+            self._traffic_size = size
+            self._codec_traffic = {
+                k: dataclasses.replace(traffic, rounds=traffic.rounds + 1,
+                                       link_steps=traffic.link_steps + link_steps(None, size))
+                for k, traffic in enumerate(
+                    step_traffic(candidate, self.shapes, self.uncompressed,
+                                 self.layout.buckets, size)
+                    for candidate in self.compressor.candidates)}
+        return self._codec_traffic
+
     # -- deciding ------------------------------------------------------------------------------
     def consult(self, stats: A.StepStats, applied: A.Decision) -> dict[str, Any]:
         """Rank 0 decides; the decision leaves without blocking (static agents decide alike
@@ -174,7 +199,8 @@ class Control:
         if self.transport.rank == 0:
             decided = agent.decide(stats)
             buffer.copy_(torch.tensor(decided.encode(self.names), dtype=torch.float64))
-            _log_change(stats.step, agent.name, applied, decided)
+            _log_change(stats.step, agent.name, applied, decided,
+                        getattr(self.compressor, "specs", ()))
             row = dict(agent.history[-1]) if agent.history else {}
         buffer = buffer.to(self.transport.control_device)
         self._incoming = (self.transport.broadcast(buffer, f"{self.label}.decision"), buffer)
@@ -183,10 +209,15 @@ class Control:
         return row
 
 
-def _log_change(step: int, agent: str, applied: A.Decision, decided: A.Decision) -> None:
+def _log_change(step: int, agent: str, applied: A.Decision, decided: A.Decision,
+                codecs: tuple[str, ...]) -> None:
     if decided.variance_frozen and not applied.variance_frozen:
         log.info("step %d: Adam's second moment freezes; the preconditioned momentum "
                  "is exchanged compressed from the next step", step)
-    if decided.sent_cf != applied.sent_cf:
+    if decided.codec != applied.codec and decided.codec is not None:
+        was = "dense" if applied.codec is None else codecs[applied.codec]
+        log.info("step %d: %s sends %s from the next step (was %s)", step, agent,
+                 codecs[decided.codec], was)
+    elif decided.sent_cf != applied.sent_cf:
         log.info("step %d: %s sends CF %s from the next step (was %s)", step, agent,
                  _cf_text(decided.sent_cf), _cf_text(applied.sent_cf))

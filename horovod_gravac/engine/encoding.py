@@ -51,7 +51,8 @@ class Encoder:
     """Error feedback and compression of each tensor, as the step's decision says.
 
     Arguments:
-        compressor: every compressed tensor's compressor.
+        compressor: every compressed tensor's compressor, or the set of candidates whose
+            ``codec`` a decision names.
         memory: the error-feedback memory.
         uncompressed: names sent dense, without a residual.
         probe: the gain probe of an agent that asks for gains, or None.
@@ -75,12 +76,15 @@ class Encoder:
         if self.error_probe is not None and decision.measure_errors:
             self.error_probe.measure(name, compensated, decision, step)
         cf = decision.sent_cf_for(name) if decision is not None else None
-        if cf == 1.0:  # dense, and the residual restarts at zero (GraVAC's third branch)
+        codec = decision.codec if decision is not None else None
+        if cf == 1.0 or (codec is not None and self.compressor.is_dense(codec)):
+            # dense, and the residual restarts at zero (GraVAC's third branch)
             self.memory.reset(name)
             return Ticket(name, self.dense, *self.dense.compress(compensated, name))
-        kwargs = {} if cf is None else {"cf": cf}
-        payload, ctx = self.compressor.compress(compensated, name, step, **kwargs)
-        ticket = Ticket(name, self.compressor, payload, ctx, self.memory, compensated)
+        compressor = self.compressor if codec is None else self.compressor.pick(codec)
+        kwargs = {} if cf is None or codec is not None else {"cf": cf}
+        payload, ctx = compressor.compress(compensated, name, step, **kwargs)
+        ticket = Ticket(name, compressor, payload, ctx, self.memory, compensated)
         if self.memory.keeps_state:  # to find this rank's culprits if skipped
             ticket.finite = C.payload_is_finite(payload)
         ticket.take_residual()

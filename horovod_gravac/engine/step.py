@@ -106,8 +106,8 @@ class StepEngine:
                                        config.predivide, self.communication, self._counters,
                                        carrier=self.names[0] if self.names else None)
         self._control = Control(agent, transport, self.shapes, self.compressor,
-                                self.uncompressed, probe, error_probe, self._counters,
-                                self.label)
+                                self.uncompressed, self.layout, probe, error_probe,
+                                self._counters, self.label)
         self.step_count = 0
         #: steps whose averaged gradient was not finite (not applied)
         self.skipped_steps = 0

@@ -1,0 +1,169 @@
+"""CodecChoice: which codec to send — dense, fp16, PowerSGD, TopK, … —, by the compression gain and a step model fitted online.
+
+GraVAC adapts one compressor's CF above a floor θmin; it cannot send dense where compression
+does not pay, nor switch to another compressor. CodecChoice chooses among a configured set of
+candidates (:class:`~horovod_gravac.compression.Candidates`, ``compression="auto"`` or
+``"dense|fp16|powersgd:1|topk:100"``), each at its own setting, dense included, from the
+first steps — no warm-up window at a fixed floor:
+
+* **Quality.** On the steps its decision marks (every ``gain_interval``-th) the engine
+  measures every candidate's gain δ_k = ‖C_k(g)‖² / ‖g‖² on the fresh gradient (GraVAC's
+  ``"fresh"`` gain, estimated from ``gain_sample`` elements), summed over layers and ranks,
+  smoothed per candidate by :class:`~.gravac.GainTracker`. A candidate is *admissible* when
+  δ_k ≥ ε (dense and fp16 always are). With the Adam family, wrap it in
+  :class:`~.phases.AdamPhases`: dense until Adam's variance is frozen, the choice after.
+* **Time.** The step model of :mod:`.costmodel`: t_k = compute_k + a·r_k + λ·s_k + β·B_k,
+  the traffic (rounds r, ring message steps s, link bytes B) of every candidate priced by
+  the engine from the tensor shapes, the link (a, λ, β) fitted by non-negative least squares
+  to the mean waits of the candidates sent so far (one candidate sent: all waiting is
+  charged to bytes), compute_k the mean step time less waiting of the steps that sent k —
+  for a candidate never sent, the least compute measured so far (an optimistic guess: if it
+  then looks best it is sent for an interval and measured, and a wrong guess costs one
+  interval).
+* **The choice.** Every ``interval`` steps, the admissible candidate with the best
+  predicted progress per second δ_k / t_k is sent from the next step on — unless the
+  candidate sent scores within ``omega`` of it (hysteresis). The first ``settle_steps``
+  steps after a switch are neither measured nor timed.
+
+The run starts with the set's first candidate (``"auto"``: dense). Every rank switches at
+the same step (the decision is broadcast); the residual carries across a switch (see
+:mod:`horovod_gravac.compression.candidates`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..validation import check_number
+from .base import SEND_COMPRESSED, SEND_DENSE, Agent, Decision, ProbeSpec, StepStats
+from .costmodel import CodecCosts, Traffic
+from .gravac import DEFAULT_GAIN_SAMPLE, GAINS, GainTracker, compression_throughputs
+
+
+class CodecChoice(Agent):
+    """Rank 0's choice of the codec among a set of candidates (see the module docstring).
+
+    Arguments:
+        epsilon: gain threshold ε in (0, 1]: a candidate is sent only while its gain is ≥ ε.
+        interval: steps between choices (each candidate's cost is the mean over its steps).
+        omega: the candidate sent stays unless another's predicted δ/t is more than this
+            much (relative) higher.
+        gain_interval: measure every candidate's gain every this many steps.
+        settle_steps: steps after a switch that are neither measured nor timed.
+        gain_sample: elements a step's gains are estimated from, shared among the tensors in
+            proportion to their sizes (None: exact).
+        ewma: smoothing factor α of the gains; None → as GraVAC's (five time constants in an
+            interval).
+        start: the candidate sent first (its index in the set).
+    """
+
+    name = "choice"
+    sets_cf = False
+    chooses_codec = True
+
+    def __init__(self, epsilon: float = 0.7, interval: int = 20, omega: float = 0.05,
+                 gain_interval: int = 2, settle_steps: int = 2,
+                 gain_sample: int | None = DEFAULT_GAIN_SAMPLE, ewma: float | None = None,
+                 start: int = 0) -> None:
+        super().__init__()
+        self.epsilon = check_number("epsilon", epsilon, 0, 1, low_open=True)
+        self.interval = check_number("interval", interval, 1, integer=True)
+        self.omega = check_number("omega", omega, 0, 1)
+        self.gain_interval = check_number("gain_interval", gain_interval, 1, integer=True)
+        self.settle_steps = check_number("settle_steps", settle_steps, 0, self.interval - 1,
+                                         integer=True)
+        self.gain_sample = check_number("gain_sample", gain_sample, 1, integer=True,
+                                        optional=True)
+        ewma = check_number("ewma", ewma, 0, 1, low_open=True, optional=True)
+        self.codec = check_number("start", start, 0, integer=True)
+        self.tracker = GainTracker("fresh", ewma, self.interval, self.gain_interval)
+        self.costs = CodecCosts()
+        #: per candidate, its priced (link bytes, decoded bytes, rounds, link steps)
+        self.traffic: dict[int, tuple[float, ...]] = {}
+        self.names: tuple[str, ...] = ()
+        self.steps_in_interval = 0
+        self.settling = self.settle_steps
+        self.switches = 0
+
+    @property
+    def probe(self) -> ProbeSpec:
+        """Every candidate's fresh gain at its own setting."""
+        return ProbeSpec(GAINS["fresh"], sample=self.gain_sample, per_codec=True)
+
+    def decision(self, next_step: int = 0) -> Decision:
+        dense = bool(self.names) and self.names[self.codec].lower() in ("dense", "none")
+        return Decision(cf=None, codec=self.codec, send=SEND_DENSE if dense else SEND_COMPRESSED,
+                        measure_gain=self.settling == 0 and next_step % self.gain_interval == 0)
+
+    def initial_decision(self) -> Decision:
+        return self.decision()
+
+    def decide(self, stats: StepStats) -> Decision:
+        if stats.codec_traffic:
+            self.traffic = {k: (t.link_bytes, t.decoded_bytes, t.rounds, t.link_steps)
+                            for k, t in stats.codec_traffic.items()}
+        if self.settling > 0:
+            self.settling -= 1
+        elif stats.codec is not None:
+            if stats.gain_measured:
+                for codec, numerator in stats.gain_codecs.items():
+                    self.tracker.add(codec, numerator, stats.gain_reference, stats.world_size)
+            if stats.iter_time > 0:
+                self.costs.add(stats.codec, stats.iter_time, stats.wait_time, stats.rounds,
+                               stats.link_steps, stats.link_bytes)
+        self.steps_in_interval += 1
+        if self.steps_in_interval >= self.interval:
+            self.steps_in_interval = 0
+            self._choose()
+        decision = self.decision(stats.step + 1)
+        predicted = self.predicted_times()
+        self.record(stats, decision, codec=self.codec,
+                    codec_name=self.names[self.codec] if self.names else None,
+                    gain=self.tracker.get(self.codec), wait_s=stats.wait_time,
+                    link_bytes=stats.link_bytes, predicted_step_s=predicted.get(self.codec),
+                    **self._link_row())
+        return decision
+
+    def use_candidates(self, names: tuple[str, ...]) -> None:
+        """The set this agent chooses among (its specs, in order)."""
+        if self.codec >= len(names):
+            raise ValueError(f"start={self.codec} names no candidate: the set has "
+                             f"{len(names)} ({', '.join(names)})")
+        self.names = tuple(names)
+
+    def predicted_times(self) -> dict[int, float]:
+        """Per candidate, the step time the fitted model predicts (empty before a step)."""
+        link = self.costs.link()
+        measured = [c for c in map(self.costs.compute, self.traffic) if c is not None]
+        if link is None or not measured:
+            return {}
+        guess = min(measured)
+        times = {}
+        for codec, priced in self.traffic.items():
+            compute = self.costs.compute(codec)
+            times[codec] = (guess if compute is None else compute) + \
+                link.wait_for(Traffic(*priced))
+        return times
+
+    def scores(self) -> dict[int, float]:
+        """Per admissible candidate (gain ≥ ε), δ / predicted t."""
+        return compression_throughputs({k: self.tracker.get(k) for k in self.traffic},
+                                       self.predicted_times(), self.epsilon)
+
+    def _choose(self) -> None:
+        scores = self.scores()
+        if not scores:
+            return  # nothing measured yet: keep what is sent
+        best = max(scores, key=scores.get)
+        current = scores.get(self.codec)
+        if best != self.codec and (current is None or
+                                   scores[best] > (1 + self.omega) * current):
+            self.codec = best
+            self.switches += 1
+            self.settling = self.settle_steps
+
+    def _link_row(self) -> dict[str, Any]:
+        link = self.costs.link()
+        return {} if link is None else {"link_bandwidth": 1 / link.per_byte
+                                        if link.per_byte > 0 else float("inf"),
+                                        "link_latency": link.per_round,
+                                        "compute_s": self.costs.compute(self.codec)}
