@@ -42,6 +42,13 @@ CONFIGS: dict[str, tuple[tuple[str, ...], str | None]] = {
          "--theta-max", "160"), "PowerSGD rank 1 (Horovod optimizer)"),
     "GraVAC defaults (TopK)": (("--compression", "topk", "--agent", "gravac"), None),
     "GraVAC defaults (PowerSGD)": (("--compression", "powersgd", "--agent", "gravac"), None),
+    "dense (Horovod)": (("--baseline", "horovod"), None),
+    # PyTorch's DDP allreduce: its PowerSGD hook before its start step is a plain allreduce
+    "dense (DDP)": (("--baseline", "ddp-powersgd", "--powersgd-start", "1000000"), None),
+    "CodecChoice auto (Horovod optimizer)": (("--compression", "auto", "--agent", "choice"),
+                                             None),
+    "CodecChoice auto (DDP hook)": (("--compression", "auto", "--agent", "choice", "--ddp"),
+                                    None),
 }
 BASELINE = "DDP + PyTorch PowerSGD hook (rank 1)"
 
