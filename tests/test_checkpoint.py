@@ -6,8 +6,8 @@ from tests.multirank import run_ranks
 
 CONFIGS = ("topk_static", "dgc_static", "powersgd", "topk_gravac", "dgc_gravac",
            "powersgd_gravac", "topk_gravac_cost", "topk_static_plan",
-           "powersgd_gravac_plan")
-SPLIT = 17
+           "powersgd_gravac_plan", "codec_choice")
+SPLIT, STEPS = 17, 40
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,9 @@ def test_resumed_job_ends_bit_for_bit_like_the_uninterrupted_one(runs, name):
         assert b["decisions"] == a["decisions"][SPLIT:], (name, rank)
     if name.endswith("gravac"):  # the agent kept changing its mind across the restart
         assert len(set(d[0] for d in whole[0][name]["decisions"][SPLIT:])) >= 2
+    if name == "codec_choice":  # the switch came after the restart, at the same step
+        assert [d[4] for d in whole[0][name]["decisions"]] == [0] * 20 + [1] * (STEPS - 20)
+        assert whole[1][name]["decisions"] == whole[0][name]["decisions"]
     if name.endswith("plan"):  # the resumed plan went on sending per-tensor CFs
         assert any(d[3] for d in whole[0][name]["decisions"][SPLIT:]), name
 

@@ -6,7 +6,7 @@ from tests.multirank import assert_identical_across_ranks, run_torchrun
 
 STEPS, NAN_STEP = 40, 7
 COMPRESSED = ("topk", "dgc", "powersgd", "gravac", "gravac_powersgd", "gravac_cost",
-              "accordion", "plan", "static", "no_sync", "unused")
+              "accordion", "plan", "static", "choice", "no_sync", "unused")
 
 
 @pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)])
@@ -48,9 +48,16 @@ def test_a_state_made_before_ddp_wraps_the_model_works_like_register_comm_hook(j
 
 
 def test_agents_change_their_minds_identically(job):
-    for name in ("gravac", "gravac_powersgd", "accordion", "plan"):
+    for name in ("gravac", "gravac_powersgd", "accordion", "plan", "choice"):
         decisions = runs(job, name)[0]["decisions"]
         assert len(decisions) == STEPS and len(set(decisions)) >= 2, (name, decisions[::5])
+
+
+def test_codec_choice_switches_at_the_same_step_on_every_rank(job):
+    decisions = [r["decisions"] for r in runs(job, "choice")]
+    codecs = [d[4] for d in decisions[0]]
+    assert codecs[:10] == [0] * 10 and codecs[10] in (1, 2), codecs  # TopK, then dense/fp16
+    assert all(d == decisions[0] for d in decisions)
 
 
 def test_no_sync_exchanges_once_per_accumulated_step(job):

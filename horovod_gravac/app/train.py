@@ -462,10 +462,10 @@ def _check_exchange(args: argparse.Namespace) -> None:
         raise ValueError("--plan-factors must be comma-separated numbers like 0.5,1,2, got "
                          f"{args.plan_factors!r}") from None
     args.agent_obj = make_agent(args)
-    if args.agent_obj is not None and args.agent_obj.sets_cf:
-        compression.check_adjustable(compressor, args.agent)
     from horovod_gravac.engine.config import check_candidates
     check_candidates(compressor, args.agent_obj)
+    if args.agent_obj is not None and args.agent_obj.sets_cf:
+        compression.check_adjustable(compressor, args.agent)
     args.adam_obj = make_adam_exchange(args, compressor)
 
 

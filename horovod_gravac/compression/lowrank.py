@@ -200,6 +200,15 @@ class PowerSGD(SeededCompressor):
         n, m, rank = dims
         return 4 * rank * (n + m), Exchange.ALLREDUCE
 
+    def expected_rounds(self, shape: torch.Size,
+                        cf: float | None = None) -> tuple[tuple[int, Exchange], ...]:
+        """Two summed rounds, P (n×r) then Q (m×r); one dense sum where rank r would not gain."""
+        dims = self._matrix_shape(shape, cf)
+        if dims is None:
+            return ((4 * shape.numel(), Exchange.ALLREDUCE),)
+        n, m, rank = dims
+        return (4 * rank * n, Exchange.ALLREDUCE), (4 * rank * m, Exchange.ALLREDUCE)
+
     def next_round(self, reduced: Payload, ctx: Ctx) -> Payload:
         """Round 2, from P summed over ranks: orthogonalize it and send Q = Mᵀ P̂."""
         p = orthogonalize(reduced[0])

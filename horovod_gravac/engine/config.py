@@ -49,9 +49,9 @@ class EngineConfig:
         check_number("bucket_cap_mb", self.bucket_cap_mb, 0, low_open=True)
         check_number("min_compress_numel", self.min_compress_numel, 0, integer=True)
         check_number("gradient_predivide_factor", self.predivide, 0, low_open=True)
+        check_candidates(self.compressor, self.agent)
         if self.agent is not None and self.agent.sets_cf:
             C.check_adjustable(self.compressor, self.agent.name)
-        check_candidates(self.compressor, self.agent)
 
     @classmethod
     def create(cls, compression: str | C.Compressor = "none",

@@ -86,7 +86,8 @@ def result(model, state, errors=()):
                    bytes=ex.communication.total_bytes, dense=ex.communication.total_dense_bytes,
                    exchanges=ex.communication.steps,
                    decisions=[(d.cf, d.theta_min, d.send,
-                               tuple(sorted((d.layer_cf or {}).items()))) for d in ex.decisions],
+                               tuple(sorted((d.layer_cf or {}).items())), d.codec)
+                              for d in ex.decisions],
                    memory_finite=all(bool(torch.isfinite(r).all())
                                      for r in getattr(ex.memory, "residuals", {}).values()))
     return out
@@ -121,6 +122,11 @@ runs = {
     "plan": run(compression="topk", min_compress_numel=0,
                 agent=hg.agents.LayerPlan(hg.agents.Static(cf=10), plan_interval=8)),
     "static": run(compression="topk", agent="static"),
+    # the codec among candidates: TopK 50x is below ε=0.99 (its gain), so at the first
+    # interval's end every rank switches to dense or fp16 at the same step
+    "choice": run(compression="topk:50|dense|fp16", min_compress_numel=0,
+                  agent=hg.agents.CodecChoice(epsilon=0.99, interval=10, gain_interval=1,
+                                              settle_steps=1)),
     "no_sync": run(accumulate=2, compression="topk:10"),
     "unused": run(unused=True, compression="topk:10"),
     "nan_skip": run(nan_at=NAN_STEP, compression="topk:10"),

@@ -1,0 +1,218 @@
+"""CodecChoice and compression candidates: the choice on constructed costs, the set's
+refusals, and the engine sending what the decision names (one process)."""
+import pytest
+import torch
+
+import horovod_gravac as hg
+from horovod_gravac import agents as A
+from horovod_gravac import compression as C
+from horovod_gravac.engine import EngineConfig, StepEngine, step_traffic
+from horovod_gravac.transport.horovod import HorovodTransport
+
+MB = 2**20
+
+
+def stats(step, codec, *, step_time, wait, link_bytes, gains, traffic, rounds=2.0):
+    """A step's statistics as the engine hands them to rank 0's agent."""
+    return A.StepStats(step=step, iter_time=step_time, world_size=4, gain_measured=True,
+                       gain_reference=1.0, gain_codecs=dict(enumerate(gains)),
+                       wait_time=wait, link_bytes=link_bytes, rounds=int(rounds),
+                       link_steps=0, codec=codec, codec_traffic=traffic)
+
+
+def traffic(*link_bytes, rounds=2.0):
+    return {k: A.Traffic(b, b, rounds, 0.0) for k, b in enumerate(link_bytes)}
+
+
+def drive(agent, link_s_per_byte, compute, gains, priced, steps=60):
+    """Run ``agent`` on a constructed machine: a step that sends candidate k takes
+    compute[k] + its priced bytes × ``link_s_per_byte``. Returns the codecs sent."""
+    sent = []
+    decision = agent.initial_decision()
+    for step in range(steps):
+        k = decision.codec
+        sent.append(k)
+        wait = priced[k].link_bytes * link_s_per_byte
+        decision = agent.decide(stats(step, k, step_time=compute[k] + wait, wait=wait,
+                                      link_bytes=priced[k].link_bytes, gains=gains,
+                                      traffic=priced))
+    return sent
+
+
+NAMES = ("dense", "fp16", "topk:100")
+PRICED = traffic(16 * MB, 8 * MB, 0.3 * MB)
+
+
+def choice(**kwargs):
+    agent = A.CodecChoice(interval=10, settle_steps=0, gain_interval=1, **kwargs)
+    agent.use_candidates(NAMES)
+    return agent
+
+
+def test_dense_wins_on_a_fast_link_after_one_look_at_compression():
+    # 10 Gbit/s: 16 MB cost 13 ms; TopK's own work costs 60 ms more than it saves
+    sent = drive(choice(), 8e-10, compute=(0.1, 0.104, 0.16), gains=(1.0, 1.0, 0.8),
+                 priced=PRICED)
+    assert sent[:10] == [0] * 10  # the first candidate, every gain measured from step 0
+    assert sent[-20:] == [0] * 20 or sent[-20:] == [1] * 20  # dense, or fp16 within ω
+    assert sent.count(2) <= 10  # TopK was sent for at most one interval, to measure it
+
+
+def test_compression_wins_on_a_slow_link():
+    # 100 Mbit/s: 16 MB cost 1.3 s; TopK keeps 80% of the gradient's energy at 2% of it
+    sent = drive(choice(), 8e-8, compute=(0.1, 0.104, 0.16), gains=(1.0, 1.0, 0.8),
+                 priced=PRICED)
+    assert sent[-30:] == [2] * 30
+
+
+def test_a_candidate_below_epsilon_is_never_sent_however_fast():
+    sent = drive(choice(epsilon=0.9), 8e-8, compute=(0.1, 0.104, 0.16),
+                 gains=(1.0, 1.0, 0.8), priced=PRICED)
+    assert 2 not in sent and sent[-30:] == [1] * 30  # fp16 halves the bytes
+
+
+def test_hysteresis_keeps_the_codec_sent_within_omega():
+    # fp16 saves 0.3% of the step: within ω = 5%, dense stays
+    sent = drive(choice(omega=0.05), 1e-12, compute=(0.1, 0.1, 0.5), gains=(1.0, 1.0, 0.8),
+                 priced=PRICED)
+    assert set(sent) == {0}
+
+
+def test_one_measured_candidate_charges_its_waiting_to_bytes():
+    link = A.fit_link([(2.0, 6.0, 16e6, 0.4)])
+    assert link.per_round == 0 and link.per_step == 0
+    assert link.per_byte == pytest.approx(0.4 / 16e6)
+
+
+def test_the_decision_carries_the_codec_through_its_broadcast_encoding():
+    layers = ["a", "b"]
+    for codec in (None, 0, 3):
+        decision = A.Decision(cf=None, codec=codec, send=A.SEND_COMPRESSED)
+        assert A.Decision.decode(decision.encode(layers), layers) == decision
+    assert len(A.Decision(cf=None).encode(layers)) == A.Decision.encoded_length(layers)
+
+
+def test_the_agent_state_round_trips_and_decides_alike():
+    a, b = choice(), choice()
+    drive(a, 8e-8, compute=(0.1, 0.104, 0.16), gains=(1.0, 1.0, 0.8), priced=PRICED, steps=25)
+    b.load_state_dict(a.state_dict())
+    more = stats(25, a.codec, step_time=0.2, wait=0.1, link_bytes=1e6, gains=(1.0, 1.0, 0.8),
+                 traffic=PRICED)
+    assert a.decide(more) == b.decide(more)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("dense|", "two or more specs"),
+    ("topk", None),  # one compressor is no set
+    ("|", "two or more specs"),
+    ("dense|topk:100|topk:100", "'topk:100' repeats 'topk:100'"),
+    ("dense|topk:cf=100|topk:100", "repeats"),
+    ("dense|nothing", "unknown compressor 'nothing'"),
+    ("dense|auto", "'auto' is itself a set"),
+    ("dense|efsignsgd", "memory of their own"),
+])
+def test_bad_candidate_sets_are_refused_naming_them(spec, match):
+    if match is None:
+        assert not isinstance(C.create(spec), C.Candidates)
+        return
+    with pytest.raises(ValueError, match=match):
+        C.create(spec)
+
+
+def test_an_agent_and_a_set_must_fit_each_other():
+    with pytest.raises(ValueError, match="agent='choice'"):
+        EngineConfig.create("dense|topk:100")
+    with pytest.raises(ValueError, match="does not choose among"):
+        EngineConfig.create("dense|topk:100", agent="gravac")
+    with pytest.raises(ValueError, match="compression='auto'"):
+        EngineConfig.create("topk:100", agent="choice")
+    with pytest.raises(ValueError, match="start=3 names no candidate"):
+        EngineConfig.create("dense|topk:100", agent=A.CodecChoice(start=3))
+    with pytest.raises(ValueError, match="chooses a codec"):
+        A.LayerPlan(A.CodecChoice())
+    config = EngineConfig.create("auto", agent="choice")
+    assert isinstance(config.memory, C.ResidualMemory)  # TopK and PowerSGD drop something
+    assert not config.compressor.preserves_adam
+
+
+class Scripted(A.Agent):
+    """Sends the codecs of ``plan`` step by step (a deterministic switch)."""
+
+    name = "scripted"
+    sets_cf = False
+    chooses_codec = True
+
+    def __init__(self, plan):
+        super().__init__()
+        self.plan = plan
+
+    def use_candidates(self, names):
+        pass
+
+    def initial_decision(self):
+        return A.Decision(cf=None, codec=self.plan[0], measure_gain=False)
+
+    def decide(self, stats):
+        return A.Decision(cf=None, codec=self.plan[min(stats.step + 1, len(self.plan) - 1)],
+                          measure_gain=False)
+
+
+def test_the_engine_sends_the_named_codec_and_the_residual_carries_across_a_switch():
+    torch.manual_seed(0)
+    config = EngineConfig.create("topk:4|powersgd:1|dense", agent=Scripted([0, 1, 2]),
+                                 min_compress_numel=0)
+    shape = torch.Size([16, 8])
+    import horovod.torch as hvd
+    hvd.init()  # one process: the collectives return what they are given
+    engine = StepEngine(config, HorovodTransport(), [("w", shape, 4)])
+    grads = [torch.randn(shape) for _ in range(3)]
+    sent, bytes_ = [], []
+    for grad in grads:
+        engine.begin("w", grad.clone())
+        engine.finish(lambda name, t: sent.append(t.clone()))
+        bytes_.append(engine.communication.last_bytes)
+    # TopK keeps 32 of 128 values (with their positions); what it dropped is the residual
+    top = grads[0].flatten().abs().topk(32).indices
+    assert torch.equal(sent[0].flatten()[top], grads[0].flatten()[top])
+    residual = grads[0].clone()
+    residual.view(-1)[top] = 0
+    # PowerSGD compresses g + the TopK residual, and keeps its own error for the next step
+    powersgd_input = grads[1] + residual
+    assert bytes_[1] == 4 * (16 + 8)  # P and Q of rank 1
+    # the dense step sends g + everything still owed, and the residual restarts at zero
+    owed = powersgd_input - sent[1] + grads[2]
+    assert torch.allclose(sent[2], owed, atol=1e-5)
+    assert bytes_[2] == 4 * shape.numel()
+    assert not engine.memory.residuals or all(not r.any() for r in engine.memory.residuals.values())
+
+
+def test_every_candidate_is_priced_from_the_engine_buckets():
+    shapes = {"w": torch.Size([256, 128]), "b": torch.Size([128])}
+    buckets = (("b", "w"),)
+    dense = step_traffic(C.create("none"), shapes, frozenset({"b"}), buckets, 4)
+    lowrank = step_traffic(C.create("powersgd:1"), shapes, frozenset({"b"}), buckets, 4)
+    gathered = step_traffic(C.create("topk:100"), shapes, frozenset({"b"}), buckets, 4)
+    assert dense.rounds == 1 and lowrank.rounds == 2 and gathered.rounds == 1
+    assert dense.link_bytes == pytest.approx(2 * 3 / 4 * 4 * (256 * 128 + 128))
+    assert lowrank.link_bytes < dense.link_bytes
+    # an allgather of TopK's values and positions next to the bias's sum: two collectives
+    assert gathered.link_steps == 2 * 3 + 3
+
+
+def test_candidate_gains_are_one_for_dense_and_fall_with_compression():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32)
+    energies = C.create("dense|fp16|topk:10|powersgd:1").energies(x, "w", sample=None)
+    gains = energies / x.pow(2).sum()
+    assert gains[0] == pytest.approx(1.0) and gains[1] == pytest.approx(1.0, abs=1e-3)
+    assert 0 < gains[3] < 1 and 0 < gains[2] < 1
+
+
+def test_optimizer_front_end_takes_a_set_and_the_choice_agent():
+    model = torch.nn.Linear(8, 4)
+    opt = hg.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                  named_parameters=model.named_parameters(),
+                                  compression="dense|topk:4", agent="choice")
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    assert opt.decisions[-1].codec == 0
