@@ -278,6 +278,39 @@ def topk_gains(model: torch.nn.Module, batches: Iterable[Callable[[torch.nn.Modu
     return {cf: float(v) / count for cf, v in zip(ladder, totals)}
 
 
+def codec_gains(model: torch.nn.Module,
+                batches: Iterable[Callable[[torch.nn.Module], torch.Tensor]],
+                uncompressed: frozenset[str], candidates: C.Candidates) -> list[float]:
+    """CodecChoice's gain δ_k = Σ‖C_k(g)‖² / Σ‖g‖² of every candidate of the set, over the
+    compressed tensors (the rest go dense, losing nothing), exactly
+    (``Candidates.energies``), on the gradients of ``model`` for each loss of ``batches``
+    (mean over them)."""
+    totals = torch.zeros(len(candidates.candidates), dtype=torch.float64)
+    count = 0
+    for loss_of in batches:
+        model.zero_grad(set_to_none=True)
+        loss_of(model).backward()
+        energy = torch.zeros_like(totals)
+        reference = 0.0
+        for name, p in model.named_parameters():
+            if p.grad is None or name in uncompressed:
+                continue
+            g = p.grad.detach()
+            energy += candidates.energies(g, name).double()
+            reference += float(g.double().square().sum())
+        totals += (energy / max(reference, 1e-30)).clamp(max=1.0)
+        count += 1
+    return [float(v) / count for v in totals]
+
+
+def codec_choice(gains: Mapping[str, float], step_times: Mapping[str, float],
+                 epsilon: float = GRAVAC_EPSILON) -> str:
+    """The configuration CodecChoice sends at these step times: the best gain / step time
+    among those with a gain ≥ ε (``agents.gravac.compression_throughputs``, as online)."""
+    scores = compression_throughputs(gains, step_times, epsilon)
+    return max(scores, key=scores.get)
+
+
 def gravac_choice(gains: Mapping[float, float], step_times: Mapping[float, float],
                   epsilon: float = GRAVAC_EPSILON) -> str:
     """The CF GraVAC's cost model sends at these step times ('dense' when no CF's gain
@@ -426,6 +459,11 @@ class PaperConfig:
     collectives: tuple[C.Exchange, ...]
 
 
+def paper_spec(config: PaperConfig) -> str:
+    """The configuration as a compression spec (a candidate of a set)."""
+    return config.spec if config.cf is None else f"{config.spec}:{config.cf:g}"
+
+
 _SUM, _GATHER, _SCATTER = C.Exchange.ALLREDUCE, C.Exchange.ALLGATHER, C.Exchange.ALLTOALL
 PAPER_CONFIGS = {
     "dense (allreduce)": PaperConfig("none", None, (_SUM,)),
@@ -531,7 +569,7 @@ def paper(args: argparse.Namespace) -> list[dict]:
     cpu_gbps = memcpy_gbps()
     scale = cpu_gbps / args.gpu_memory_gbps
     floor = args.kernel_floor_us * 1e-6
-    rows, crossings, assumptions = [], [], []
+    rows, crossings, assumptions, choices = [], [], [], []
     curves: dict[tuple[str, float], dict[str, list[float]]] = {}
     for model in args.paper_models:
         shapes = parameter_shapes(model)
@@ -558,12 +596,17 @@ def paper(args: argparse.Namespace) -> list[dict]:
                                                                             generator=gen)
             batches = [lambda m: torch.nn.functional.cross_entropy(m(x), y)]
         gains = topk_gains(net, batches, uncompressed, GRAVAC_LADDER)
+        candidates = C.create("|".join(paper_spec(c) for c in PAPER_CONFIGS.values()))
+        choice_gains = dict(zip(PAPER_CONFIGS, codec_gains(net, batches, uncompressed,
+                                                           candidates)))
         del net
         assumptions.append(
             f"{model}: {sum(s.numel() for _, s in shapes) / 1e6:.1f}M parameters, "
             f"{flops / 1e9:.0f} GFLOP per step → compute {1e3 * compute:.1f} ms at "
             f"{args.gpu_tflops:g} TFLOPS; TopK gains at initialisation "
-            + ", ".join(f"{cf:g}: {g:.2f}" for cf, g in gains.items()))
+            + ", ".join(f"{cf:g}: {g:.2f}" for cf, g in gains.items())
+            + "; CodecChoice's gains " + ", ".join(f"{n}: {g:.2f}"
+                                                    for n, g in choice_gains.items()))
         for gbit in args.paper_bandwidths:
             link = cluster_link(gbit, args.step_latency_us * 1e-6, args.round_ms * 1e-3)
 
@@ -577,6 +620,15 @@ def paper(args: argparse.Namespace) -> list[dict]:
                     ladder_codec[cf], link, ranks, floor).step_s for cf in GRAVAC_LADDER})
             at = {name: step(name, args.paper_ranks) for name in PAPER_CONFIGS}
             pick = pick_at(args.paper_ranks)
+            chosen = codec_choice(choice_gains, {n: p.step_s for n, p in at.items()})
+            admissible = [n for n in PAPER_CONFIGS if choice_gains[n] >= GRAVAC_EPSILON]
+            fastest = min(admissible, key=lambda n: at[n].step_s)
+            choices.append({"model": model, "gbit_per_s": gbit, "ranks": args.paper_ranks,
+                            "choice": chosen, "gain": choice_gains[chosen],
+                            "step_ms": 1e3 * at[chosen].step_s,
+                            "vs_dense": at[DENSE].step_s / at[chosen].step_s,
+                            "fastest_admissible": fastest,
+                            "vs_fastest": at[fastest].step_s / at[chosen].step_s})
             curves[(model, gbit)] = {name: [step(name, n).step_s for n in WORLD_SIZES]
                                      for name in PAPER_CONFIGS}
             for name, p in at.items():
@@ -601,6 +653,10 @@ def paper(args: argparse.Namespace) -> list[dict]:
             "with backward)")
     write_table(rows, args.paper_out / "paper", head + "\n\n" + "\n".join(
         f"- {a}" for a in assumptions))
+    write_table(choices, args.paper_out / "paper_choice",
+                f"the configuration CodecChoice sends at {args.paper_ranks} workers (the best "
+                f"gain / predicted step among those with a gain ≥ ε = {GRAVAC_EPSILON}), its "
+                "step against dense and against the fastest admissible configuration")
     write_table(crossings, args.paper_out / "paper_crossover",
                 "smallest N (2…256) at which the configuration's step is no faster than dense "
                 "ring allreduce (— : it pays up to 256)")

@@ -53,9 +53,9 @@ def test_dense_wins_on_a_fast_link_after_one_look_at_compression():
     # 10 Gbit/s: 16 MB cost 13 ms; TopK's own work costs 60 ms more than it saves
     sent = drive(choice(), 8e-10, compute=(0.1, 0.104, 0.16), gains=(1.0, 1.0, 0.8),
                  priced=PRICED)
-    assert sent[:10] == [0] * 10  # the first candidate, every gain measured from step 0
+    assert sent[:3] == [0] * 3  # the first candidate on trial, every gain measured from step 0
     assert sent[-20:] == [0] * 20 or sent[-20:] == [1] * 20  # dense, or fp16 within ω
-    assert sent.count(2) <= 10  # TopK was sent for at most one interval, to measure it
+    assert sent.count(2) <= 3  # TopK was sent on trial only, to measure it
 
 
 def test_compression_wins_on_a_slow_link():

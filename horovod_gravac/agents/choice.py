@@ -18,14 +18,17 @@ first steps — no warm-up window at a fixed floor:
   to the mean waits of the candidates sent so far (one candidate sent: all waiting is
   charged to bytes), compute_k the mean step time less waiting of the steps that sent k —
   for a candidate never sent, the least compute measured so far (an optimistic guess: if it
-  then looks best it is sent for an interval and measured, and a wrong guess costs one
-  interval).
-* **The choice.** Every ``interval`` steps, the admissible candidate with the best
-  predicted progress per second δ_k / t_k is sent from the next step on — unless the
-  candidate sent scores within ``omega`` of it (hysteresis). The first ``settle_steps``
-  steps after a switch are neither measured nor timed.
+  then looks best it is sent on trial and measured, and a wrong guess costs a trial).
+* **The choice.** The admissible candidate with the best predicted progress per second
+  δ_k / t_k is sent from the next step on — unless the candidate sent scores within
+  ``omega`` of it (hysteresis) —, chosen again every ``interval`` steps, and sooner after a
+  candidate sent for the first time: once ``trial_steps`` of its steps are timed (a trial
+  costs a few steps, not an interval). The first ``settle_steps`` steps after a switch (and
+  of the run) are not timed.
 
-The run starts with the set's first candidate (``"auto"``: dense). Every rank switches at
+The run starts with the set's first candidate (``"auto"``: dense, whose first steps charge
+all their waiting to bytes: an optimistic price for the compressed candidates, which trials
+then correct). Every rank switches at
 the same step (the decision is broadcast); the residual carries across a switch (see
 :mod:`horovod_gravac.compression.candidates`).
 """
@@ -44,11 +47,13 @@ class CodecChoice(Agent):
 
     Arguments:
         epsilon: gain threshold ε in (0, 1]: a candidate is sent only while its gain is ≥ ε.
-        interval: steps between choices (each candidate's cost is the mean over its steps).
+        interval: steps between choices once no candidate is on trial.
         omega: the candidate sent stays unless another's predicted δ/t is more than this
             much (relative) higher.
         gain_interval: measure every candidate's gain every this many steps.
-        settle_steps: steps after a switch that are neither measured nor timed.
+        settle_steps: steps after a switch (and at the start) that are not timed.
+        trial_steps: timed steps of a candidate sent for the first time before the next
+            choice.
         gain_sample: elements a step's gains are estimated from, shared among the tensors in
             proportion to their sizes (None: exact).
         ewma: smoothing factor α of the gains; None → as GraVAC's (five time constants in an
@@ -61,7 +66,7 @@ class CodecChoice(Agent):
     chooses_codec = True
 
     def __init__(self, epsilon: float = 0.7, interval: int = 20, omega: float = 0.05,
-                 gain_interval: int = 2, settle_steps: int = 2,
+                 gain_interval: int = 2, settle_steps: int = 1, trial_steps: int = 3,
                  gain_sample: int | None = DEFAULT_GAIN_SAMPLE, ewma: float | None = None,
                  start: int = 0) -> None:
         super().__init__()
@@ -71,6 +76,7 @@ class CodecChoice(Agent):
         self.gain_interval = check_number("gain_interval", gain_interval, 1, integer=True)
         self.settle_steps = check_number("settle_steps", settle_steps, 0, self.interval - 1,
                                          integer=True)
+        self.trial_steps = check_number("trial_steps", trial_steps, 1, integer=True)
         self.gain_sample = check_number("gain_sample", gain_sample, 1, integer=True,
                                         optional=True)
         ewma = check_number("ewma", ewma, 0, 1, low_open=True, optional=True)
@@ -82,6 +88,9 @@ class CodecChoice(Agent):
         self.names: tuple[str, ...] = ()
         self.steps_in_interval = 0
         self.settling = self.settle_steps
+        #: the codec sent is on trial (never timed before it was chosen), and its timed steps
+        self.trial = True
+        self.timed = 0
         self.switches = 0
 
     @property
@@ -92,7 +101,7 @@ class CodecChoice(Agent):
     def decision(self, next_step: int = 0) -> Decision:
         dense = bool(self.names) and self.names[self.codec].lower() in ("dense", "none")
         return Decision(cf=None, codec=self.codec, send=SEND_DENSE if dense else SEND_COMPRESSED,
-                        measure_gain=self.settling == 0 and next_step % self.gain_interval == 0)
+                        measure_gain=next_step % self.gain_interval == 0)
 
     def initial_decision(self) -> Decision:
         return self.decision()
@@ -101,18 +110,18 @@ class CodecChoice(Agent):
         if stats.codec_traffic:
             self.traffic = {k: (t.link_bytes, t.decoded_bytes, t.rounds, t.link_steps)
                             for k, t in stats.codec_traffic.items()}
+        if stats.gain_measured:  # the fresh gradient's: a switch does not disturb it
+            for codec, numerator in stats.gain_codecs.items():
+                self.tracker.add(codec, numerator, stats.gain_reference, stats.world_size)
         if self.settling > 0:
             self.settling -= 1
-        elif stats.codec is not None:
-            if stats.gain_measured:
-                for codec, numerator in stats.gain_codecs.items():
-                    self.tracker.add(codec, numerator, stats.gain_reference, stats.world_size)
-            if stats.iter_time > 0:
-                self.costs.add(stats.codec, stats.iter_time, stats.wait_time, stats.rounds,
-                               stats.link_steps, stats.link_bytes)
+        elif stats.codec is not None and stats.iter_time > 0:
+            self.costs.add(stats.codec, stats.iter_time, stats.wait_time, stats.rounds,
+                           stats.link_steps, stats.link_bytes)
+            self.timed += 1
         self.steps_in_interval += 1
-        if self.steps_in_interval >= self.interval:
-            self.steps_in_interval = 0
+        if self.timed >= self.trial_steps and (self.trial or
+                                               self.steps_in_interval >= self.interval):
             self._choose()
         decision = self.decision(stats.step + 1)
         predicted = self.predicted_times()
@@ -150,16 +159,21 @@ class CodecChoice(Agent):
                                        self.predicted_times(), self.epsilon)
 
     def _choose(self) -> None:
+        """The best admissible δ/t, unless the codec sent is within ω of it."""
+        self.steps_in_interval = 0
+        self.trial = False
         scores = self.scores()
         if not scores:
-            return  # nothing measured yet: keep what is sent
+            return  # nothing admissible measured yet: keep what is sent
         best = max(scores, key=scores.get)
         current = scores.get(self.codec)
         if best != self.codec and (current is None or
                                    scores[best] > (1 + self.omega) * current):
+            self.trial = self.costs.compute(best) is None
             self.codec = best
             self.switches += 1
             self.settling = self.settle_steps
+            self.timed = 0
 
     def _link_row(self) -> dict[str, Any]:
         link = self.costs.link()

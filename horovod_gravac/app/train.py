@@ -196,8 +196,9 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
                    help="GraVAC's compression-gain definition")
     g.add_argument("--gain-interval", type=int, default=None,
                    help="measure the gain every k steps (default: every step)")
-    g.add_argument("--settle-steps", type=int, default=3,
-                   help="GraVAC: steps after a CF change that are neither measured nor timed")
+    g.add_argument("--settle-steps", type=int, default=None,
+                   help="steps after a change that are not timed (GraVAC's: 3, nor measured; "
+                        "CodecChoice's: 1)")
     g.add_argument("--reopen-tolerance", type=float, default=0.1,
                    help="GraVAC: reopen the search when the settled CF's gain drifts by this "
                         "much (relative) for two windows; 0 never")
@@ -524,7 +525,8 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
                 "window": auto_window(args.steps) if args.window is None else args.window,
                 "theta_s": args.theta_s,
                 "policy": args.policy, "ewma": args.ewma, "gain": args.gain,
-                "gain_interval": args.gain_interval, "settle_steps": args.settle_steps,
+                "gain_interval": args.gain_interval,
+                **({} if args.settle_steps is None else {"settle_steps": args.settle_steps}),
                 "reopen_tolerance": args.reopen_tolerance or None,
                 "reopen_lr_ratio": args.reopen_lr_ratio or None, "search": args.search,
                 "gain_sample": args.gain_sample or None,
@@ -532,8 +534,8 @@ def agent_params(args: argparse.Namespace) -> dict[str, Any]:
     if args.agent == "choice":
         return {"epsilon": args.epsilon, "omega": args.omega_throughput,
                 "interval": auto_window(args.steps) if args.window is None else args.window,
-                "settle_steps": args.settle_steps,
                 "gain_sample": args.gain_sample or None,
+                **({} if args.settle_steps is None else {"settle_steps": args.settle_steps}),
                 **({} if args.gain_interval is None else {"gain_interval": args.gain_interval})}
     if args.agent == "accordion":
         return {"low_cf": args.low_cf, "high_cf": args.high_cf, "interval": args.interval,

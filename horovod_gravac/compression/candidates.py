@@ -77,11 +77,13 @@ class Candidates(Compressor):
     def energies(self, tensor: Tensor, name: str = "", step: int = 0,
                  sample: int | None = None) -> Tensor:
         """‖C_k(tensor)‖² for every candidate k at its own setting (the agent's gains): from
-        ``sample`` elements where the candidate estimates it (sparsifiers, PowerSGD)."""
+        ``sample`` elements where the candidate estimates it (sparsifiers, PowerSGD); ‖x‖²
+        for those near enough to dense for Adam (the identity, fp16), uncompressed."""
         rows = []
+        whole = torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
         for candidate in self.candidates:
-            if candidate.name == "none":
-                rows.append(torch.linalg.vector_norm(tensor, dtype=torch.float32).square())
+            if candidate.preserves_adam:
+                rows.append(whole)
             elif candidate.adjustable_cf:
                 rows.append(candidate.energy_profile(tensor, [candidate.cf], name, step,
                                                      sample=sample)[0].float())
