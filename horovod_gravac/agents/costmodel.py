@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -104,30 +105,34 @@ def fit_link(points: Sequence[tuple[float, float, float, float]],
 
 
 class CodecCosts:
-    """Per codec sent: its steps and the sums of their compute (step time less waiting: the
-    codec's own work included), waiting, rounds, ring message steps and link bytes. Plain
-    numbers (it pickles, and ``state_dict`` copies it)."""
+    """Per codec sent: its last ``keep`` timed steps (compute — the step time less waiting,
+    the codec's own work included —, wait, rounds, ring message steps, link bytes), and
+    their medians: one step's time on a shared machine varies by 2×, and a straggler must
+    not decide. Plain numbers (it pickles, and ``state_dict`` copies it)."""
 
-    def __init__(self) -> None:
-        #: codec → [steps, Σ compute, Σ wait, Σ rounds, Σ link steps, Σ link bytes]
-        self.sent: dict[int, list[float]] = {}
+    def __init__(self, keep: int = 64) -> None:
+        self.keep = keep
+        #: codec → its last steps' [compute, wait, rounds, link steps, link bytes]
+        self.sent: dict[int, list[list[float]]] = {}
 
     def add(self, codec: int, step_time: float, wait: float, rounds: float,
             link_steps: float, link_bytes: float) -> None:
-        sums = self.sent.setdefault(codec, [0, 0.0, 0.0, 0.0, 0.0, 0.0])
-        for i, value in enumerate((1, max(step_time - wait, 0.0), wait, rounds, link_steps,
-                                   link_bytes)):
-            sums[i] += value
+        steps = self.sent.setdefault(codec, [])
+        steps.append([max(step_time - wait, 0.0), wait, rounds, link_steps, link_bytes])
+        del steps[:-self.keep]
+
+    def _median(self, codec: int, column: int) -> float:
+        return statistics.median(row[column] for row in self.sent[codec])
 
     def compute(self, codec: int) -> float | None:
-        """Mean compute of the steps that sent ``codec`` (None: never sent)."""
-        sums = self.sent.get(codec)
-        return sums[1] / sums[0] if sums else None
+        """Median compute of the steps that sent ``codec`` (None: never sent)."""
+        return self._median(codec, 0) if self.sent.get(codec) else None
 
     def link(self) -> Link | None:
-        """The link fitted to every codec's mean (rounds, steps, bytes, wait); None before
+        """The link fitted to every codec's median (rounds, steps, bytes, wait); None before
         a step."""
-        points = [(r / n, s / n, b / n, w / n) for n, _, w, r, s, b in self.sent.values() if n]
+        points = [tuple(self._median(k, c) for c in (2, 3, 4, 1))
+                  for k, rows in self.sent.items() if rows]
         return fit_link(points) if points else None
 
 
