@@ -66,7 +66,7 @@ class CodecChoice(Agent):
     chooses_codec = True
 
     def __init__(self, epsilon: float = 0.7, interval: int = 20, omega: float = 0.05,
-                 gain_interval: int = 2, settle_steps: int = 1, trial_steps: int = 3,
+                 gain_interval: int = 5, settle_steps: int = 1, trial_steps: int = 3,
                  gain_sample: int | None = DEFAULT_GAIN_SAMPLE, ewma: float | None = None,
                  start: int = 0) -> None:
         super().__init__()

@@ -832,6 +832,8 @@ class RunLog:
                  first_step: int) -> None:
         self.active = rank == 0
         self.writer = self.progress = None
+        #: steps per codec sent (its index in a set of candidates)
+        self.codecs: dict[int, int] = {}
         if not self.active:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -855,6 +857,8 @@ class RunLog:
         if not self.active:
             return
         self.steps.writerow([row.get(c, "") for c in STEP_COLUMNS])
+        if row.get("codec") not in (None, ""):
+            self.codecs[row["codec"]] = self.codecs.get(row["codec"], 0) + 1
         if self.writer:
             step = row["step"]
             for tag, key in (("train/loss", "loss"), ("train/samples_per_s", "samples_per_s"),
@@ -1053,6 +1057,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if through_ddp:
         torch.distributed.destroy_process_group()
     log.close()
+    specs = getattr(frontend.engine.compressor, "specs", ()) if frontend is not None else ()
     summary = {
         "model": args.model, "data": args.data, "ranks": size, "steps": step,
         "agent": args.agent, "compression": args.baseline or args.compression,
@@ -1061,7 +1066,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "target": args.target, "final": evals[-1] if evals else {}, "total_bytes": total_bytes,
         "dense_bytes": dense_bytes * step, "mean_cf": dense_bytes * step / max(total_bytes, 1),
         "skipped_steps": skipped, "evals": evals, "transport": "ddp" if through_ddp else "horovod",
-        "hosts": hosts, "parameter_digests": digests, "replicas_identical": len(set(digests)) == 1}
+        "hosts": hosts, "parameter_digests": digests, "replicas_identical": len(set(digests)) == 1,
+        "codecs_sent": {specs[k]: n for k, n in sorted(log.codecs.items())}}
     if rank == 0:
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -1076,7 +1082,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{summary['compression']}/{summary['agent']} on {summary['ranks']} ranks: "
               f"{summary['steps']} steps in {summary['wall_s']:.1f} s; {quality}; "
               f"{summary['total_bytes'] / 1e6:.1f} MB sent vs {summary['dense_bytes'] / 1e6:.1f} MB "
-              f"dense ({summary['mean_cf']:.1f}x less)", flush=True)
+              f"dense ({summary['mean_cf']:.1f}x less)"
+              + "".join(f"; {name} for {n} steps" for name, n in summary["codecs_sent"].items()),
+              flush=True)
     if not summary["replicas_identical"]:
         raise SystemExit("gravac-train: replicas diverged: the ranks' parameter digests differ "
                          f"{summary['parameter_digests']} (results are written, but suspect)")
