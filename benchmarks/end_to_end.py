@@ -142,6 +142,9 @@ def configurations(steps: int, ranks: int, workload: str = "ptb") -> dict[str, C
         "PowerSGD rank 1 (DDP hook)": Config(("--compression", "powersgd:1", "--ddp")),
         "GraVAC defaults (PowerSGD, DDP hook)": Config(
             ("--compression", "powersgd", "--agent", "gravac", "--ddp"), adaptive=True),
+        # the codec among dense, fp16, PowerSGD ranks 1/4, TopK 100x/1000x (agents.CodecChoice)
+        "CodecChoice auto": Config(("--compression", "auto", "--agent", "choice"),
+                                   adaptive=True),
     }
 
 

@@ -120,21 +120,9 @@ class DistributedOptimizer(WrappedOptimizer):
                  compress_patterns: dict[str, bool] | None = None,
                  bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
                  adam_exchange: str | AdamExchange | None = AUTO) -> None:
-        if not isinstance(optimizer, torch.optim.Optimizer):  # before reading its groups
-            raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        backward_passes_per_step = check_number("backward_passes_per_step",
-                                                backward_passes_per_step, 1, integer=True)
-        if op not in (hvd.Average, hvd.Sum, hvd.Adasum):
-            raise ValueError(f"op must be hvd.Average, hvd.Sum or hvd.Adasum, got {op!r}")
-        if op == hvd.Adasum:
-            raise ValueError("op=hvd.Adasum is not supported: Adasum combines full gradients "
-                             "pairwise and cannot combine compressed payloads; use "
-                             "hvd.DistributedOptimizer for Adasum")
-        check_number("gradient_predivide_factor", gradient_predivide_factor, 0, low_open=True)
-        if gradient_predivide_factor != 1.0 and op != hvd.Average:
-            raise ValueError("gradient_predivide_factor not supported with op != Average")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        backward_passes_per_step, groups = _check_arguments(
+            optimizer, backward_passes_per_step, op, gradient_predivide_factor, num_groups,
+            groups, sparse_as_dense, granularity)
         compressor = C.create(compression)
         #: the Adam-family exchange (None: gradients are exchanged)
         self.adam = adam.create(adam_exchange, optimizer, compressor)
@@ -148,16 +136,6 @@ class DistributedOptimizer(WrappedOptimizer):
                               compress_patterns=compress_patterns,
                               bucket_cap_mb=bucket_cap_mb, average=op == hvd.Average,
                               predivide=float(gradient_predivide_factor))
-        num_groups = check_number("num_groups", num_groups, 0, integer=True)
-        if num_groups:
-            warnings.warn("num_groups is deprecated, as in Horovod: use groups=<int>",
-                          DeprecationWarning, stacklevel=2)
-            groups = num_groups if groups is None else groups
-        if groups is not None and granularity == "model":
-            raise ValueError("groups is meaningless with granularity='model' (one tensor per "
-                             "step); drop groups or use granularity='layer'")
-        if not isinstance(sparse_as_dense, bool):
-            raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
 
         params = [p for group in optimizer.param_groups for p in group["params"]]
         named = _parameter_names(optimizer, named_parameters)
@@ -399,6 +377,39 @@ class DistributedOptimizer(WrappedOptimizer):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.optimizer).__name__}, "
                 f"compression={self.compressor!r}, granularity={self.granularity!r})")
+
+
+def _check_arguments(optimizer: Any, backward_passes_per_step: Any, op: Any,
+                     gradient_predivide_factor: Any, num_groups: Any, groups: Any,
+                     sparse_as_dense: Any, granularity: Any) -> tuple[int, Any]:
+    """Horovod's arguments checked before anything is built; returns the number of
+    backward passes and the groups (``num_groups``, deprecated, folded into them)."""
+    if not isinstance(optimizer, torch.optim.Optimizer):  # before reading its groups
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    backward_passes_per_step = check_number("backward_passes_per_step",
+                                            backward_passes_per_step, 1, integer=True)
+    if op not in (hvd.Average, hvd.Sum, hvd.Adasum):
+        raise ValueError(f"op must be hvd.Average, hvd.Sum or hvd.Adasum, got {op!r}")
+    if op == hvd.Adasum:
+        raise ValueError("op=hvd.Adasum is not supported: Adasum combines full gradients "
+                         "pairwise and cannot combine compressed payloads; use "
+                         "hvd.DistributedOptimizer for Adasum")
+    check_number("gradient_predivide_factor", gradient_predivide_factor, 0, low_open=True)
+    if gradient_predivide_factor != 1.0 and op != hvd.Average:
+        raise ValueError("gradient_predivide_factor not supported with op != Average")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    num_groups = check_number("num_groups", num_groups, 0, integer=True)
+    if num_groups:
+        warnings.warn("num_groups is deprecated, as in Horovod: use groups=<int>",
+                      DeprecationWarning, stacklevel=3)
+        groups = num_groups if groups is None else groups
+    if groups is not None and granularity == "model":
+        raise ValueError("groups is meaningless with granularity='model' (one tensor per "
+                         "step); drop groups or use granularity='layer'")
+    if not isinstance(sparse_as_dense, bool):
+        raise ValueError(f"sparse_as_dense must be True or False, got {sparse_as_dense!r}")
+    return backward_passes_per_step, groups
 
 
 def _form_groups(groups: int | list[list[Tensor]] | None, params: list[Tensor],

@@ -45,7 +45,7 @@ PRICED = traffic(16 * MB, 8 * MB, 0.3 * MB)
 
 def choice(**kwargs):
     agent = A.CodecChoice(interval=10, settle_steps=0, gain_interval=1, **kwargs)
-    agent.use_candidates(NAMES)
+    agent.use_candidates(NAMES, (True, False, False))
     return agent
 
 
@@ -146,7 +146,7 @@ class Scripted(A.Agent):
         super().__init__()
         self.plan = plan
 
-    def use_candidates(self, names):
+    def use_candidates(self, names, dense):
         pass
 
     def initial_decision(self):

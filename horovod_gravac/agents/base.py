@@ -274,9 +274,9 @@ class Agent:
     def initial_decision(self) -> Decision:
         raise NotImplementedError
 
-    def use_candidates(self, names: tuple[str, ...]) -> None:
-        """The set of candidates the decisions' ``codec`` indexes (their specs, in order);
-        only agents that choose the codec take one."""
+    def use_candidates(self, names: tuple[str, ...], dense: tuple[bool, ...]) -> None:
+        """The set of candidates the decisions' ``codec`` indexes (their specs, in order, and
+        which of them send the tensor as it is); only agents that choose the codec take one."""
         raise ValueError(f"agent {self.name!r} does not choose among compression candidates "
                          f"({'|'.join(names)}): give agent='choice', or one compressor")
 
@@ -313,8 +313,8 @@ class Wrapper(Agent):
     history = property(lambda self: self.agent.history)
     chooses_codec = property(lambda self: self.agent.chooses_codec)
 
-    def use_candidates(self, names: tuple[str, ...]) -> None:
-        self.agent.use_candidates(names)
+    def use_candidates(self, names: tuple[str, ...], dense: tuple[bool, ...]) -> None:
+        self.agent.use_candidates(names, dense)
 
 
 def plain(value: Any) -> Any:

@@ -86,6 +86,7 @@ class CodecChoice(Agent):
         #: per candidate, its priced (link bytes, decoded bytes, rounds, link steps)
         self.traffic: dict[int, tuple[float, ...]] = {}
         self.names: tuple[str, ...] = ()
+        self.dense: tuple[bool, ...] = ()
         self.steps_in_interval = 0
         self.settling = self.settle_steps
         #: the codec sent is on trial (never timed before it was chosen), and its timed steps
@@ -99,7 +100,7 @@ class CodecChoice(Agent):
         return ProbeSpec(GAINS["fresh"], sample=self.gain_sample, per_codec=True)
 
     def decision(self, next_step: int = 0) -> Decision:
-        dense = bool(self.names) and self.names[self.codec].lower() in ("dense", "none")
+        dense = bool(self.dense) and self.dense[self.codec]
         return Decision(cf=None, codec=self.codec, send=SEND_DENSE if dense else SEND_COMPRESSED,
                         measure_gain=next_step % self.gain_interval == 0)
 
@@ -132,12 +133,12 @@ class CodecChoice(Agent):
                     **self._link_row())
         return decision
 
-    def use_candidates(self, names: tuple[str, ...]) -> None:
-        """The set this agent chooses among (its specs, in order)."""
+    def use_candidates(self, names: tuple[str, ...], dense: tuple[bool, ...]) -> None:
+        """The set this agent chooses among (its specs, in order, and which send dense)."""
         if self.codec >= len(names):
             raise ValueError(f"start={self.codec} names no candidate: the set has "
                              f"{len(names)} ({', '.join(names)})")
-        self.names = tuple(names)
+        self.names, self.dense = tuple(names), tuple(dense)
 
     def predicted_times(self) -> dict[int, float]:
         """Per candidate, the step time the fitted model predicts (empty before a step)."""

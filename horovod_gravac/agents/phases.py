@@ -100,11 +100,11 @@ class AdamPhases(Agent):
     def chooses_codec(self) -> bool:  # type: ignore[override]
         return self.agent is not None and self.agent.chooses_codec
 
-    def use_candidates(self, names: tuple[str, ...]) -> None:
+    def use_candidates(self, names: tuple[str, ...], dense: tuple[bool, ...]) -> None:
         if self.agent is None:
-            super().use_candidates(names)
+            super().use_candidates(names, dense)
         else:
-            self.agent.use_candidates(names)
+            self.agent.use_candidates(names, dense)
 
     @property
     def needs_layer_norms(self) -> bool:  # type: ignore[override]

@@ -158,7 +158,9 @@ def _exchange_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--powersgd-start", type=int, default=2,
                    help="ddp-powersgd: dense allreduce before this step (>= 2)")
     g.add_argument("--compression", default="none",
-                   help="name[:value], e.g. topk:100 (the compressors are listed below)")
+                   help="name[:value], e.g. topk:100 (the compressors are listed below); "
+                        "for --agent choice a set, 'dense|fp16|powersgd:1|topk:100', or auto "
+                        "(dense|fp16|powersgd:1|powersgd:4|topk:100|topk:1000)")
     g.add_argument("--value-dtype", default=None, choices=("float16", "bfloat16"),
                    help="topk/dgc: send the kept values in this dtype (default: the gradient's)")
     g.add_argument("--memory", default=None, help="error-feedback memory (default: the compressor's)")
@@ -956,58 +958,94 @@ def report_columns(report: Any) -> dict[str, Any]:
             "codec": "" if decision is None or decision.codec is None else decision.codec}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    import horovod.torch as hvd
-    import torch
+@dataclasses.dataclass
+class Job:
+    """What a run trains with, built once by :func:`build_job`."""
 
-    import horovod_gravac as hg
+    work: Workload
+    model: Any  # the plain model (checkpoints keep it); ``work.model`` may wrap it in DDP
+    opt: Any
+    frontend: Any  # this library's optimizer or DDP state (None: a baseline)
+    scheduler: Any
+    total_steps: int
+    dense_bytes: int  # a step's float32 gradient bytes
 
-    check_gloo_hostname()
-    hvd.init()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    rank, size = hvd.rank(), hvd.size()
-    setup_logging(rank)
-    work = Workload(args, rank, size)
+    @property
+    def through_ddp(self) -> bool:
+        return self.work.model is not self.model
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves and the summary reports."""
+
+    step: int
+    train_s: float = 0.0
+    total_bytes: int = 0
+    skipped: int = 0
+    evals: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    time_to_target: float | None = None
+    steps_to_target: int | None = None
+
+
+def build_job(args: argparse.Namespace, hvd) -> Job:
+    """The workload, the exchange and the schedule, every rank starting from rank 0's."""
+    work = Workload(args, hvd.rank(), hvd.size())
     model = work.model
     total_steps = args.steps or max(1, int(args.epochs * work.steps_per_epoch))
     args.agent_obj = make_agent(args, total_steps, work.steps_per_epoch)  # its length known now
     base = build_base_optimizer(model, args)
     opt, frontend = build_exchange(args, work, base, hvd)
-    through_ddp = work.model is not model
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     # the state of the optimizer that steps (Horovod's documented call): every exchange starts
     # from the same state (Adam: the zero-gradient step that makes it counts in every path)
     hvd.broadcast_optimizer_state(opt, root_rank=0)
-    scheduler = build_scheduler(base, args, total_steps)
-    first_step, total_bytes, evals, batches, resumed = 1, 0, [], work.batches(), None
-    if args.resume:
-        resumed = hg.checkpoint.load(args.checkpoint, model, opt, convert=args.resume_convert)
-        first_step, total_bytes, evals = resumed["step"] + 1, resumed["total_bytes"], resumed["evals"]
-        if scheduler:
-            scheduler.load_state_dict(resumed["scheduler"])
-        for _ in range(resumed["step"]):  # the data stream continues where it stopped
-            next(batches)
-        work.state = resumed["rank_state"]  # this rank's LSTM state on its shard
-    samples_per_step = work.batch * (work.bptt if work.task == "lm" else 1) * size
-    log = RunLog(Path(args.out), rank, args, total_steps, first_step)
-    dense_bytes = sum(4 * p.numel() for p in model.parameters() if p.requires_grad)
-    # what this library's engine reported for the step that just ended
-    reports: list[hg.StepReport] = []
+    return Job(work, model, opt, frontend, build_scheduler(base, args, total_steps), total_steps,
+               sum(4 * p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def start(args: argparse.Namespace, job: Job):
+    """The progress to start from (a checkpoint's with ``--resume``) and the batch stream,
+    continued where it stopped."""
+    from horovod_gravac import checkpoint
+
+    batches = job.work.batches()
+    if not args.resume:
+        return Progress(step=0), batches
+    resumed = checkpoint.load(args.checkpoint, job.model, job.opt, convert=args.resume_convert)
+    if job.scheduler:
+        job.scheduler.load_state_dict(resumed["scheduler"])
+    for _ in range(resumed["step"]):  # the data stream continues where it stopped
+        next(batches)
+    job.work.state = resumed["rank_state"]  # this rank's LSTM state on its shard
+    skipped = job.frontend.engine.skipped_steps if job.frontend is not None else 0
+    return Progress(step=resumed["step"], train_s=resumed["train_s"],
+                    total_bytes=resumed["total_bytes"], skipped=skipped,
+                    evals=resumed["evals"]), batches
+
+
+def save_checkpoint(args: argparse.Namespace, job: Job, progress: Progress) -> None:
+    from horovod_gravac import checkpoint
+
+    checkpoint.save(args.checkpoint, job.model, job.opt, step=progress.step,
+                    total_bytes=progress.total_bytes, train_s=progress.train_s,
+                    evals=progress.evals, rank_state=job.work.state,
+                    scheduler=job.scheduler.state_dict() if job.scheduler else None)
+
+
+def train(args: argparse.Namespace, job: Job, progress: Progress, batches, log: "RunLog",
+          hvd) -> None:
+    """Steps from ``progress.step + 1`` to the end (or the target with
+    ``--stop-at-target``): each timed, logged, evaluated and checkpointed as the flags say."""
+    work, opt, frontend = job.work, job.opt, job.frontend
+    samples_per_step = work.batch * (work.bptt if work.task == "lm" else 1) * hvd.size()
+    reports: list[Any] = []  # what this library's engine reported for the step that ended
     if frontend is not None:
         frontend.register_step_callback(reports.append)
     untimed = frontend.untimed if frontend is not None else contextlib.nullcontext
-    time_to_target = steps_to_target = None
-    step, train_s = first_step - 1, resumed["train_s"] if args.resume else 0.0
-    skipped = frontend.engine.skipped_steps if frontend is not None else 0
-    start = time.perf_counter()
-
-    def save_checkpoint() -> None:
-        hg.checkpoint.save(args.checkpoint, model, opt, step=step, total_bytes=total_bytes,
-                           train_s=train_s, evals=evals, rank_state=work.state,
-                           scheduler=scheduler.state_dict() if scheduler else None)
-
-    for step in range(first_step, total_steps + 1):
+    start_time = time.perf_counter()
+    for step in range(progress.step + 1, job.total_steps + 1):
+        progress.step = step
         step_start = time.perf_counter()
         inputs, targets = next(batches)
         opt.zero_grad()
@@ -1015,60 +1053,88 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         forward_end = time.perf_counter()
         loss.backward()
         backward_end = time.perf_counter()
-        apply_update(opt, model, args.clip, through_ddp)
-        if scheduler:
-            scheduler.step()
+        apply_update(opt, job.model, args.clip, job.through_ddp)
+        if job.scheduler:
+            job.scheduler.step()
         now = time.perf_counter()
         step_time = now - step_start
-        train_s += step_time
+        progress.train_s += step_time
         report = reports.pop() if reports else None
         if report is not None:
-            sent, skipped = report.bytes, skipped + report.skipped
+            sent = report.bytes
+            progress.skipped += report.skipped
         else:
-            sent = ddp_step_bytes(model, args, step) if through_ddp else \
-                dense_bytes // (2 if args.baseline == "horovod-fp16" else 1)
-        total_bytes += sent
+            sent = ddp_step_bytes(job.model, args, step) if job.through_ddp else \
+                job.dense_bytes // (2 if args.baseline == "horovod-fp16" else 1)
+        progress.total_bytes += sent
         with untimed():
             log.step({**report_columns(report), "forward_s": forward_end - step_start,
                       "backward_s": backward_end - forward_end, "update_s": now - backward_end,
-                      "step": step, "epoch": step / work.steps_per_epoch, "wall": now - start,
-                      "step_s": step_time, "loss": loss.item(),
+                      "step": step, "epoch": step / work.steps_per_epoch,
+                      "wall": now - start_time, "step_s": step_time, "loss": loss.item(),
                       "samples_per_s": samples_per_step / step_time,
-                      "cf": sent and dense_bytes / sent, "bytes": sent,
-                      "total_bytes": total_bytes, "dense_bytes": dense_bytes * step,
-                      "skipped_steps": skipped})
-            if step % args.eval_interval == 0 or step == total_steps:
-                metrics = work.evaluate(hvd)
-                evals.append({"step": step, "wall": time.perf_counter() - start,
-                              "train_s": train_s, "total_bytes": total_bytes, **metrics})
-                log.evaluation(evals[-1])
-                if args.target is not None and time_to_target is None and \
-                        reached(args.target_metric, metrics[args.target_metric], args.target):
-                    time_to_target, steps_to_target = train_s, step
-            if args.checkpoint_every and step % args.checkpoint_every == 0 and step < total_steps:
-                save_checkpoint()
-        if args.stop_at_target and time_to_target is not None:
+                      "cf": sent and job.dense_bytes / sent, "bytes": sent,
+                      "total_bytes": progress.total_bytes,
+                      "dense_bytes": job.dense_bytes * step, "skipped_steps": progress.skipped})
+            if step % args.eval_interval == 0 or step == job.total_steps:
+                evaluate(args, job, progress, log, time.perf_counter() - start_time, hvd)
+            if args.checkpoint_every and step % args.checkpoint_every == 0 and \
+                    step < job.total_steps:
+                save_checkpoint(args, job, progress)
+        if args.stop_at_target and progress.time_to_target is not None:
             break
+
+
+def evaluate(args: argparse.Namespace, job: Job, progress: Progress, log: "RunLog",
+             wall: float, hvd) -> None:
+    """An evaluation into the progress and the log; the time to target once reached."""
+    metrics = job.work.evaluate(hvd)
+    progress.evals.append({"step": progress.step, "wall": wall, "train_s": progress.train_s,
+                           "total_bytes": progress.total_bytes, **metrics})
+    log.evaluation(progress.evals[-1])
+    if args.target is not None and progress.time_to_target is None and \
+            reached(args.target_metric, metrics[args.target_metric], args.target):
+        progress.time_to_target, progress.steps_to_target = progress.train_s, progress.step
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import horovod.torch as hvd
+    import torch
+
+    check_gloo_hostname()
+    hvd.init()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    setup_logging(hvd.rank())
+    job = build_job(args, hvd)
+    progress, batches = start(args, job)
+    log = RunLog(Path(args.out), hvd.rank(), args, job.total_steps, progress.step + 1)
+    wall = time.perf_counter()
+    train(args, job, progress, batches, log, hvd)
     if args.checkpoint:
-        save_checkpoint()
-    wall = time.perf_counter() - start
-    digests = hvd.allgather_object(parameter_digest(model))
+        save_checkpoint(args, job, progress)
+    wall = time.perf_counter() - wall
+    digests = hvd.allgather_object(parameter_digest(job.model))
     hosts = hvd.allgather_object(socket.gethostname())
-    if through_ddp:
+    if job.through_ddp:
         torch.distributed.destroy_process_group()
     log.close()
-    specs = getattr(frontend.engine.compressor, "specs", ()) if frontend is not None else ()
+    specs = getattr(job.frontend.engine.compressor, "specs", ()) if job.frontend else ()
+    step, dense_bytes = progress.step, job.dense_bytes
     summary = {
-        "model": args.model, "data": args.data, "ranks": size, "steps": step,
+        "model": args.model, "data": args.data, "ranks": hvd.size(), "steps": step,
         "agent": args.agent, "compression": args.baseline or args.compression,
-        "wall_s": wall, "train_s": train_s, "time_to_target_s": time_to_target,
-        "steps_to_target": steps_to_target, "target_metric": args.target_metric,
-        "target": args.target, "final": evals[-1] if evals else {}, "total_bytes": total_bytes,
-        "dense_bytes": dense_bytes * step, "mean_cf": dense_bytes * step / max(total_bytes, 1),
-        "skipped_steps": skipped, "evals": evals, "transport": "ddp" if through_ddp else "horovod",
-        "hosts": hosts, "parameter_digests": digests, "replicas_identical": len(set(digests)) == 1,
+        "wall_s": wall, "train_s": progress.train_s,
+        "time_to_target_s": progress.time_to_target,
+        "steps_to_target": progress.steps_to_target, "target_metric": args.target_metric,
+        "target": args.target, "final": progress.evals[-1] if progress.evals else {},
+        "total_bytes": progress.total_bytes, "dense_bytes": dense_bytes * step,
+        "mean_cf": dense_bytes * step / max(progress.total_bytes, 1),
+        "skipped_steps": progress.skipped, "evals": progress.evals,
+        "transport": "ddp" if job.through_ddp else "horovod", "hosts": hosts,
+        "parameter_digests": digests, "replicas_identical": len(set(digests)) == 1,
         "codecs_sent": {specs[k]: n for k, n in sorted(log.codecs.items())}}
-    if rank == 0:
+    if hvd.rank() == 0:
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 

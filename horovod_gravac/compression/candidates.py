@@ -39,12 +39,14 @@ class Candidates(Compressor):
         specs: their specs, as the user wrote them (the names logs and metrics show).
     """
 
-    name = "candidates"
+    name = "candidates"  # an instance's is its set, "dense|fp16|topk:100"
 
     def __init__(self, candidates: Sequence[Compressor], specs: Sequence[str]) -> None:
         super().__init__()
         self.candidates = tuple(candidates)
         self.specs = tuple(specs)
+        #: the set as written (what a checkpoint must match to resume)
+        self.name = SEPARATOR.join(self.specs)
         own = sorted({c.default_memory for c in self.candidates} - {"none", "residual"})
         if own:
             raise ValueError(f"compression candidates {list(self.specs)} include compressors "

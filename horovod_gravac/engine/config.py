@@ -72,7 +72,8 @@ def check_candidates(compressor: C.Compressor, agent: A.Agent | None) -> None:
         if agent is None:
             raise ValueError(f"compression candidates {'|'.join(compressor.specs)} need an "
                              "agent that chooses among them: give agent='choice'")
-        agent.use_candidates(compressor.specs)
+        agent.use_candidates(compressor.specs, tuple(
+            compressor.is_dense(k) for k in range(len(compressor.specs))))
     elif agent is not None and agent.chooses_codec:
         raise ValueError(f"agent {agent.name!r} chooses among compression candidates, and "
                          f"{compressor.name!r} is one compressor: give compression='auto' "
