@@ -205,3 +205,20 @@ def test_a_kernel_floor_is_paid_once_per_pass_not_per_gathered_payload():
     assert tiny.codec_s == pytest.approx(2 * 2e-5)  # 32 × 0.1 µs decoded in one pass: floored
     big = W.paper_step(topk, shapes, frozenset(), 0.0, [(1e-7, 1e-5)], link, 32, floor_s=2e-5)
     assert big.codec_s == pytest.approx(2e-5 + 32e-5)
+
+
+def test_codec_choice_prefers_dense_unless_a_candidate_is_faster_by_more_than_it_loses():
+    gains = {"dense": 1.0, "TopK 100x": 0.8, "TopK 1000x": 0.5}
+    assert W.codec_choice(gains, {"dense": 1.0, "TopK 100x": 0.9, "TopK 1000x": 0.1}) == "dense"
+    assert W.codec_choice(gains, {"dense": 1.0, "TopK 100x": 0.5, "TopK 1000x": 0.1}) \
+        == "TopK 100x"  # 0.8 / 0.5 > 1 / 1; TopK 1000x is below ε whatever its speed
+
+
+def test_codec_gains_are_one_for_dense_and_below_for_lossy_candidates():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 32)
+    x, y = torch.randn(16, 64), torch.randn(16, 32)
+    gains = W.codec_gains(model, [lambda m: (m(x) - y).pow(2).mean()], frozenset({"bias"}),
+                          C.create("none|topk:10|powersgd:1"))
+    assert gains[0] == pytest.approx(1.0)
+    assert 0 < gains[1] < 1 and 0 < gains[2] < 1
