@@ -123,10 +123,11 @@ runs = {
                 agent=hg.agents.LayerPlan(hg.agents.Static(cf=10), plan_interval=8)),
     "static": run(compression="topk", agent="static"),
     # the codec among candidates: TopK 50x is below ε=0.99 (its gain), so at the first
-    # interval's end every rank switches to dense or fp16 at the same step
+    # choice (after 1 untimed and 9 timed steps) every rank switches to dense or fp16 at the
+    # same step
     "choice": run(compression="topk:50|dense|fp16", min_compress_numel=0,
                   agent=hg.agents.CodecChoice(epsilon=0.99, interval=10, gain_interval=1,
-                                              settle_steps=1)),
+                                              settle_steps=1, trial_steps=9)),
     "no_sync": run(accumulate=2, compression="topk:10"),
     "unused": run(unused=True, compression="topk:10"),
     "nan_skip": run(nan_at=NAN_STEP, compression="topk:10"),

@@ -47,10 +47,11 @@ CONFIGS = {  # name → (compression, memory, agent factory, momentum of the wra
         hg.agents.Static(cf=10), plan_interval=6, measure_steps=2), 0.9),
     "powersgd_gravac_plan": ("powersgd", None, lambda: hg.agents.LayerPlan(
         gravac("geometric"), plan_interval=6, measure_steps=2), 0.9),
-    # the codec among candidates: TopK 1000x is below ε=0.99 and fp16 is not, so the
-    # interval that ends at step 19 switches to fp16 (after the checkpoint at SPLIT=17)
+    # the codec among candidates: TopK 1000x is below ε=0.99 and fp16 is not, so the first
+    # choice, after the first candidate's 20-step trial, switches to fp16 from step 20 (after
+    # the checkpoint at SPLIT=17)
     "codec_choice": ("topk:1000|fp16", None, lambda: hg.agents.CodecChoice(
-        epsilon=0.99, interval=20, gain_interval=1, settle_steps=0), 0.9),
+        epsilon=0.99, interval=20, gain_interval=1, settle_steps=0, trial_steps=20), 0.9),
 }
 #: every tensor compressed where a plan has several to plan
 OPTIONS = {"topk_static_plan": {"min_compress_numel": 0},
