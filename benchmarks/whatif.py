@@ -255,27 +255,35 @@ def fitted_link(cals: Mapping[str, Calibration], per_step: float | None = None) 
 
 
 # -- gains (what GraVAC's cost model ranks CFs by) -------------------------------------------
+def energy_ratios(model: torch.nn.Module,
+                  batches: Iterable[Callable[[torch.nn.Module], torch.Tensor]],
+                  uncompressed: frozenset[str],
+                  energies: Callable[[str, torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """Per loss of ``batches``, Σ energies(name, g) / Σ‖g‖² over the compressed tensors of
+    ``model``'s gradient (float64): the numerators of a fresh gain over its reference."""
+    ratios = []
+    for loss_of in batches:
+        model.zero_grad(set_to_none=True)
+        loss_of(model).backward()
+        energy, reference = 0.0, 0.0
+        for name, p in model.named_parameters():
+            if p.grad is None or name in uncompressed:
+                continue
+            g = p.grad.detach()
+            energy = energy + energies(name, g).double()
+            reference += float(g.double().square().sum())
+        ratios.append(energy / max(reference, 1e-30))
+    return ratios
+
+
 def topk_gains(model: torch.nn.Module, batches: Iterable[Callable[[torch.nn.Module], torch.Tensor]],
                uncompressed: frozenset[str], ladder: Sequence[float]) -> dict[float, float]:
     """GraVAC's fresh gain δ(c) = Σ‖TopK_c(g)‖² / Σ‖g‖² over the compressed tensors, per
     ladder CF, on the gradients of ``model`` for each loss of ``batches`` (mean over them)."""
     topk = C.create("topk")
-    totals = torch.zeros(len(ladder), dtype=torch.float64)
-    count = 0
-    for loss_of in batches:
-        model.zero_grad(set_to_none=True)
-        loss_of(model).backward()
-        energy = torch.zeros(len(ladder), dtype=torch.float64)
-        reference = 0.0
-        for name, p in model.named_parameters():
-            if p.grad is None or name in uncompressed:
-                continue
-            g = p.grad.detach()
-            energy += topk.energy_profile(g, list(ladder), name, sample=None).double()
-            reference += float(g.double().square().sum())
-        totals += energy / max(reference, 1e-30)
-        count += 1
-    return {cf: float(v) / count for cf, v in zip(ladder, totals)}
+    ratios = energy_ratios(model, batches, uncompressed,
+                           lambda name, g: topk.energy_profile(g, list(ladder), name, sample=None))
+    return {cf: float(v) for cf, v in zip(ladder, sum(ratios) / len(ratios))}
 
 
 def codec_gains(model: torch.nn.Module,
@@ -285,22 +293,9 @@ def codec_gains(model: torch.nn.Module,
     compressed tensors (the rest go dense, losing nothing), exactly
     (``Candidates.energies``), on the gradients of ``model`` for each loss of ``batches``
     (mean over them)."""
-    totals = torch.zeros(len(candidates.candidates), dtype=torch.float64)
-    count = 0
-    for loss_of in batches:
-        model.zero_grad(set_to_none=True)
-        loss_of(model).backward()
-        energy = torch.zeros_like(totals)
-        reference = 0.0
-        for name, p in model.named_parameters():
-            if p.grad is None or name in uncompressed:
-                continue
-            g = p.grad.detach()
-            energy += candidates.energies(g, name).double()
-            reference += float(g.double().square().sum())
-        totals += (energy / max(reference, 1e-30)).clamp(max=1.0)
-        count += 1
-    return [float(v) / count for v in totals]
+    ratios = energy_ratios(model, batches, uncompressed,
+                           lambda name, g: candidates.energies(g, name))
+    return [float(v) for v in sum(r.clamp(max=1.0) for r in ratios) / len(ratios)]
 
 
 def codec_choice(gains: Mapping[str, float], step_times: Mapping[str, float],

@@ -15,8 +15,8 @@ first steps — no warm-up window at a fixed floor:
 * **Time.** The step model of :mod:`.costmodel`: t_k = compute_k + a·r_k + λ·s_k + β·B_k,
   the traffic (rounds r, ring message steps s, link bytes B) of every candidate priced by
   the engine from the tensor shapes, the link (a, λ, β) fitted by non-negative least squares
-  to the mean waits of the candidates sent so far (one candidate sent: all waiting is
-  charged to bytes), compute_k the mean step time less waiting of the steps that sent k —
+  to the median waits of the candidates sent so far (one candidate sent: all waiting is
+  charged to bytes), compute_k the median step time less waiting of the steps that sent k —
   for a candidate never sent, the least compute measured so far (an optimistic guess: if it
   then looks best it is sent on trial and measured, and a wrong guess costs a trial).
 * **The choice.** The admissible candidate with the best predicted progress per second
@@ -38,7 +38,7 @@ from typing import Any
 
 from ..validation import check_number
 from .base import SEND_COMPRESSED, SEND_DENSE, Agent, Decision, ProbeSpec, StepStats
-from .costmodel import CodecCosts, Traffic
+from .costmodel import CodecCosts, Link, Traffic
 from .gravac import DEFAULT_GAIN_SAMPLE, GAINS, GainTracker, compression_throughputs
 
 
@@ -92,7 +92,6 @@ class CodecChoice(Agent):
         #: the codec sent is on trial (never timed before it was chosen), and its timed steps
         self.trial = True
         self.timed = 0
-        self.switches = 0
 
     @property
     def probe(self) -> ProbeSpec:
@@ -121,16 +120,17 @@ class CodecChoice(Agent):
                            stats.link_steps, stats.link_bytes)
             self.timed += 1
         self.steps_in_interval += 1
+        link = self.costs.link()  # once a step: the choice and the metrics row share it
+        predicted = self.predicted_times(link)
         if self.timed >= self.trial_steps and (self.trial or
                                                self.steps_in_interval >= self.interval):
-            self._choose()
+            self._choose(predicted)
         decision = self.decision(stats.step + 1)
-        predicted = self.predicted_times()
         self.record(stats, decision, codec=self.codec,
                     codec_name=self.names[self.codec] if self.names else None,
                     gain=self.tracker.get(self.codec), wait_s=stats.wait_time,
                     link_bytes=stats.link_bytes, predicted_step_s=predicted.get(self.codec),
-                    **self._link_row())
+                    **self._link_row(link))
         return decision
 
     def use_candidates(self, names: tuple[str, ...], dense: tuple[bool, ...]) -> None:
@@ -140,9 +140,9 @@ class CodecChoice(Agent):
                              f"{len(names)} ({', '.join(names)})")
         self.names, self.dense = tuple(names), tuple(dense)
 
-    def predicted_times(self) -> dict[int, float]:
-        """Per candidate, the step time the fitted model predicts (empty before a step)."""
-        link = self.costs.link()
+    def predicted_times(self, link: Link | None) -> dict[int, float]:
+        """Per candidate, the step time the ``link`` fitted to the steps so far predicts
+        (empty before a step)."""
         measured = [c for c in map(self.costs.compute, self.traffic) if c is not None]
         if link is None or not measured:
             return {}
@@ -154,16 +154,16 @@ class CodecChoice(Agent):
                 link.wait_for(Traffic(*priced))
         return times
 
-    def scores(self) -> dict[int, float]:
-        """Per admissible candidate (gain ≥ ε), δ / predicted t."""
+    def scores(self, predicted: dict[int, float]) -> dict[int, float]:
+        """Per admissible candidate (gain ≥ ε), δ / its ``predicted`` step time."""
         return compression_throughputs({k: self.tracker.get(k) for k in self.traffic},
-                                       self.predicted_times(), self.epsilon)
+                                       predicted, self.epsilon)
 
-    def _choose(self) -> None:
+    def _choose(self, predicted: dict[int, float]) -> None:
         """The best admissible δ/t, unless the codec sent is within ω of it."""
         self.steps_in_interval = 0
         self.trial = False
-        scores = self.scores()
+        scores = self.scores(predicted)
         if not scores:
             return  # nothing admissible measured yet: keep what is sent
         best = max(scores, key=scores.get)
@@ -172,12 +172,10 @@ class CodecChoice(Agent):
                                    scores[best] > (1 + self.omega) * current):
             self.trial = self.costs.compute(best) is None
             self.codec = best
-            self.switches += 1
             self.settling = self.settle_steps
             self.timed = 0
 
-    def _link_row(self) -> dict[str, Any]:
-        link = self.costs.link()
+    def _link_row(self, link: Link | None) -> dict[str, Any]:
         return {} if link is None else {"link_bandwidth": 1 / link.per_byte
                                         if link.per_byte > 0 else float("inf"),
                                         "link_latency": link.per_round,
