@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 _OPTIMIZER = ("DistributedOptimizer", "CommunicationStats", "NonFiniteGradientError",
               "StepReport")
-__all__ = ["agents", "compression", "checkpoint", "ddp", "elastic", *_OPTIMIZER, "__version__"]
+__all__ = ["agents", "compression", "checkpoint", "ddp", "elastic", "Settings", *_OPTIMIZER,
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -24,6 +25,9 @@ def __getattr__(name: str):
         from . import optimizer
         from . import elastic  # noqa: F401  registers the optimizer's state handler
         return getattr(optimizer, name)
+    if name == "Settings":  # torch, not Horovod
+        from .settings import Settings
+        return Settings
     if name in ("checkpoint", "ddp", "elastic"):  # ddp needs torch.distributed, not Horovod
         import importlib
         return importlib.import_module(f".{name}", __name__)

@@ -45,7 +45,7 @@ synchronised backward exchanges the accumulated gradients. Unused parameters
 # No "from __future__ import annotations": DDP checks the hook's annotations are the real
 # dist.GradBucket and torch.futures.Future[torch.Tensor].
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -58,8 +58,8 @@ from . import agents as A
 from . import compression as C
 from .adam import AdamExchange
 from .transport.torch_distributed import TorchTransport
-from .engine import (DEFAULT_BUCKET_CAP_MB, CommunicationStats, EngineConfig,
-                     NonFiniteGradientError, StepEngine, StepOutcome, StepReport)
+from .engine import CommunicationStats, NonFiniteGradientError, StepEngine, StepOutcome, StepReport
+from .settings import HOOK_COMPRESSION, Settings
 from .wrapped import WrappedOptimizer
 
 __all__ = ["AdamExchangeOptimizer", "DDPCompressionState", "NonFiniteGradientError",
@@ -73,8 +73,10 @@ class DDPCompressionState:
         module: the model (or the DDP model around it) whose parameters the hook will see;
             DDP keeps the same parameter objects, so the state can be made before DDP wraps
             the model.
-        compression, memory, agent, process_group, on_nonfinite, min_compress_numel,
-        compress_patterns, optimizer, bucket_cap_mb: as for :func:`register_comm_hook`.
+        process_group, optimizer: as for :func:`register_comm_hook`.
+        settings, given: the :class:`~horovod_gravac.settings.Settings` (one object, and/or its
+            keyword arguments: ``compression="powersgd", agent="gravac"``; the compression
+            defaults to ``"topk:100"``).
 
     ``engine`` holds the compressor, the error-feedback memory, the agent and its decision,
     byte counts (``state.communication``) and the step counter. The state pickles
@@ -84,24 +86,18 @@ class DDPCompressionState:
     bit.
     """
 
-    def __init__(self, module: torch.nn.Module, compression: str | C.Compressor = "topk:100",
-                 memory: str | C.Memory | None = None, agent: str | A.Agent | None = None,
-                 process_group: dist.ProcessGroup | None = None, *,
-                 on_nonfinite: str = "skip",
-                 min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
-                 compress_patterns: Mapping[str, bool] | None = None,
-                 optimizer: torch.optim.Optimizer | None = None,
-                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB) -> None:
-        self.config = EngineConfig.create(compression, memory, agent, on_nonfinite=on_nonfinite,
-                                          min_compress_numel=min_compress_numel,
-                                          compress_patterns=dict(compress_patterns or {}),
-                                          bucket_cap_mb=bucket_cap_mb)
+    def __init__(self, module: torch.nn.Module, process_group: dist.ProcessGroup | None = None,
+                 *, optimizer: torch.optim.Optimizer | None = None,
+                 settings: Settings | None = None, **given: Any) -> None:
+        if settings is None:
+            given.setdefault("compression", HOOK_COMPRESSION)
+        self.settings = Settings.of(settings, **given)
+        self.config, _ = self.settings.build()
         #: whether the last step's averaged gradient was non-finite (gradients set to None)
         self.last_step_skipped = False
         self.engine: StepEngine | None = None
         #: the Adam-family exchange an :class:`AdamExchangeOptimizer` runs through this hook
         self.adam: AdamExchange | None = None
-        self._memory_given = memory is not None
         self._saved_progress: dict[str, Any] | None = None
         self._reset_step()
         self.attach(module, process_group, optimizer)
@@ -158,7 +154,7 @@ class DDPCompressionState:
         config = self.config
         agent = config.agent if isinstance(config.agent, A.AdamPhases) else \
             A.AdamPhases(config.agent, exchange.rule)
-        memory = adam.create_memory(config.memory if self._memory_given else None,
+        memory = adam.create_memory(config.memory if self.settings.memory is not None else None,
                                     config.compressor, exchange)
         if type(memory) is type(config.memory):
             memory = config.memory  # with its residuals (a state loaded from a checkpoint)
@@ -185,8 +181,8 @@ class DDPCompressionState:
     # -- pickling (torch.save / torch.load) --------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
         # the compressor, memory and agent pickle with their state; the engine adds its own
-        return {"config": self.config, "last_step_skipped": self.last_step_skipped,
-                "_memory_given": self._memory_given,
+        return {"settings": self.settings, "config": self.config,
+                "last_step_skipped": self.last_step_skipped,
                 "_saved_progress": self.engine.progress() if self.engine is not None
                 else self._saved_progress}
 
@@ -277,55 +273,40 @@ def _after_backward(callback: Callable[[], None]) -> None:
 
 
 def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
-                       compression: str | C.Compressor | None = None,
-                       memory: str | C.Memory | None = None,
-                       agent: str | A.Agent | None = None,
                        process_group: dist.ProcessGroup | None = None, *,
-                       on_nonfinite: str | None = None,
-                       min_compress_numel: int | None = None,
-                       compress_patterns: Mapping[str, bool] | None = None,
                        optimizer: torch.optim.Optimizer | None = None,
                        state: DDPCompressionState | None = None,
-                       bucket_cap_mb: float | None = None) -> DDPCompressionState:
+                       settings: Settings | None = None, **given: Any) -> DDPCompressionState:
     """Compress ``ddp_model``'s gradients layer by layer, with error feedback and an agent.
 
     Arguments:
         ddp_model: a ``torch.nn.parallel.DistributedDataParallel`` model.
-        compression: a compressor, registry name or ``"name:value"`` string (default
-            ``"topk:100"``).
-        memory: the error-feedback memory (default: the compressor's own).
-        agent: ``"static"``, ``"gravac"``, ``"accordion"`` or an agent object; rank 0 of the
-            process group decides, the decision is broadcast.
         process_group: the group to exchange on (default: the DDP model's).
-        on_nonfinite: ``"skip"`` (the default: the gradients of a non-finite step become
-            None on every rank, counted in ``state.engine.skipped_steps``) or ``"raise"``.
-        min_compress_numel: gradients with fewer elements are sent uncompressed (default
-            ``compression.DEFAULT_MIN_COMPRESS_NUMEL``).
-        compress_patterns: name patterns → always (True) / never (False) compress.
         optimizer: whose first learning rate the agents see (Accordion and GraVAC react to
             a learning-rate decay); optional.
-        state: a state from ``torch.load`` to continue from (then give none of the
-            settings above but ``process_group`` and ``optimizer``: the state carries its own).
-        bucket_cap_mb: gradient megabytes whose payloads travel in one fused collective per
-            kind (this library's buckets, not DDP's); > 0 (default 25).
+        state: a state from ``torch.load`` to continue from (then give no settings: the
+            state carries its own).
+        settings, given: the :class:`~horovod_gravac.settings.Settings` — one object, and/or its
+            keyword arguments (``compression="topk:100", agent="gravac",
+            bucket_cap_mb=25``); the compression defaults to ``"topk:100"``. A non-finite
+            step skipped (``on_nonfinite="skip"``) leaves every gradient None, counted in
+            ``state.engine.skipped_steps``. ``bucket_cap_mb`` sizes this library's buckets,
+            not DDP's. For Adam/AdamW, wrap the optimizer in :class:`AdamExchangeOptimizer`.
 
     Returns the :class:`DDPCompressionState`; save it with ``torch.save`` to resume.
     """
     if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
         raise ValueError("ddp_model must be a torch.nn.parallel.DistributedDataParallel, got "
                          f"{type(ddp_model).__name__}")
-    settings = {"compression": compression, "memory": memory, "agent": agent,
-                "on_nonfinite": on_nonfinite, "min_compress_numel": min_compress_numel,
-                "compress_patterns": compress_patterns, "bucket_cap_mb": bucket_cap_mb}
-    given = {k: v for k, v in settings.items() if v is not None}
-    if state is None:  # DDPCompressionState's defaults for what is not given
-        state = DDPCompressionState(ddp_model, process_group=process_group,
-                                    optimizer=optimizer, **given)
+    if state is None:
+        state = DDPCompressionState(ddp_model, process_group, optimizer=optimizer,
+                                    settings=settings, **given)
     elif not isinstance(state, DDPCompressionState):
         raise ValueError(f"state must be a DDPCompressionState, got {type(state).__name__}")
-    elif given:
+    elif given or settings is not None:
+        named = ", ".join([*given, *(["settings"] if settings is not None else [])])
         raise ValueError(f"give either state (to continue from a saved one) or settings, not "
-                         f"both: the state carries its own, but {', '.join(given)} was given too")
+                         f"both: the state carries its own, but {named} was given too")
     else:
         state.attach(ddp_model, process_group, optimizer)
     ddp_model.register_comm_hook(state, compression_hook)
@@ -349,8 +330,8 @@ class AdamExchangeOptimizer(WrappedOptimizer):
     Arguments:
         optimizer: a ``torch.optim.Adam`` or ``AdamW`` over the model's parameters.
         state: the hook's :class:`DDPCompressionState` (before a step is in flight).
-        exchange: the :class:`~horovod_gravac.adam.AdamExchange` (the freeze rule); default
-            ``AdamExchange()``.
+        exchange: the :class:`~horovod_gravac.adam.AdamExchange` (the freeze rule); default:
+            the hook's ``adam_exchange`` setting where it is one, else ``AdamExchange()``.
     """
 
     #: the key of the exchange's part of ``state_dict()``
@@ -360,7 +341,12 @@ class AdamExchangeOptimizer(WrappedOptimizer):
                  exchange: AdamExchange | None = None) -> None:
         if not isinstance(state, DDPCompressionState):
             raise ValueError(f"state must be a DDPCompressionState, got {type(state).__name__}")
-        exchange = AdamExchange() if exchange is None else exchange
+        if exchange is None:
+            if state.settings.adam_exchange in (adam.OFF, None):
+                raise ValueError("the hook's settings say adam_exchange='off': give an "
+                                 "AdamExchange here, or build the hook without it")
+            chosen = state.settings.adam_exchange
+            exchange = chosen if isinstance(chosen, AdamExchange) else AdamExchange()
         if not isinstance(exchange, AdamExchange):
             raise ValueError(f"exchange must be an AdamExchange or None, got {exchange!r}")
         exchange.bind(optimizer)  # a ValueError for anything but Adam/AdamW

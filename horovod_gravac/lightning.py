@@ -44,7 +44,7 @@ import io
 import logging
 import pickle
 import types
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,12 +58,10 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightnin
                       "pip install lightning (or pip install 'horovod-gravac[test]')") from exc
 
 from . import adam
-from . import agents as A
 from . import compression as C
-from .adam import AUTO, AdamExchange
 from .transport.torch_distributed import gather_to_rank0
 from .ddp import AdamExchangeOptimizer, DDPCompressionState, register_comm_hook
-from .engine import EngineConfig
+from .settings import HOOK_COMPRESSION, Settings
 
 __all__ = ["CHECKPOINT_KEY", "CompressionCallback", "communication", "load_state_bytes",
            "state_bytes"]
@@ -164,18 +162,12 @@ class CompressionCallback(pl.Callback):
 
     Arguments:
         compression: a compressor, registry name or ``"name:value"`` string
-            (``"topk:100"``, ``"powersgd"``).
-        memory: the error-feedback memory (default: the compressor's own).
-        agent: ``"static"``, ``"gravac"``, ``"accordion"``, an agent object, or None (the
-            compressor's fixed factor). Rank 0 decides; the decision is broadcast.
-        on_nonfinite: ``"skip"`` (a non-finite step's gradients become None on every rank,
-            so the optimizer step changes nothing) or ``"raise"``.
-        min_compress_numel: gradients with fewer elements are sent uncompressed
-            (0 compresses every tensor).
-        compress_patterns: name patterns → always (True) / never (False) compress.
-        adam_exchange: ``"auto"`` (the Adam-family exchange for an Adam/AdamW under a
-            compressor beyond fp16), ``"off"``, or an
-            :class:`~horovod_gravac.adam.AdamExchange` (its freeze rule).
+            (``"topk:100"``, the default; ``"powersgd"``).
+        settings, given: the rest of the :class:`~horovod_gravac.settings.Settings` — one object,
+            and/or its keyword arguments (``agent="gravac"``, ``bucket_cap_mb=25``, ...).
+            A non-finite step skipped (``on_nonfinite="skip"``) leaves every gradient None, so
+            the optimizer step changes nothing. ``adam_exchange`` wraps the trainer's first
+            optimizer (an Adam/AdamW) in :class:`~horovod_gravac.ddp.AdamExchangeOptimizer`.
 
     Compressor, memory and agent objects are copied, so one object can serve several
     callbacks. The agents see the learning rate of the trainer's first optimizer. On a fit
@@ -187,27 +179,17 @@ class CompressionCallback(pl.Callback):
     fit); ``communication`` its byte counters.
     """
 
-    def __init__(self, compression: str | C.Compressor = "topk:100",
-                 memory: str | C.Memory | None = None, agent: str | A.Agent | None = None, *,
-                 on_nonfinite: str = "skip",
-                 min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
-                 compress_patterns: Mapping[str, bool] | None = None,
-                 adam_exchange: str | AdamExchange | None = AUTO) -> None:
+    def __init__(self, compression: str | C.Compressor | None = None, *,
+                 settings: Settings | None = None, **given: Any) -> None:
         super().__init__()
-        if not (adam_exchange in (AUTO, adam.OFF, None) or isinstance(adam_exchange, AdamExchange)):
-            raise ValueError("adam_exchange must be 'auto', 'off' or an AdamExchange, got "
-                             f"{adam_exchange!r}")
-        self._adam_exchange = adam_exchange
+        if compression is not None:
+            given["compression"] = compression
+        elif settings is None:
+            given["compression"] = HOOK_COMPRESSION
         # copies: an agent or compressor object keeps state, and the same object in two
-        # callbacks (or trainers) would start ranks from different decisions
-        compression, memory, agent = (copy.deepcopy(x) for x in (compression, memory, agent))
-        # bad names or settings fail here, before the processes start, not at fit
-        EngineConfig.create(compression, memory, agent, on_nonfinite=on_nonfinite,
-                            min_compress_numel=min_compress_numel,
-                            compress_patterns=dict(compress_patterns or {}))
-        self._hook_args: dict[str, Any] = dict(
-            compression=compression, memory=memory, agent=agent, on_nonfinite=on_nonfinite,
-            min_compress_numel=min_compress_numel, compress_patterns=compress_patterns)
+        # callbacks (or trainers) would start ranks from different decisions; bad names or
+        # settings fail here, before the processes start, not at fit
+        self.settings = copy.deepcopy(Settings.of(settings, **given))
         self._state: DDPCompressionState | None = None
         self._loaded: bytes | None = None  # this rank's state from a checkpoint, until the fit
         self._hooked: DistributedDataParallel | None = None  # the model of the running fit
@@ -250,7 +232,8 @@ class CompressionCallback(pl.Callback):
             state_bytes(self._state) if self._state is not None else None
         try:
             if blob is None:
-                state = register_comm_hook(model, optimizer=optimizer, **self._hook_args)
+                state = register_comm_hook(model, optimizer=optimizer,
+                                           settings=copy.deepcopy(self.settings))
             else:
                 state = register_comm_hook(model, state=load_state_bytes(
                     blob, strategy.root_device), optimizer=optimizer)
@@ -269,7 +252,7 @@ class CompressionCallback(pl.Callback):
         optimizers = trainer.strategy.optimizers
         if not optimizers or isinstance(optimizers[0], AdamExchangeOptimizer):
             return
-        exchange = adam.create(copy.deepcopy(self._adam_exchange), optimizers[0],
+        exchange = adam.create(copy.deepcopy(self.settings.adam_exchange), optimizers[0],
                                state.compressor)
         if exchange is None:
             return

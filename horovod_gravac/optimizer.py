@@ -17,13 +17,10 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from . import adam
-from . import agents as A
 from . import compression as C
-from .adam import AUTO, AdamExchange
 from .transport.horovod import HorovodTransport, hvd  # hvd: a clear error when missing
-from .engine import (DEFAULT_BUCKET_CAP_MB, CommunicationStats, EngineConfig,
-                     NonFiniteGradientError, StepEngine, StepReport)
+from .engine import CommunicationStats, NonFiniteGradientError, StepEngine, StepReport
+from .settings import Settings
 from .validation import check_number
 from .wrapped import WrappedOptimizer
 
@@ -67,34 +64,21 @@ class DistributedOptimizer(WrappedOptimizer):
     Arguments mean what they mean for ``hvd.DistributedOptimizer`` (same order; unnamed
     parameters get Horovod's names ``allreduce.noname.<group>.<index>``; ``groups`` makes
     the tensors of a group travel together, sparse gradients are exchanged sparse unless
-    ``sparse_as_dense``, ranks outside ``process_set`` step on their local gradients); in
-    addition ``compression`` is a :class:`~horovod_gravac.compression.Compressor`, a
-    registry name or a ``"name:value"`` string (``"topk:100"``), ``memory`` the
-    error-feedback memory (default: the compressor's own), ``granularity="model"``
-    compresses all gradients flattened into one vector once per step instead of layer by
-    layer, ``agent`` chooses the compression factor while training. Gradients with fewer
-    than ``min_compress_numel`` elements (default 1024: biases, norm scales) are exchanged
-    uncompressed, without a residual; ``compress_patterns`` overrides that per parameter
-    name (``{"*.bias": False, "decoder.*": True}``; the first matching pattern decides, see
-    :func:`~horovod_gravac.compression.uncompressed_tensors`). ``bucket_cap_mb``: gradient
-    megabytes whose compressed payloads travel in one fused collective per kind (the
-    bucket, in backward order; Horovod's fusion threshold, DDP's ``bucket_cap_mb``).
+    ``sparse_as_dense``, ranks outside ``process_set`` step on their local gradients).
+    ``compression`` and the keyword arguments after the last of them are the
+    :class:`~horovod_gravac.settings.Settings` (``memory``, ``agent``, ``on_nonfinite``,
+    ``min_compress_numel``, ``compress_patterns``, ``bucket_cap_mb``, ``adam_exchange``),
+    or ``settings=`` one :class:`~horovod_gravac.settings.Settings` (keywords given beside it
+    replace its values). In addition ``granularity="model"`` compresses all gradients
+    flattened into one vector once per step instead of layer by layer.
 
     A NaN/Inf gradient never stays in a residual: the averaged gradient then is non-finite
     on every rank (compressors keep NaN/Inf visible), every rank skips the step
     (``on_nonfinite="skip"``, counted in ``skipped_steps``) or raises
     :class:`NonFiniteGradientError` (``"raise"``), and the rank whose gradient it was
-    restarts that tensor's residual at zero. Finite ranks keep their residuals. The check
-    reads one vector back to the host per step, never one per layer.
-
-    ``adam_exchange``: with a ``torch.optim.Adam``/``AdamW`` whose gradients are compressed
-    (more than fp16 does), the default ``"auto"`` runs the Adam-family exchange
-    (:mod:`horovod_gravac.adam`): dense Adam steps until rank 0 sees Adam's second moment
-    settle, then the moment is frozen and the preconditioned gradient is exchanged
-    compressed, with error feedback, under the agent's decisions; ``step()`` applies the
-    frozen-variance update itself. ``"off"`` exchanges gradients as for any other optimizer
-    (Adam's variance then sees the compressed gradient); an
-    :class:`~horovod_gravac.adam.AdamExchange` sets the freeze rule.
+    restarts that tensor's residual at zero. The check reads one vector back to the host per
+    step, never one per layer. With the Adam-family exchange, ``step()`` applies the
+    frozen-variance update itself.
 
     ``hvd.broadcast_optimizer_state(opt, root_rank=0)`` works as with Horovod's optimizer:
     the ``step()`` it makes to create missing state (zero gradients, no backward pass since
@@ -104,7 +88,7 @@ class DistributedOptimizer(WrappedOptimizer):
 
     def __init__(self, optimizer: torch.optim.Optimizer,
                  named_parameters: Iterable[tuple[str, Tensor]] | None = None,
-                 compression: str | C.Compressor = "none",
+                 compression: str | C.Compressor | None = None,
                  backward_passes_per_step: int = 1,
                  op=hvd.Average,
                  gradient_predivide_factor: float = 1.0,
@@ -112,31 +96,19 @@ class DistributedOptimizer(WrappedOptimizer):
                  groups: int | list[list[Tensor]] | None = None,
                  sparse_as_dense: bool = False,
                  process_set=hvd.global_process_set,
-                 granularity: str = "layer",
-                 memory: str | C.Memory | None = None,
-                 agent: str | A.Agent | None = None,
-                 on_nonfinite: str = "skip",
-                 min_compress_numel: int = C.DEFAULT_MIN_COMPRESS_NUMEL,
-                 compress_patterns: dict[str, bool] | None = None,
-                 bucket_cap_mb: float = DEFAULT_BUCKET_CAP_MB,
-                 adam_exchange: str | AdamExchange | None = AUTO) -> None:
+                 granularity: str = "layer", *,
+                 settings: Settings | None = None, **given: Any) -> None:
         backward_passes_per_step, groups = _check_arguments(
             optimizer, backward_passes_per_step, op, gradient_predivide_factor, num_groups,
             groups, sparse_as_dense, granularity)
-        compressor = C.create(compression)
-        #: the Adam-family exchange (None: gradients are exchanged)
-        self.adam = adam.create(adam_exchange, optimizer, compressor)
+        if compression is not None:
+            given["compression"] = compression
+        self.settings = Settings.of(settings, **given)
+        config, self.adam = self.settings.build(optimizer, average=op == hvd.Average,
+                                                predivide=float(gradient_predivide_factor))
         if self.adam is not None and op != hvd.Average:
             raise ValueError("the Adam-family exchange averages the ranks' momenta: it needs "
                              "op=hvd.Average (or adam_exchange='off')")
-        agent = A.create(agent)
-        config = EngineConfig(compressor, adam.create_memory(memory, compressor, self.adam),
-                              A.AdamPhases(agent, self.adam.rule) if self.adam is not None else agent,
-                              on_nonfinite=on_nonfinite, min_compress_numel=min_compress_numel,
-                              compress_patterns=compress_patterns,
-                              bucket_cap_mb=bucket_cap_mb, average=op == hvd.Average,
-                              predivide=float(gradient_predivide_factor))
-
         params = [p for group in optimizer.param_groups for p in group["params"]]
         named = _parameter_names(optimizer, named_parameters)
         super().__init__(optimizer)
@@ -144,7 +116,6 @@ class DistributedOptimizer(WrappedOptimizer):
         self.granularity = granularity
         self.sparse_as_dense = sparse_as_dense
         self.process_set = process_set
-        self.on_nonfinite = on_nonfinite
         ids = {id(p) for p in params}
         #: parameter → its name, as Horovod's optimizer keeps it
         self._parameter_names = {p: n for n, p in named if id(p) in ids}

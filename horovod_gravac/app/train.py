@@ -170,11 +170,11 @@ def _exchange_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: the library's)")
     g.add_argument("--min-compress-numel", type=int, default=None,
                    help="gradients with fewer elements are sent uncompressed (default: the "
-                        "library's, 1024; 0 compresses all)")
+                        "library's; 0 compresses all)")
     g.add_argument("--compress-pattern", action="append", default=None, metavar="PATTERN=BOOL",
                    help="parameter names matching PATTERN (fnmatch) are always (true) or never "
                         "(false) compressed, e.g. '*.bias=false'; repeatable, first match wins")
-    g.add_argument("--on-nonfinite", choices=("skip", "raise"), default="skip",
+    g.add_argument("--on-nonfinite", choices=("skip", "raise"), default=None,
                    help="a NaN/Inf gradient: skip the step on every rank, or stop")
 
 
@@ -358,7 +358,7 @@ def flags(args: argparse.Namespace) -> dict[str, Any]:
 def validate(args: argparse.Namespace) -> None:
     """Every flag checked before Horovod starts: errors name the flag, value and range. It
     completes ``args`` too: defaults that depend on other flags, and the objects the flags
-    describe (``agent_obj``, ``adam_obj``)."""
+    describe (``compress_patterns``)."""
     task = _check_workload(args)
     _check_run(args, task)
     _check_exchange(args)
@@ -436,22 +436,8 @@ def _check_exchange(args: argparse.Namespace) -> None:
     """The compression, the agent and the Adam-family exchange, built once to check them."""
     from horovod_gravac import compression
     args.compress_patterns = parse_patterns(args.compress_pattern)
-    if args.min_compress_numel is None:
-        args.min_compress_numel = compression.DEFAULT_MIN_COMPRESS_NUMEL
-    from horovod_gravac.engine import DEFAULT_BUCKET_CAP_MB
-    if args.bucket_cap_mb is None:
-        args.bucket_cap_mb = DEFAULT_BUCKET_CAP_MB
-    if not args.bucket_cap_mb > 0:
-        raise ValueError(f"--bucket-cap-mb must be > 0, got {args.bucket_cap_mb!r}")
     if args.gain_sample < 0:
         raise ValueError(f"--gain-sample must be >= 0 (0: exact), got {args.gain_sample!r}")
-    if not args.torchvision and not args.baseline:  # names known without building the model
-        from .models import parameter_shapes
-        compression.uncompressed_tensors(((n, s.numel()) for n, s in parameter_shapes(args.model)),
-                                         args.min_compress_numel, args.compress_patterns)
-    # unknown names and bad values fail here
-    compressor = compression.create(args.compression, **compression_params(args))
-    compression.create_memory(args.memory, compressor)
     if args.layer_plan and args.agent == "none":
         raise ValueError("--layer-plan redistributes an agent's CF: give --agent static, gravac "
                          "or accordion")
@@ -464,12 +450,25 @@ def _check_exchange(args: argparse.Namespace) -> None:
     except ValueError:
         raise ValueError("--plan-factors must be comma-separated numbers like 0.5,1,2, got "
                          f"{args.plan_factors!r}") from None
-    args.agent_obj = make_agent(args)
-    from horovod_gravac.engine.config import check_candidates
-    check_candidates(compressor, args.agent_obj)
-    if args.agent_obj is not None and args.agent_obj.sets_cf:
-        compression.check_adjustable(compressor, args.agent)
-    args.adam_obj = make_adam_exchange(args, compressor)
+    settings = exchange_settings(args, make_agent(args))  # bad names and values fail here
+    if not args.torchvision and not args.baseline:  # names known without building the model
+        from .models import parameter_shapes
+        compression.uncompressed_tensors(((n, s.numel()) for n, s in parameter_shapes(args.model)),
+                                         settings.min_compress_numel, settings.compress_patterns)
+
+
+def exchange_settings(args: argparse.Namespace, agent: Any) -> Any:
+    """The library's :class:`~horovod_gravac.settings.Settings` of the run, with ``agent`` (built for
+    the run's length)."""
+    from horovod_gravac import compression
+    from horovod_gravac.settings import Settings
+    compressor = compression.create(args.compression, **compression_params(args))
+    given = {"on_nonfinite": args.on_nonfinite, "min_compress_numel": args.min_compress_numel,
+             "bucket_cap_mb": args.bucket_cap_mb}  # None: the library's default
+    return Settings.of(compression=compressor, memory=args.memory, agent=agent,
+                       compress_patterns=args.compress_patterns,
+                       adam_exchange=make_adam_exchange(args, compressor) or "off",
+                       **{k: v for k, v in given.items() if v is not None})
 
 
 def make_adam_exchange(args: argparse.Namespace, compressor) -> Any:
@@ -895,36 +894,32 @@ class RunLog:
             self.progress.close()
 
 
-def build_exchange(args: argparse.Namespace, work: "Workload", base, hvd):
+def build_exchange(args: argparse.Namespace, work: "Workload", base, hvd, agent):
     """The optimizer to step, and the front-end of this library's engine (the Horovod
     optimizer or the DDP hook's state; None for the baselines)."""
     import horovod_gravac as hg
 
     model = work.model
-    compression = None if args.baseline else \
-        hg.compression.create(args.compression, **compression_params(args))
-    settings = dict(memory=args.memory, agent=args.agent_obj, on_nonfinite=args.on_nonfinite,
-                    min_compress_numel=args.min_compress_numel,
-                    compress_patterns=args.compress_patterns, bucket_cap_mb=args.bucket_cap_mb)
     if args.baseline == "ddp-powersgd":
         work.model = ddp_powersgd(model, args, hvd)  # checkpoints keep the plain model
         return base, None
-    if args.ddp:
-        from torch.nn.parallel import DistributedDataParallel
-        init_torch_distributed(hvd)
-        work.model = DistributedDataParallel(model)
-        state = hg.ddp.register_comm_hook(work.model, compression=compression, optimizer=base,
-                                          **settings)
-        if args.adam_obj is not None:
-            return hg.ddp.AdamExchangeOptimizer(base, state, args.adam_obj), state
-        return base, state
     if args.baseline:
         wire = hvd.Compression.fp16 if args.baseline == "horovod-fp16" else hvd.Compression.none
         return hvd.DistributedOptimizer(base, named_parameters=model.named_parameters(),
                                         compression=wire), None
+    settings = exchange_settings(args, agent)
+    if args.ddp:
+        from torch.nn.parallel import DistributedDataParallel
+        init_torch_distributed(hvd)
+        work.model = DistributedDataParallel(model)
+        state = hg.ddp.register_comm_hook(work.model, optimizer=base,
+                                          settings=dataclasses.replace(settings,
+                                                                       adam_exchange="off"))
+        if settings.adam_exchange != "off":
+            return hg.ddp.AdamExchangeOptimizer(base, state, settings.adam_exchange), state
+        return base, state
     opt = hg.DistributedOptimizer(base, named_parameters=model.named_parameters(),
-                                  compression=compression, granularity=args.granularity,
-                                  adam_exchange=args.adam_obj or "off", **settings)
+                                  granularity=args.granularity, settings=settings)
     return opt, opt
 
 
@@ -993,9 +988,9 @@ def build_job(args: argparse.Namespace, hvd) -> Job:
     work = Workload(args, hvd.rank(), hvd.size())
     model = work.model
     total_steps = args.steps or max(1, int(args.epochs * work.steps_per_epoch))
-    args.agent_obj = make_agent(args, total_steps, work.steps_per_epoch)  # its length known now
+    agent = make_agent(args, total_steps, work.steps_per_epoch)  # its length known now
     base = build_base_optimizer(model, args)
-    opt, frontend = build_exchange(args, work, base, hvd)
+    opt, frontend = build_exchange(args, work, base, hvd, agent)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     # the state of the optimizer that steps (Horovod's documented call): every exchange starts
     # from the same state (Adam: the zero-gradient step that makes it counts in every path)

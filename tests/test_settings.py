@@ -1,0 +1,115 @@
+"""The settings every front-end and gravac-train build from: one dataclass, checked when made."""
+import dataclasses
+import inspect
+import pickle
+
+import pytest
+import torch
+
+from horovod_gravac import agents as A
+from horovod_gravac import compression as C
+from horovod_gravac.adam import AdamExchange
+from horovod_gravac.settings import HOOK_COMPRESSION, Settings
+
+FIELDS = {f.name for f in dataclasses.fields(Settings)}
+
+
+def test_of_replaces_the_given_values_and_keeps_the_rest():
+    base = Settings(compression="topk:10", agent="gravac", bucket_cap_mb=5)
+    merged = Settings.of(base, agent="accordion", min_compress_numel=0)
+    assert (merged.compression, merged.agent, merged.bucket_cap_mb, merged.min_compress_numel) \
+        == ("topk:10", "accordion", 5, 0)
+    assert Settings.of(base) is base
+    assert Settings.of(compression="fp16") == Settings(compression="fp16")
+    assert pickle.loads(pickle.dumps(merged)) == merged
+
+
+@pytest.mark.parametrize("given,message", [
+    ({"compresion": "topk"}, r"unknown setting\(s\) compresion; the settings are adam_exchange, "
+                             "agent, bucket_cap_mb"),
+    ({"compression": "nope"}, "unknown compressor 'nope'"),
+    ({"on_nonfinite": "zero"}, r"on_nonfinite must be one of \('skip', 'raise'\), got 'zero'"),
+    ({"bucket_cap_mb": 0}, "bucket_cap_mb must be a number > 0, got 0"),
+    ({"min_compress_numel": -1}, "min_compress_numel must be an integer >= 0, got -1"),
+    ({"compress_patterns": ["*.bias"]}, "compress_patterns must map name patterns"),
+    ({"adam_exchange": "sometimes"}, "adam_exchange must be 'auto', 'off' or an AdamExchange, "
+                                     "got 'sometimes'"),
+    ({"compression": "qsgd", "agent": "gravac"}, "does not have; use one of"),
+    ({"compression": "auto"}, "need an agent that chooses among them"),
+])
+def test_bad_settings_fail_when_made_naming_the_setting(given, message):
+    with pytest.raises(ValueError, match=message):
+        Settings.of(**given)
+
+
+def test_settings_of_something_else_are_refused():
+    with pytest.raises(ValueError, match="settings must be a horovod_gravac.Settings, got dict"):
+        Settings.of({"compression": "topk"})
+
+
+def test_build_runs_the_adam_exchange_only_where_it_applies():
+    model = torch.nn.Linear(4, 2)
+    settings = Settings(compression="topk:10", agent="gravac")
+    config, exchange = settings.build(torch.optim.AdamW(model.parameters()))
+    assert isinstance(exchange, AdamExchange)
+    assert isinstance(config.agent, A.AdamPhases) and isinstance(config.memory, C.ResidualMemory)
+    config, exchange = settings.build(torch.optim.SGD(model.parameters(), lr=0.1))
+    assert exchange is None and isinstance(config.agent, A.GraVAC)
+    off = dataclasses.replace(settings, adam_exchange="off")
+    assert off.build(torch.optim.AdamW(model.parameters()))[1] is None
+    # fp16 keeps Adam's variance as dense does: no exchange
+    assert Settings(compression="fp16").build(torch.optim.AdamW(model.parameters()))[1] is None
+
+
+def test_no_front_end_lists_a_setting_of_its_own():
+    """Every setting is written once, in Settings: the front-ends take ``settings=`` and
+    ``**given`` (only ``compression`` keeps its place in Horovod's argument order)."""
+    from horovod_gravac import ddp
+    from horovod_gravac.optimizer import DistributedOptimizer
+    front_ends = [DistributedOptimizer.__init__, ddp.DDPCompressionState.__init__,
+                  ddp.register_comm_hook]
+    try:
+        from horovod_gravac.lightning import CompressionCallback
+        front_ends.append(CompressionCallback.__init__)
+    except ImportError:  # lightning is an extra
+        pass
+    for front_end in front_ends:
+        parameters = inspect.signature(front_end).parameters
+        assert "settings" in parameters and any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()), front_end
+        assert set(parameters) & FIELDS <= {"compression"}, front_end
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    import torch.distributed as dist
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", rank=0, world_size=1,
+                            store=dist.FileStore(str(tmp_path / "store"), 1))
+    yield
+    dist.destroy_process_group()
+
+
+def test_the_ddp_hook_defaults_to_topk_and_takes_one_settings_object(world_of_one):
+    from horovod_gravac import ddp
+    model = torch.nn.Linear(4, 2)
+    assert ddp.DDPCompressionState(model).settings.compression == HOOK_COMPRESSION
+    state = ddp.DDPCompressionState(model, settings=Settings(compression="fp16"),
+                                    bucket_cap_mb=2)
+    assert state.settings == Settings(compression="fp16", bucket_cap_mb=2)
+    assert state.config.compressor.name == "fp16" and state.config.bucket_cap_mb == 2
+    with pytest.raises(ValueError, match="unknown setting"):
+        ddp.DDPCompressionState(model, bucket_size=2)
+
+
+def test_gravac_train_builds_its_settings_from_its_flags():
+    from horovod_gravac.app.train import exchange_settings, parse_args
+    args = parse_args(["--compression", "topk:10", "--min-compress-numel", "0",
+                       "--compress-pattern", "*.bias=false", "--steps", "2"])
+    settings = exchange_settings(args, None)
+    assert settings.min_compress_numel == 0 and settings.compress_patterns == {"*.bias": False}
+    assert settings.bucket_cap_mb == Settings.bucket_cap_mb  # not given: the library's
+    assert settings.on_nonfinite == Settings.on_nonfinite
+    assert settings.compression.name == "topk" and settings.adam_exchange == "off"
