@@ -25,12 +25,11 @@ import numpy as np
 import torch
 
 from .transport import horovod as horovod_transport
-from .optimizer import ADAM_KEY, DistributedOptimizer
+from .engine import ADAM_STATE, with_rank_0_state
+from .optimizer import DistributedOptimizer
 from .optimizer import STATE_KEY as _OURS
 
 FORMAT = "horovod_gravac.checkpoint/1"
-#: rank 0 decides: its agent state is everyone's (and the Adam-family exchange's phase)
-_SHARED = ("agent", "decision", ADAM_KEY)
 
 
 def rng_state() -> dict[str, Any]:
@@ -133,12 +132,9 @@ def load(path: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim
     model.load_state_dict(ckpt["model"])
     state = _to(ckpt["optimizer"], device)
     ours = ckpt["ranks"][rank]["optimizer"] if not mismatches else None
-    if ours is not None:
-        ours = _to(dict(ours), device)
-        for key in _SHARED:  # rank 0's agent and decision are everyone's
-            if key in ckpt["ranks"][0]["optimizer"]:
-                ours[key] = ckpt["ranks"][0]["optimizer"][key]
-        state[_OURS] = ours
+    if ours is not None:  # what rank 0 decides is everyone's
+        state[_OURS] = _to(with_rank_0_state(ours, ckpt["ranks"][0]["optimizer"],
+                                             optimizer.compressor), device)
     optimizer.load_state_dict(state)
     if mismatches and isinstance(optimizer, DistributedOptimizer):
         _restart_error_feedback(optimizer, ckpt, written, here)
@@ -156,8 +152,8 @@ def _restart_error_feedback(optimizer: DistributedOptimizer, ckpt: dict[str, Any
         return
     optimizer.step_count = ours["step"]
     optimizer.memory.reset()
-    if optimizer.adam is not None and ADAM_KEY in ours:  # the phase goes with Adam's state
-        optimizer.adam.load_state_dict(_to(ours[ADAM_KEY], next(
+    if optimizer.adam is not None and ADAM_STATE in ours:  # the phase goes with Adam's state
+        optimizer.adam.load_state_dict(_to(ours[ADAM_STATE], next(
             p.device for g in optimizer.param_groups for p in g["params"])))
     if written.get("agent") == here.get("agent") and optimizer.agent is not None:
         optimizer.agent.load_state_dict(ours["agent"])

@@ -58,7 +58,8 @@ from . import agents as A
 from . import compression as C
 from .adam import AdamExchange
 from .transport.torch_distributed import TorchTransport
-from .engine import CommunicationStats, NonFiniteGradientError, StepEngine, StepOutcome, StepReport
+from .engine import (CommunicationStats, NonFiniteGradientError, StepEngine, StepOutcome,
+                     StepReport, engine_state, load_engine_state)
 from .settings import HOOK_COMPRESSION, Settings
 from .wrapped import WrappedOptimizer
 
@@ -177,6 +178,21 @@ class DDPCompressionState:
 
     def _lr(self) -> float | None:
         return self._optimizer.param_groups[0].get("lr") if self._optimizer is not None else None
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The engine's state (:meth:`~horovod_gravac.engine.StepEngine.state_dict`: step,
+        decision, residuals, compressor, agent), attached to a model or not."""
+        if self.engine is not None:
+            return self.engine.state_dict()
+        return engine_state(self.config, self._saved_progress)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Load :meth:`state_dict` (before a step is in flight)."""
+        if self.engine is not None:
+            self.engine.load_state_dict(state)
+        else:
+            self._saved_progress = load_engine_state(self.config, state)
 
     # -- pickling (torch.save / torch.load) --------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

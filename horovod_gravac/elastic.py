@@ -21,12 +21,11 @@ from horovod.torch.elastic import TorchState
 from horovod.torch.elastic.state import StateHandler, get_handler_registry, set_handler_registry
 
 from .transport import horovod as horovod_transport
-from .optimizer import ADAM_KEY, DistributedOptimizer
+from .engine import rank_0_keys, with_rank_0_state
+from .optimizer import DistributedOptimizer
 from .optimizer import STATE_KEY as _OURS
 
 __all__ = ["TorchState", "OptimizerStateHandler"]
-
-_FROM_RANK_0 = ("step", "skipped_steps", "agent", "decision", ADAM_KEY)
 
 
 class OptimizerStateHandler(StateHandler):
@@ -48,11 +47,11 @@ class OptimizerStateHandler(StateHandler):
     def sync(self) -> None:
         state = self.value.state_dict()
         ours = state.pop(_OURS)
-        shared = _FROM_RANK_0 + (("compressor",) if self.value.compressor.state_is_shared else ())
+        compressor = self.value.compressor
         root = horovod_transport.broadcast_object(
-            {"optimizer": state, **{k: ours[k] for k in shared if k in ours}})
+            {"optimizer": state, **{k: ours[k] for k in rank_0_keys(compressor) if k in ours}})
         merged = root.pop("optimizer")
-        merged[_OURS] = {**ours, **root}  # memories and byte counters stay this rank's own
+        merged[_OURS] = with_rank_0_state(ours, root, compressor)  # residuals stay this rank's
         self.value.load_state_dict(merged)
 
 

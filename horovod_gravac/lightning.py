@@ -21,7 +21,10 @@ device and backend, and fails loudly where it cannot: a strategy that is not Lig
 Checkpoints: the compression state (every rank's residuals, the compressor's state, the
 agent and its decision, the step and byte counters) is written into Lightning's checkpoint
 — gathered from every rank, because residuals differ per rank — and a fit resumed with
-``trainer.fit(..., ckpt_path=...)`` continues from it. The checkpoint holds it as bytes, so
+``trainer.fit(..., ckpt_path=...)`` continues from it: each rank from its own residuals and
+what rank 0 decides (step, agent, decision;
+:func:`~horovod_gravac.engine.with_rank_0_state`),
+as Horovod's checkpoints and elastic do. The checkpoint holds it as bytes, so
 Lightning's default ``weights_only`` loading reads the file; the callback then unpickles its
 own entry allowing only horovod_gravac's classes, tensors and standard containers. A
 checkpoint written with another number of processes is refused (residuals are per rank).
@@ -61,6 +64,7 @@ from . import adam
 from . import compression as C
 from .transport.torch_distributed import gather_to_rank0
 from .ddp import AdamExchangeOptimizer, DDPCompressionState, register_comm_hook
+from .engine import with_rank_0_state
 from .settings import HOOK_COMPRESSION, Settings
 
 __all__ = ["CHECKPOINT_KEY", "CompressionCallback", "communication", "load_state_bytes",
@@ -306,6 +310,10 @@ class CompressionCallback(pl.Callback):
                 f"processes, this fit has {trainer.world_size}: error-feedback residuals are "
                 "per rank, so resume with the same number of processes (or delete "
                 f"checkpoint[{CHECKPOINT_KEY!r}] from the file to start compression afresh)")
-        blob = entry["ranks"][trainer.global_rank]
-        load_state_bytes(blob, trainer.strategy.root_device)  # a bad entry fails here
-        self._loaded = blob  # registered with the hook when the fit starts
+        device = trainer.strategy.root_device
+        own = load_state_bytes(entry["ranks"][trainer.global_rank], device)  # bad: fails here
+        rank_0 = load_state_bytes(entry["ranks"][0], device)
+        # what rank 0 decides is everyone's (the same schema as Horovod's checkpoints)
+        own.load_state_dict(with_rank_0_state(own.state_dict(), rank_0.state_dict(),
+                                              own.compressor))
+        self._loaded = state_bytes(own)  # registered with the hook when the fit starts

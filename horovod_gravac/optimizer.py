@@ -19,7 +19,8 @@ from torch.utils.hooks import RemovableHandle
 
 from . import compression as C
 from .transport.horovod import HorovodTransport, hvd  # hvd: a clear error when missing
-from .engine import CommunicationStats, NonFiniteGradientError, StepEngine, StepReport
+from .engine import (ADAM_STATE, CommunicationStats, NonFiniteGradientError, StepEngine,
+                     StepReport)
 from .settings import Settings
 from .validation import check_number
 from .wrapped import WrappedOptimizer
@@ -30,8 +31,6 @@ GRANULARITIES = ("layer", "model")
 MODEL_TENSOR = "__model__"
 #: the key of this library's part of ``state_dict()`` (memories, compressor, agent, step)
 STATE_KEY = "horovod_gravac"
-#: the Adam-family exchange's part of it (phase, step count), the same on every rank
-ADAM_KEY = "adam"
 
 
 def _parameter_names(optimizer: torch.optim.Optimizer,
@@ -312,7 +311,7 @@ class DistributedOptimizer(WrappedOptimizer):
         state = self.optimizer.state_dict()
         state[STATE_KEY] = self.engine.state_dict()
         if self.adam is not None:
-            state[STATE_KEY][ADAM_KEY] = self.adam.state_dict()
+            state[STATE_KEY][ADAM_STATE] = self.adam.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -322,8 +321,8 @@ class DistributedOptimizer(WrappedOptimizer):
         self._forget_step_in_flight()
         if ours is not None:
             self.engine.load_state_dict(ours)
-            if self.adam is not None and ADAM_KEY in ours:
-                self.adam.load_state_dict(ours[ADAM_KEY])
+            if self.adam is not None and ADAM_STATE in ours:
+                self.adam.load_state_dict(ours[ADAM_STATE])
 
     def _forget_step_in_flight(self) -> None:
         """Drop a half-done step (exchanges of a Horovod world that is gone, after elastic)."""

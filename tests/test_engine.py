@@ -112,3 +112,32 @@ def test_the_engine_binds_its_compressor_to_the_rank_and_size_at_every_step():
     engine._start_step(torch.device("cpu"))
     assert (config.compressor.process_rank, config.compressor.world_size) == (3, 6)
     assert config.compressor.two_stage
+
+
+@pytest.mark.parametrize("compression,shared", [("topk:10", False), ("powersgd", True)])
+def test_rank_0_decides_step_agent_decision_and_a_shared_compressor_state(compression, shared):
+    """One schema for checkpoints, elastic and Lightning: residuals stay each rank's own."""
+    from horovod_gravac.engine import ADAM_STATE, with_rank_0_state
+    compressor = C.create(compression)
+    own = {"step": 7, "skipped_steps": 0, "decision": None, "agent": {"mine": 1},
+           "memory": {"residual": "own"}, "compressor": {"q": "own"}, "communication": "own",
+           ADAM_STATE: {"frozen": False}}
+    root = {**{k: f"{k} of rank 0" for k in own}}
+    merged = with_rank_0_state(own, root, compressor)
+    for key in ("step", "skipped_steps", "decision", "agent", ADAM_STATE):
+        assert merged[key] == f"{key} of rank 0"
+    assert merged["memory"] == {"residual": "own"} and merged["communication"] == "own"
+    assert merged["compressor"] == ("compressor of rank 0" if shared else {"q": "own"})
+
+
+def test_an_engine_state_loads_into_a_config_not_bound_to_an_engine():
+    from horovod_gravac.engine import engine_state, load_engine_state
+    config = EngineConfig.create("topk:10", agent="gravac")
+    progress = {"step": 5, "skipped_steps": 1, "communication": {}, "decision": {"cf": 10}}
+    state = engine_state(config, progress)
+    assert set(state) == {*progress, "memory", "compressor", "agent"}
+    other = EngineConfig.create("topk:10", agent="gravac")
+    assert load_engine_state(other, state) == progress
+    assert other.agent.state_dict().keys() == config.agent.state_dict().keys()
+    no_agent = {**state, "agent": None}  # a decision only means something to its agent
+    assert load_engine_state(other, no_agent)["decision"] is None

@@ -15,10 +15,11 @@ torch.distributed), by responsibility:
 from .accounting import (CommunicationStats, StepReport, exchange_rounds, ladder_link_bytes,
                          step_traffic, tensor_link_bytes)
 from .config import DEFAULT_BUCKET_CAP_MB, NONFINITE_ACTIONS, BucketLayout, EngineConfig
-from .step import StepEngine, StepOutcome
+from .step import (ADAM_STATE, RANK_0_STATE, StepEngine, StepOutcome, engine_state,
+                   load_engine_state, rank_0_keys, with_rank_0_state)
 from .verdict import NonFiniteGradientError
 
-__all__ = ["BucketLayout", "CommunicationStats", "DEFAULT_BUCKET_CAP_MB", "EngineConfig",
-           "NONFINITE_ACTIONS", "NonFiniteGradientError", "StepEngine", "StepOutcome",
-           "StepReport", "exchange_rounds", "ladder_link_bytes", "step_traffic",
-           "tensor_link_bytes"]
+__all__ = ["ADAM_STATE", "BucketLayout", "CommunicationStats", "DEFAULT_BUCKET_CAP_MB",
+           "EngineConfig", "NONFINITE_ACTIONS", "engine_state", "load_engine_state", "NonFiniteGradientError", "RANK_0_STATE",
+           "StepEngine", "StepOutcome", "StepReport", "exchange_rounds", "ladder_link_bytes",
+           "rank_0_keys", "step_traffic", "tensor_link_bytes", "with_rank_0_state"]

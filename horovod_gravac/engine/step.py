@@ -43,6 +43,27 @@ from .verdict import NonFiniteGradientError, nonfinite_error, nonfinite_tensors,
 log = logging.getLogger(__name__)
 
 
+#: the key of an Adam-family exchange's part of a front-end's state (its phase: rank 0's)
+ADAM_STATE = "adam"
+#: what rank 0 decides in an engine's :meth:`~StepEngine.state_dict` (and a front-end's
+#: Adam-family phase): every rank takes these from rank 0's state when a job resumes and when
+#: Horovod elastic resets the world; the rest — error-feedback residuals, byte counters, a
+#: compressor state of each rank's own (Signum's momentum) — stays each rank's own
+RANK_0_STATE = ("step", "skipped_steps", "agent", "decision", ADAM_STATE)
+
+
+def rank_0_keys(compressor: Any) -> tuple[str, ...]:
+    """:data:`RANK_0_STATE`, and ``"compressor"`` where its state is the same on every rank
+    (PowerSGD's Q: ``Compressor.state_is_shared``)."""
+    return RANK_0_STATE + (("compressor",) if compressor.state_is_shared else ())
+
+
+def with_rank_0_state(own: dict[str, Any], rank_0: dict[str, Any],
+                      compressor: Any) -> dict[str, Any]:
+    """This rank's state ``own`` with what rank 0 decides taken from ``rank_0``'s."""
+    return {**own, **{k: rank_0[k] for k in rank_0_keys(compressor) if k in rank_0}}
+
+
 @dataclass(frozen=True)
 class StepOutcome:
     """``finish``'s result: skip the optimizer step? (and the error to raise, if asked)."""
@@ -305,15 +326,31 @@ class StepEngine:
             self.decision = progress["decision"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {**self.progress(), "memory": self.memory.state_dict(),
-                "compressor": self.compressor.state_dict(),
-                "agent": self.agent.state_dict() if self.agent is not None else None}
+        """The progress and the memory's, compressor's and agent's states
+        (:func:`engine_state`); which parts rank 0 decides: :func:`with_rank_0_state`."""
+        return engine_state(self.config, self.progress())
 
     def load_state_dict(self, ours: dict[str, Any]) -> None:
-        self.memory.load_state_dict(ours["memory"])
-        self.compressor.load_state_dict(ours["compressor"])
-        agent_state = ours.get("agent")
-        if self.agent is not None and agent_state is not None:
-            self.agent.load_state_dict(agent_state)
-        # a decision only means something to the agent that made it
-        self.load_progress(ours if agent_state is not None else {**ours, "decision": None})
+        self.load_progress(load_engine_state(self.config, ours))
+
+
+def engine_state(config: EngineConfig, progress: dict[str, Any]) -> dict[str, Any]:
+    """An engine's state: its ``progress`` and the state of the objects ``config`` holds
+    (memory, compressor, agent) — what :meth:`StepEngine.state_dict` returns, also for a
+    configuration not bound to an engine (a DDP hook's state before it is attached)."""
+    return {**progress, "memory": config.memory.state_dict(),
+            "compressor": config.compressor.state_dict(),
+            "agent": config.agent.state_dict() if config.agent is not None else None}
+
+
+def load_engine_state(config: EngineConfig, ours: dict[str, Any]) -> dict[str, Any]:
+    """Load :func:`engine_state`'s ``ours`` into ``config``'s objects; returns the progress
+    to load (without a decision where the agent's state is not loaded: a decision only
+    means something to the agent that made it)."""
+    config.memory.load_state_dict(ours["memory"])
+    config.compressor.load_state_dict(ours["compressor"])
+    agent_state = ours.get("agent")
+    if config.agent is not None and agent_state is not None:
+        config.agent.load_state_dict(agent_state)
+    progress = {k: v for k, v in ours.items() if k not in ("memory", "compressor", "agent")}
+    return progress if agent_state is not None else {**progress, "decision": None}
