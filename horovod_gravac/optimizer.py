@@ -9,9 +9,10 @@ and steps the wrapped optimizer.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -108,37 +109,20 @@ class DistributedOptimizer(WrappedOptimizer):
         if self.adam is not None and op != hvd.Average:
             raise ValueError("the Adam-family exchange averages the ranks' momenta: it needs "
                              "op=hvd.Average (or adam_exchange='off')")
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        named = _parameter_names(optimizer, named_parameters)
+        self.grads = HorovodGradients(optimizer, named_parameters, sparse_as_dense,
+                                      granularity, groups)
         super().__init__(optimizer)
         self.backward_passes_per_step = backward_passes_per_step
         self.granularity = granularity
         self.sparse_as_dense = sparse_as_dense
         self.process_set = process_set
-        ids = {id(p) for p in params}
         #: parameter → its name, as Horovod's optimizer keeps it
-        self._parameter_names = {p: n for n, p in named if id(p) in ids}
-        self._requires_update = [p for p in params if p.requires_grad]
-        self._by_name = {self._parameter_names[p]: p for p in self._requires_update}
-        buckets = _form_groups(groups, params, self._requires_update)
-        if granularity == "model":
-            tensors = [(MODEL_TENSOR, torch.Size([sum(p.numel() for p in self._requires_update)]),
-                        4)]
-            uncompressed: frozenset[str] | None = frozenset()
-        else:
-            tensors = [(self._parameter_names[p], p.shape, p.element_size())
-                       for p in self._requires_update]
-            uncompressed = None
+        self._parameter_names = self.grads.names
         #: error feedback, compression, fused collectives and the agent's decisions
-        self.engine = StepEngine(config, HorovodTransport(process_set), tensors,
-                                 None if buckets is None else
-                                 [[self._parameter_names[p] for p in group] for group in buckets],
-                                 uncompressed)
+        self.engine = StepEngine(config, HorovodTransport(process_set), *self.grads.tensors())
         self.compressor, self.memory, self.agent = config.compressor, config.memory, config.agent
         self.communication = self.engine.communication
         self._passes: dict[Tensor, int] = defaultdict(int)
-        self._sparse: set[Tensor] = set()  # parameters seen with a torch sparse gradient
-        self._densified: dict[Tensor, int] = {}  # sparse_as_dense: param -> its sparse_dim
         self._synchronized = False
         self._should_synchronize = True
         self._skip = False
@@ -146,7 +130,7 @@ class DistributedOptimizer(WrappedOptimizer):
         #: with ``hvd.DistributedOptimizer``
         self.included = bool(process_set.included())
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready)
-                       for p in self._requires_update] if self.included else []
+                       for p in self.grads.trainable] if self.included else []
 
     # -- backprop hooks ------------------------------------------------------------------
     def _on_grad_ready(self, p: Tensor) -> None:
@@ -163,7 +147,7 @@ class DistributedOptimizer(WrappedOptimizer):
 
     def _begin(self, p: Tensor) -> None:
         """Hand ``p``'s gradient to the engine (no gradient on this rank: zeros)."""
-        name, grad = self._parameter_names[p], self._gradient(p)
+        name, grad = self._parameter_names[p], self.grads.gradient(p)
         if grad.is_sparse:  # Horovod's sparse path: uncompressed, no error feedback
             self.engine.begin_sparse(name, grad)
         else:
@@ -179,48 +163,6 @@ class DistributedOptimizer(WrappedOptimizer):
             self.adam.freeze()
         return self.adam.exchanged(p, grad) if self.adam.frozen else grad
 
-    def _gradient(self, p: Tensor) -> Tensor:
-        """The tensor to exchange for ``p``: its gradient, dense unless exchanged sparse."""
-        if p.grad is None:  # no gradient on this rank: send zeros of the kind others send
-            if p in self._sparse:
-                p.grad = torch.sparse_coo_tensor(
-                    torch.zeros(1, 0, dtype=torch.int64, device=p.device),
-                    p.new_zeros((0, *p.shape[1:])), p.shape)
-            else:
-                p.grad = torch.zeros_like(p)
-        if not p.grad.is_sparse:
-            return p.grad
-        self._sparse.add(p)
-        if not self.sparse_as_dense:
-            return p.grad
-        self._densified[p] = p.grad.sparse_dim()
-        return p.grad.to_dense()
-
-    def _write_back(self, name: str, averaged: Tensor) -> None:
-        """The engine's averaged gradient of ``name`` into ``p.grad``."""
-        if name == MODEL_TENSOR:
-            offset = 0
-            for p in self._requires_update:
-                n = p.numel()
-                p.grad.copy_(averaged[offset:offset + n].view_as(p))
-                offset += n
-            return
-        p = self._by_name[name]
-        if averaged.is_sparse:
-            p.grad = averaged
-        elif p in self._densified:  # sparse_as_dense: back to sparse, as Horovod
-            p.grad = averaged.view(p.shape).to_sparse(self._densified.pop(p))
-        else:  # no copy where it was decoded into p.grad (see _destination)
-            C.write_into(p.grad, averaged)
-
-    def _destination(self, name: str) -> Tensor | None:
-        """Where the engine may decode ``name``'s averaged gradient: ``p.grad`` itself (its
-        own gradient is no longer needed), unless it is exchanged sparse or densified."""
-        p = self._by_name.get(name)
-        if p is None or p in self._densified or p.grad is None or p.grad.is_sparse:
-            return None
-        return p.grad
-
     # -- the Horovod optimizer API ---------------------------------------------------------
     def synchronize(self) -> None:
         """Wait for every exchange and write the averaged gradients into ``p.grad``."""
@@ -228,15 +170,13 @@ class DistributedOptimizer(WrappedOptimizer):
             self._synchronized = True
             return
         if self.granularity == "model":
-            grads = [self._exchanged(p, self._gradient(p)) for p in self._requires_update]
-            self.engine.begin(MODEL_TENSOR, torch.cat([g.reshape(-1) for g in grads])
-                              if grads else torch.zeros(0))
+            self.engine.begin(MODEL_TENSOR, self.grads.flattened(self._exchanged))
         else:  # gradients not begun yet: none on this rank
-            for p in self._requires_update:
+            for p in self.grads.trainable:
                 if not self.engine.begun(self._parameter_names[p]):
                     self._begin(p)
         outcome = self.engine.finish(
-            self._write_back, self.param_groups[0].get("lr"), self._destination,
+            self.grads.write_back, self.param_groups[0].get("lr"), self.grads.destination,
             self.adam.take_variance_change() if self.adam is not None else None)
         self._passes.clear()
         self._synchronized = True
@@ -260,18 +200,14 @@ class DistributedOptimizer(WrappedOptimizer):
         """
         return self.engine.untimed()
 
-    def skip_synchronize(self):
+    @contextlib.contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
         """Context manager: ``step()`` inside it does not synchronize (call it yourself)."""
-        optimizer = self
-
-        class _Skip:
-            def __enter__(self):
-                optimizer._should_synchronize = False
-
-            def __exit__(self, *exc):
-                optimizer._should_synchronize = True
-
-        return _Skip()
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
 
     def _initialising_state(self) -> bool:
         """``step()`` as ``hvd.broadcast_optimizer_state`` calls it to create missing
@@ -347,6 +283,92 @@ class DistributedOptimizer(WrappedOptimizer):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({type(self.optimizer).__name__}, "
                 f"compression={self.compressor!r}, granularity={self.granularity!r})")
+
+
+class HorovodGradients:
+    """The optimizer's parameters as the engine's named tensors, the way Horovod's optimizer
+    names and exchanges them: Horovod's names, torch sparse gradients (sent sparse, or dense
+    with ``sparse_as_dense`` and handed back sparse), zeros for a parameter without a
+    gradient on this rank, and ``granularity="model"``'s one flattened tensor.
+
+    Arguments:
+        optimizer, named_parameters, sparse_as_dense, granularity, groups: as for
+            :class:`DistributedOptimizer` (``groups`` as :func:`_check_arguments` returns it).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 named_parameters: Iterable[tuple[str, Tensor]] | None, sparse_as_dense: bool,
+                 granularity: str, groups: int | list[list[Tensor]] | None) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        ids = {id(p) for p in params}
+        #: parameter → its name
+        self.names = {p: n for n, p in _parameter_names(optimizer, named_parameters)
+                      if id(p) in ids}
+        #: the parameters that take gradients, in the optimizer's order
+        self.trainable = [p for p in params if p.requires_grad]
+        self.by_name = {self.names[p]: p for p in self.trainable}
+        self.sparse_as_dense, self.granularity = sparse_as_dense, granularity
+        self.groups = _form_groups(groups, params, self.trainable)
+        self.sparse: set[Tensor] = set()  # parameters seen with a torch sparse gradient
+        self.densified: dict[Tensor, int] = {}  # sparse_as_dense: param -> its sparse_dim
+
+    def tensors(self) -> tuple[list[tuple[str, torch.Size, int]], list[list[str]] | None,
+                               frozenset[str] | None]:
+        """The engine's tensors, explicit buckets and uncompressed names (None: by the
+        settings)."""
+        if self.granularity == "model":
+            numel = sum(p.numel() for p in self.trainable)
+            return [(MODEL_TENSOR, torch.Size([numel]), 4)], None, frozenset()
+        groups = None if self.groups is None else \
+            [[self.names[p] for p in group] for group in self.groups]
+        return [(self.names[p], p.shape, p.element_size()) for p in self.trainable], groups, None
+
+    def flattened(self, exchanged: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """Every ``exchanged(p, gradient)`` as one vector (``granularity="model"``)."""
+        grads = [exchanged(p, self.gradient(p)) for p in self.trainable]
+        return torch.cat([g.reshape(-1) for g in grads]) if grads else torch.zeros(0)
+
+    def gradient(self, p: Tensor) -> Tensor:
+        """The tensor to exchange for ``p``: its gradient, dense unless exchanged sparse."""
+        if p.grad is None:  # no gradient on this rank: send zeros of the kind others send
+            if p in self.sparse:
+                p.grad = torch.sparse_coo_tensor(
+                    torch.zeros(1, 0, dtype=torch.int64, device=p.device),
+                    p.new_zeros((0, *p.shape[1:])), p.shape)
+            else:
+                p.grad = torch.zeros_like(p)
+        if not p.grad.is_sparse:
+            return p.grad
+        self.sparse.add(p)
+        if not self.sparse_as_dense:
+            return p.grad
+        self.densified[p] = p.grad.sparse_dim()
+        return p.grad.to_dense()
+
+    def write_back(self, name: str, averaged: Tensor) -> None:
+        """The engine's averaged gradient of ``name`` into ``p.grad``."""
+        if name == MODEL_TENSOR:
+            offset = 0
+            for p in self.trainable:
+                n = p.numel()
+                p.grad.copy_(averaged[offset:offset + n].view_as(p))
+                offset += n
+            return
+        p = self.by_name[name]
+        if averaged.is_sparse:
+            p.grad = averaged
+        elif p in self.densified:  # sparse_as_dense: back to sparse, as Horovod
+            p.grad = averaged.view(p.shape).to_sparse(self.densified.pop(p))
+        else:  # no copy where it was decoded into p.grad (see destination)
+            C.write_into(p.grad, averaged)
+
+    def destination(self, name: str) -> Tensor | None:
+        """Where the engine may decode ``name``'s averaged gradient: ``p.grad`` itself (its
+        own gradient is no longer needed), unless it is exchanged sparse or densified."""
+        p = self.by_name.get(name)
+        if p is None or p in self.densified or p.grad is None or p.grad.is_sparse:
+            return None
+        return p.grad
 
 
 def _check_arguments(optimizer: Any, backward_passes_per_step: Any, op: Any,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .agents import COMPENSATED, Decision, ErrorSpec, ProbeSpec
+from .agents import COMPENSATED, Agent, Decision, ErrorSpec, ProbeSpec
 from .compression import Compressor
 
 
@@ -110,3 +110,17 @@ class ErrorProbe(Probe):
         rows, self._rows = self._rows, {}
         zeros = torch.zeros(self.spec.width, device=device)
         return torch.cat([rows[n].to(device) if n in rows else zeros for n in self.names])
+
+
+def probes(agent: Agent | None, compressor: Compressor, shapes: dict[str, torch.Size],
+           uncompressed: frozenset[str]) -> tuple[GainProbe | None, ErrorProbe | None]:
+    """The probes ``agent`` asks for (None where it asks for none): its gain over every
+    tensor, a layer plan's errors over the compressed ones."""
+    if agent is None:
+        return None, None
+    gain = GainProbe(agent.probe, compressor, [(n, s.numel()) for n, s in shapes.items()]) \
+        if agent.probe is not None else None
+    errors = ErrorProbe(agent.error_probe, compressor,
+                        [(n, s.numel()) for n, s in shapes.items() if n not in uncompressed]) \
+        if agent.error_probe is not None else None
+    return gain, errors

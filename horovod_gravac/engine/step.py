@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from .. import agents as A
-from ..probing import ErrorProbe, GainProbe
+from ..probing import probes
 from ..transport import Transport
 from .accounting import CommunicationStats, StepCounters, StepReport, timing
 from .buckets import Bucket, BucketExchange
@@ -111,14 +111,7 @@ class StepEngine:
         self.layout = BucketLayout.by_size(
             [(n, torch.Size(shape).numel() * size) for n, shape, size in tensors],
             config.bucket_cap_mb * 2**20, groups)
-        agent = self.agent
-        probe = GainProbe(agent.probe, self.compressor,
-                          [(n, s.numel()) for n, s in self.shapes.items()]) \
-            if agent is not None and agent.probe is not None else None
-        error_probe = ErrorProbe(agent.error_probe, self.compressor,
-                                 [(n, s.numel()) for n, s in self.shapes.items()
-                                  if n not in self.uncompressed]) \
-            if agent is not None and agent.error_probe is not None else None
+        probe, error_probe = probes(self.agent, self.compressor, self.shapes, self.uncompressed)
         self.communication = CommunicationStats()
         self._counters = StepCounters(transport.size)
         self._encoder = Encoder(self.compressor, self.memory, self.uncompressed, probe,
@@ -126,7 +119,7 @@ class StepEngine:
         self._buckets = BucketExchange(self.layout, transport, self.label, config.average,
                                        config.predivide, self.communication, self._counters,
                                        carrier=self.names[0] if self.names else None)
-        self._control = Control(agent, transport, self.shapes, self.compressor,
+        self._control = Control(self.agent, transport, self.shapes, self.compressor,
                                 self.uncompressed, self.layout, probe, error_probe,
                                 self._counters, self.label)
         self.step_count = 0
@@ -160,6 +153,7 @@ class StepEngine:
         self._encoder.clear()
 
     def _start_step(self, device: torch.device) -> None:
+        """The step's first tensor: its decision, its device, its world."""
         if self._applied is None and self.agent is not None:
             self._applied = self.decision
         if self._device is None:
@@ -204,17 +198,16 @@ class StepEngine:
         self._start_step(device)
         self._begun.add(name)
 
-    def _launch_ready(self, bucket: Bucket) -> None:
-        """Launch what is complete: the bucket, and the carrier once every tensor began."""
+    def _launch_ready(self, bucket: Bucket | None = None) -> None:
+        """The first round of what is complete: ``bucket``, and the carrier (with the
+        agent's statistics) once every tensor began; None: every bucket not yet sent."""
         all_begun = len(self._begun) == len(self.names)
-        for ready in self._buckets.ready(bucket, all_begun, self._control.measures):
-            self._launch(ready)
-
-    def _launch(self, bucket: Bucket) -> None:
-        """A bucket's first round; the carrier's carries the agent's statistics."""
-        stats = self._control.statistics_vector(self._applied, self._device) \
-            if bucket is self._buckets.carrier else None
-        self._buckets.launch(bucket, 0, stats)
+        ready = self._buckets.ready(bucket, all_begun, self._control.measures) \
+            if bucket is not None else [b for b in self._buckets.buckets if not b.rounds]
+        for launched in ready:
+            stats = self._control.statistics_vector(self._applied, self._device) \
+                if launched is self._buckets.carrier else None
+            self._buckets.launch(launched, 0, stats)
 
     def finish(self, write_back: Callable[[str, Tensor], None], lr: float | None = None,
                destination: Callable[[str], Tensor | None] | None = None,
@@ -230,9 +223,7 @@ class StepEngine:
         if missing:
             raise RuntimeError(f"finish() before every tensor began; missing: {missing[:5]}")
         self._finish_start = time.perf_counter() - self._counters.wait_s  # less the waits
-        for bucket in self._buckets.buckets:  # the carrier may still wait for the last tensor
-            if not bucket.rounds:
-                self._launch(bucket)
+        self._launch_ready()  # the carrier may still wait for the last tensor
         self._buckets.complete_step(destination or (lambda name: None))
         results = self._buckets.results()
         wants_norms = self.agent is not None and self.agent.needs_layer_norms and \
