@@ -62,8 +62,8 @@ class GainProbe(Probe):
         spec = self.spec
         x = compensated if spec.measure.compressed == COMPENSATED else grad
         reference = compensated if spec.measure.reference == COMPENSATED else grad
-        energies = self.compressor.energies(x, name, step, sample=self.samples[name]) \
-            if spec.per_codec else \
+        energies = self.compressor.energies(x, name, step, sample=self.samples[name],
+                                            sent=decision.codec) if spec.per_codec else \
             self.compressor.energy_profile(x, spec.cfs(decision), name, step,
                                            sample=self.samples[name])
         norm = torch.linalg.vector_norm(reference, dtype=torch.float32)

@@ -216,3 +216,25 @@ def test_optimizer_front_end_takes_a_set_and_the_choice_agent():
     model(torch.randn(2, 8)).sum().backward()
     opt.step()
     assert opt.decisions[-1].codec == 0
+
+
+def test_a_powersgd_not_sent_is_measured_at_the_energy_its_warm_q_settles_at():
+    """Its seeded Q underestimates what a few steps of sending it reach, most at rank 1."""
+    generator = torch.Generator().manual_seed(0)
+    low_rank = torch.randn(800, 3, generator=generator) @ torch.diag(torch.tensor([5., 2., 1.])) \
+        @ torch.randn(3, 200, generator=generator)
+    grad = low_rank + 0.5 * torch.randn(800, 200, generator=generator)
+    singular = torch.linalg.svdvals(grad).square()
+    for rank in (1, 4):
+        powersgd = C.create(f"powersgd:{rank}")
+        exact = powersgd.settled_energy_profile(grad, [powersgd.cf], "w")[0]
+        assert exact == pytest.approx(float(singular[:rank].sum()), rel=1e-4)
+        cold = powersgd.energy_profile(grad, [powersgd.cf], "w", sample=16384)[0]
+        sketched = powersgd.settled_energy_profile(grad, [powersgd.cf], "w", sample=16384)[0]
+        assert cold < sketched <= 1.05 * exact
+    candidates = C.create("dense|powersgd:1|topk:10")
+    sent = candidates.energies(grad, "w", sample=None, sent=1)
+    unsent = candidates.energies(grad, "w", sample=None, sent=0)
+    assert sent[0] == unsent[0] == pytest.approx(float(grad.square().sum()), rel=1e-5)
+    assert sent[1] < unsent[1] == pytest.approx(float(singular[0]), rel=1e-4)
+    assert sent[2] == unsent[2]  # TopK keeps no state: measured alike

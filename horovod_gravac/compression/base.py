@@ -245,6 +245,14 @@ class Compressor:
         levels = [(payload, ctx)] + [self.recompress(payload, ctx, cf) for cf in cfs[1:]]
         return torch.stack([self.sent_norm_sq(*level).float() for level in levels])
 
+    def settled_energy_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                               step: int = 0, sample: int | None = None) -> Tensor:
+        """:meth:`energy_profile` as it will be once this compressor has been sent for a
+        while — the gain of a candidate not sent yet. The same for a compressor whose
+        compression does not depend on its past (here); a warm-started one overrides it
+        (PowerSGD)."""
+        return self.energy_profile(tensor, cfs, name, step, sample=sample)
+
     def error_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
                       step: int = 0, sample: int | None = None) -> Tensor:
         """‖tensor − C(tensor, cf)‖² for each CF of the ascending ``cfs`` (a layer plan's

@@ -77,18 +77,22 @@ class Candidates(Compressor):
         return self.candidates[codec].name == "none"
 
     def energies(self, tensor: Tensor, name: str = "", step: int = 0,
-                 sample: int | None = None) -> Tensor:
+                 sample: int | None = None, sent: int | None = None) -> Tensor:
         """‖C_k(tensor)‖² for every candidate k at its own setting (the agent's gains): from
         ``sample`` elements where the candidate estimates it (sparsifiers, PowerSGD); ‖x‖²
-        for those near enough to dense for Adam (the identity, fp16), uncompressed."""
+        for those near enough to dense for Adam (the identity, fp16), uncompressed. The
+        candidates other than the one ``sent`` are measured as they would be once sent for a
+        while (:meth:`~horovod_gravac.compression.Compressor.settled_energy_profile`: a
+        PowerSGD never sent still has its seeded Q)."""
         rows = []
         whole = torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
-        for candidate in self.candidates:
+        for k, candidate in enumerate(self.candidates):
             if candidate.preserves_adam:
                 rows.append(whole)
             elif candidate.adjustable_cf:
-                rows.append(candidate.energy_profile(tensor, [candidate.cf], name, step,
-                                                     sample=sample)[0].float())
+                profile = candidate.energy_profile if k == sent else \
+                    candidate.settled_energy_profile
+                rows.append(profile(tensor, [candidate.cf], name, step, sample=sample)[0].float())
             else:
                 payload, ctx = candidate.compress(tensor, name, step)
                 rows.append(candidate.sent_norm_sq(payload, ctx).float())

@@ -34,6 +34,10 @@ from ..validation import check_bool, check_number
 from .base import Ctx, Exchange, Payload, SeededCompressor, is_finite, validate_cf
 
 
+#: subspace iterations of :meth:`PowerSGD.settled_energy_profile`
+SETTLE_ITERATIONS = 4
+
+
 def orthogonalize(p: Tensor) -> Tensor:
     """Orthonormal columns spanning ``p``: reduced QR, or a normalisation at rank 1."""
     if p.shape[1] == 1:
@@ -166,26 +170,57 @@ class PowerSGD(SeededCompressor):
         n, m, top = dims
         matrix = tensor.reshape(n, m).float()
         q = self._start_q(name, m, top, matrix.device)
-        lines = matrix if n >= m else matrix.t()  # the longer side first
-        long, short = lines.shape
-        s = min(long, max(4 * top, -(-sample // short)))
-        if s < long:
-            weights = torch.nan_to_num(lines.pow(2).sum(1), nan=0.0, posinf=0.0)
-            total = weights.sum()
-            gen = self.generator(matrix.device, "powersgd-gain", name, step)
-            picked = torch.multinomial(weights.clamp_min(torch.finfo(weights.dtype).tiny), s,
-                                       replacement=True, generator=gen)
-            scale = (total / (s * weights[picked].clamp_min(torch.finfo(weights.dtype).tiny))
-                     ).sqrt().unsqueeze(1)
-            sketch = lines[picked] * scale  # s × short
+        sketched = self._sketch(matrix, top, sample, name, step)
+        if sketched is None:
+            side, p = matrix.t(), matrix @ q
+        else:
+            sketch, picked, scale = sketched
             if n >= m:  # rows: P̂ from the sketched rows
                 side, p = sketch.t(), sketch @ q
             else:  # columns: M Q ≈ Σ_j M[:, j] Q[j] / (s p_j), from the sketched columns
                 side, p = sketch, sketch.t() @ (q[picked] * scale)
-        else:
-            side, p = matrix.t(), matrix @ q
         energies = (side @ orthogonalize(p)).pow(2).sum(0).cumsum(0)
         return torch.stack([energies[min(self.rank_for(n, m, cf), top) - 1] for cf in cfs])
+
+    def settled_energy_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                               step: int = 0, sample: int | None = None) -> Tensor:
+        """The energy a warm-started Q settles at: the best rank-r approximation's, ‖M‖²'s
+        share in the top r singular directions, from ``SETTLE_ITERATIONS`` subspace
+        iterations on the Gram matrix of M's shorter side (of the same length-squared
+        sketch as :meth:`energy_profile`). For a PowerSGD not sent yet, whose own Q is still
+        the seeded one: one power iteration from a random Q underestimates what sending it
+        for a few steps would reach, the more so at low rank."""
+        dims = self._matrix_shape(tensor.shape, cfs[0])
+        if dims is None:
+            return super().energy_profile(tensor, cfs, name, step)
+        n, m, top = dims
+        matrix = tensor.reshape(n, m).float()
+        sketched = self._sketch(matrix, top, sample, name, step)
+        lines = (matrix if n >= m else matrix.t()) if sketched is None else sketched[0]
+        gram = lines.t() @ lines  # short × short: the Gram matrix of the shorter side
+        gen = self.generator(matrix.device, "powersgd-settle", name)
+        v = torch.randn(gram.shape[0], top, generator=gen, device=matrix.device)
+        for _ in range(SETTLE_ITERATIONS):
+            v = orthogonalize(gram @ v)
+        energies = ((gram @ v) * v).sum(0).cumsum(0)
+        return torch.stack([energies[min(self.rank_for(n, m, cf), top) - 1] for cf in cfs])
+
+    def _sketch(self, matrix: Tensor, top: int, sample: int | None, name: str,
+                step: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """A length-squared sketch of ``matrix``'s longer side — s lines drawn with
+        probability ∝ their squared norm and scaled (s × shorter side), the lines picked
+        and their scales — or None where it would hold every line."""
+        lines = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.t()
+        long, short = lines.shape
+        s = long if sample is None else min(long, max(4 * top, -(-sample // short)))
+        if s >= long:
+            return None
+        weights = torch.nan_to_num(lines.pow(2).sum(1), nan=0.0, posinf=0.0)
+        tiny = torch.finfo(weights.dtype).tiny
+        gen = self.generator(matrix.device, "powersgd-gain", name, step)
+        picked = torch.multinomial(weights.clamp_min(tiny), s, replacement=True, generator=gen)
+        scale = (weights.sum() / (s * weights[picked].clamp_min(tiny))).sqrt().unsqueeze(1)
+        return lines[picked] * scale, picked, scale
 
     def error_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
                       step: int = 0, sample: int | None = None) -> Tensor:
