@@ -78,7 +78,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -90,7 +90,6 @@ from horovod_gravac.app.models import create_model, parameter_shapes
 from horovod_gravac.agents.costmodel import Link, Traffic, fit_link
 from horovod_gravac.engine import BucketLayout
 from horovod_gravac.engine import step_traffic as engine_step_traffic
-from horovod_gravac.settings import Settings
 
 #: the exchanges the model is validated on: name → gravac-train flags
 CONFIGS: dict[str, tuple[str, ...]] = {
@@ -179,7 +178,7 @@ class Calibration:
             return split["compute"] + split["optimizer"]
         shapes = tuple(parameter_shapes(config["model"]))
         uncompressed = C.uncompressed_tensors(((n, s.numel()) for n, s in shapes),
-                                              _setting(config, "min_compress_numel"),
+                                              config["min_compress_numel"],
                                               parse_patterns(config.get("compress_pattern")))
         return cls(
             name=name, model=config["model"], ranks=int(summary["ranks"]),
@@ -839,12 +838,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise ValueError("nothing to do: give --measure, --validate, --project and/or --paper")
     args.out = args.out or Path("results/whatif") / args.workload
     return args
-
-
-def _setting(config: dict[str, Any], name: str) -> Any:
-    """A run's library setting from its ``config.json`` (not given: the library's default)."""
-    value = config.get(name)
-    return getattr(Settings, name) if value is None else value
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,7 @@ synchronised backward exchanges the accumulated gradients. Unused parameters
 """
 # No "from __future__ import annotations": DDP checks the hook's annotations are the real
 # dist.GradBucket and torch.futures.Future[torch.Tensor].
+import copy
 import dataclasses
 from typing import Any, Callable
 
@@ -90,9 +91,11 @@ class DDPCompressionState:
     def __init__(self, module: torch.nn.Module, process_group: dist.ProcessGroup | None = None,
                  *, optimizer: torch.optim.Optimizer | None = None,
                  settings: Settings | None = None, **given: Any) -> None:
-        if settings is None:
-            given.setdefault("compression", HOOK_COMPRESSION)
-        self.settings = Settings.of(settings, **given)
+        if not (process_group is None or isinstance(process_group, dist.ProcessGroup)):
+            raise ValueError(f"process_group must be a torch.distributed ProcessGroup or None, "
+                             f"got {process_group!r}; the settings (compression=..., "
+                             "agent=...) are keyword arguments")
+        self.settings = Settings.of(settings, **given).or_compression(HOOK_COMPRESSION)
         self.config, _ = self.settings.build()
         #: whether the last step's averaged gradient was non-finite (gradients set to None)
         self.last_step_skipped = False
@@ -203,6 +206,13 @@ class DDPCompressionState:
                 else self._saved_progress}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "settings" not in state:  # saved before the settings were kept: from its config
+            config = state["config"]
+            state["settings"] = Settings(
+                config.compressor, config.memory if state.pop("_memory_given", False) else None,
+                config.agent.agent if isinstance(config.agent, A.AdamPhases) else config.agent,
+                on_nonfinite=config.on_nonfinite, min_compress_numel=config.min_compress_numel,
+                compress_patterns=config.compress_patterns, bucket_cap_mb=config.bucket_cap_mb)
         self.__dict__.update(state)
         self.engine = None
         self.adam = None  # an AdamExchangeOptimizer around the loaded state sets it again
@@ -361,8 +371,9 @@ class AdamExchangeOptimizer(WrappedOptimizer):
             if state.settings.adam_exchange in (adam.OFF, None):
                 raise ValueError("the hook's settings say adam_exchange='off': give an "
                                  "AdamExchange here, or build the hook without it")
-            chosen = state.settings.adam_exchange
-            exchange = chosen if isinstance(chosen, AdamExchange) else AdamExchange()
+            chosen = state.settings.adam_exchange  # a copy: the settings stay unbound
+            exchange = copy.deepcopy(chosen) if isinstance(chosen, AdamExchange) else \
+                AdamExchange()
         if not isinstance(exchange, AdamExchange):
             raise ValueError(f"exchange must be an AdamExchange or None, got {exchange!r}")
         exchange.bind(optimizer)  # a ValueError for anything but Adam/AdamW

@@ -186,14 +186,11 @@ class CompressionCallback(pl.Callback):
     def __init__(self, compression: str | C.Compressor | None = None, *,
                  settings: Settings | None = None, **given: Any) -> None:
         super().__init__()
-        if compression is not None:
-            given["compression"] = compression
-        elif settings is None:
-            given["compression"] = HOOK_COMPRESSION
         # copies: an agent or compressor object keeps state, and the same object in two
         # callbacks (or trainers) would start ranks from different decisions; bad names or
         # settings fail here, before the processes start, not at fit
-        self.settings = copy.deepcopy(Settings.of(settings, **given))
+        self.settings = copy.deepcopy(Settings.of(settings, compression=compression, **given)
+                                      .or_compression(HOOK_COMPRESSION))
         self._state: DDPCompressionState | None = None
         self._loaded: bytes | None = None  # this rank's state from a checkpoint, until the fit
         self._hooked: DistributedDataParallel | None = None  # the model of the running fit
@@ -312,7 +309,7 @@ class CompressionCallback(pl.Callback):
                 f"checkpoint[{CHECKPOINT_KEY!r}] from the file to start compression afresh)")
         device = trainer.strategy.root_device
         own = load_state_bytes(entry["ranks"][trainer.global_rank], device)  # bad: fails here
-        rank_0 = load_state_bytes(entry["ranks"][0], device)
+        rank_0 = own if trainer.global_rank == 0 else load_state_bytes(entry["ranks"][0], device)
         # what rank 0 decides is everyone's (the same schema as Horovod's checkpoints)
         own.load_state_dict(with_rank_0_state(own.state_dict(), rank_0.state_dict(),
                                               own.compressor))

@@ -101,9 +101,8 @@ class DistributedOptimizer(WrappedOptimizer):
         backward_passes_per_step, groups = _check_arguments(
             optimizer, backward_passes_per_step, op, gradient_predivide_factor, num_groups,
             groups, sparse_as_dense, granularity)
-        if compression is not None:
-            given["compression"] = compression
-        self.settings = Settings.of(settings, **given)
+        self.settings = Settings.of(settings, compression=compression, **given) \
+            .or_compression("none")
         config, self.adam = self.settings.build(optimizer, average=op == hvd.Average,
                                                 predivide=float(gradient_predivide_factor))
         if self.adam is not None and op != hvd.Average:
@@ -116,6 +115,7 @@ class DistributedOptimizer(WrappedOptimizer):
         self.granularity = granularity
         self.sparse_as_dense = sparse_as_dense
         self.process_set = process_set
+        self.on_nonfinite = self.settings.on_nonfinite
         #: parameter → its name, as Horovod's optimizer keeps it
         self._parameter_names = self.grads.names
         #: error feedback, compression, fused collectives and the agent's decisions

@@ -9,6 +9,7 @@ are made — before any process group, hook or training step exists.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -31,10 +32,12 @@ class Settings:
 
     Arguments:
         compression: a :class:`~horovod_gravac.compression.Compressor`, a registry name or a
-            ``"name:value"`` string (``"topk:100"``, ``"powersgd:2"``), Horovod's
-            ``hvd.Compression.none``/``fp16``, or a set of candidates for
-            ``agent="choice"`` (``"auto"`` or ``"dense|fp16|powersgd:1|topk:100"``).
-            Default ``"none"`` (the DDP hook and the Lightning callback: ``"topk:100"``).
+            ``"name:value"`` string (``"topk:100"``, ``"powersgd:2"``), or a set of
+            candidates for ``agent="choice"`` (``"auto"`` or
+            ``"dense|fp16|powersgd:1|topk:100"``). None: the front-end's default —
+            ``"none"`` for :class:`~horovod_gravac.optimizer.DistributedOptimizer` and
+            ``gravac-train``, :data:`HOOK_COMPRESSION` (``"topk:100"``) for the DDP hook and
+            the Lightning callback.
         memory: the error-feedback memory (a name such as ``"residual"`` or a
             :class:`~horovod_gravac.compression.Memory`; None: the compressor's own).
         agent: ``"static"``, ``"gravac"``, ``"accordion"``, ``"choice"``, an agent object,
@@ -60,9 +63,14 @@ class Settings:
             :class:`~horovod_gravac.optimizer.DistributedOptimizer` and the Lightning callback apply it
             to the optimizer they step; with :func:`~horovod_gravac.ddp.register_comm_hook`,
             wrap the optimizer in :class:`~horovod_gravac.ddp.AdamExchangeOptimizer`.
+
+    Objects given (a compressor, memory, agent or ``AdamExchange``) are used as they are and
+    keep their state: give each model its own (an ``AdamExchange`` is copied when an
+    optimizer is bound to it). ``None`` for ``compression``, ``on_nonfinite``,
+    ``min_compress_numel`` or ``bucket_cap_mb`` means the default.
     """
 
-    compression: Any = "none"
+    compression: Any = None
     memory: str | C.Memory | None = None
     agent: str | A.Agent | None = None
     on_nonfinite: str = "skip"
@@ -80,13 +88,20 @@ class Settings:
                                                                  Mapping):
             raise ValueError("compress_patterns must map name patterns to True/False, got "
                              f"{self.compress_patterns!r}")
+        for name in _NONE_IS_DEFAULT:  # None: the default (compression's: the front-end's)
+            if getattr(self, name) is None and name != "compression":
+                object.__setattr__(self, name, _DEFAULTS[name])
+        if self.compress_patterns is not None:  # a plain dict: it pickles and compares
+            object.__setattr__(self, "compress_patterns", dict(self.compress_patterns))
         self.build()  # bad names and values fail here, before anything runs
 
     @classmethod
     def of(cls, settings: "Settings | None" = None, **given: Any) -> "Settings":
         """``settings`` (default: the defaults) with the keyword arguments ``given`` in
-        place of its values; an unknown keyword is a ValueError naming the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        place of its values (None, where it means the default, replaces nothing); an unknown
+        keyword is a ValueError naming the known ones."""
+        given = {k: v for k, v in given.items() if v is not None or k not in _NONE_IS_DEFAULT}
+        known = set(_DEFAULTS)
         unknown = sorted(set(given) - known)
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)}; the settings are "
@@ -98,15 +113,20 @@ class Settings:
                              f"{type(settings).__name__}")
         return dataclasses.replace(settings, **given) if given else settings
 
+    def or_compression(self, default: str) -> "Settings":
+        """These settings, compressing with ``default`` where no compression was given."""
+        return self if self.compression is not None else \
+            dataclasses.replace(self, compression=default)
+
     def build(self, optimizer: torch.optim.Optimizer | None = None, average: bool = True,
               predivide: float = 1.0) -> tuple[EngineConfig, AdamExchange | None]:
         """The engine's configuration (compressor, memory and agent built and checked
         together) and, where ``adam_exchange`` applies to ``optimizer``, the Adam-family
         exchange bound to it (None: gradients are exchanged): its agent then runs in
         :class:`~horovod_gravac.agents.AdamPhases` and its memory is error feedback."""
-        compressor = C.create(self.compression)
+        compressor = C.create("none" if self.compression is None else self.compression)
         exchange = None if optimizer is None else \
-            adam.create(self.adam_exchange, optimizer, compressor)
+            adam.create(copy.deepcopy(self.adam_exchange), optimizer, compressor)
         agent = A.create(self.agent)
         config = EngineConfig(
             compressor, adam.create_memory(self.memory, compressor, exchange),
@@ -115,3 +135,9 @@ class Settings:
             compress_patterns=dict(self.compress_patterns or {}),
             bucket_cap_mb=self.bucket_cap_mb, average=average, predivide=predivide)
         return config, exchange
+
+
+#: every setting's default, by name
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Settings)}
+#: the settings for which None means the default (others: None is a value of its own)
+_NONE_IS_DEFAULT = ("compression", "on_nonfinite", "min_compress_numel", "bucket_cap_mb")

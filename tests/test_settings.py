@@ -21,6 +21,11 @@ def test_of_replaces_the_given_values_and_keeps_the_rest():
         == ("topk:10", "accordion", 5, 0)
     assert Settings.of(base) is base
     assert Settings.of(compression="fp16") == Settings(compression="fp16")
+    # None means the default where it has no meaning of its own
+    assert Settings.of(base, compression=None, bucket_cap_mb=None) is base
+    assert Settings(on_nonfinite=None, min_compress_numel=None) == Settings()
+    assert Settings().or_compression("topk:100").compression == "topk:100"
+    assert base.or_compression("topk:100") is base
     assert pickle.loads(pickle.dumps(merged)) == merged
 
 
@@ -96,12 +101,47 @@ def test_the_ddp_hook_defaults_to_topk_and_takes_one_settings_object(world_of_on
     from horovod_gravac import ddp
     model = torch.nn.Linear(4, 2)
     assert ddp.DDPCompressionState(model).settings.compression == HOOK_COMPRESSION
+    assert ddp.DDPCompressionState(model, settings=Settings(bucket_cap_mb=2)) \
+        .settings.compression == HOOK_COMPRESSION
     state = ddp.DDPCompressionState(model, settings=Settings(compression="fp16"),
                                     bucket_cap_mb=2)
     assert state.settings == Settings(compression="fp16", bucket_cap_mb=2)
     assert state.config.compressor.name == "fp16" and state.config.bucket_cap_mb == 2
     with pytest.raises(ValueError, match="unknown setting"):
         ddp.DDPCompressionState(model, bucket_size=2)
+    with pytest.raises(ValueError, match="process_group must be a torch.distributed "
+                                         "ProcessGroup or None, got 'powersgd'"):
+        ddp.DDPCompressionState(model, "powersgd")
+
+
+def test_a_hook_state_saved_before_the_settings_were_kept_loads(world_of_one):
+    """A state pickled by the release before (its config, no settings) goes on."""
+    from horovod_gravac import ddp
+    model = torch.nn.Linear(64, 32)
+    state = ddp.DDPCompressionState(model, compression="topk:10", memory="residual",
+                                    agent="gravac", bucket_cap_mb=2)
+    old = state.__getstate__()
+    del old["settings"]
+    old["_memory_given"] = True
+    loaded = ddp.DDPCompressionState.__new__(ddp.DDPCompressionState)
+    loaded.__setstate__(pickle.loads(pickle.dumps(old)))
+    assert loaded.settings.memory is loaded.config.memory and loaded.settings.bucket_cap_mb == 2
+    loaded.attach(model)
+    assert loaded.state_dict()["step"] == 0 and pickle.dumps(loaded)
+
+
+def test_the_adam_wrapper_binds_a_copy_and_the_settings_stay_unbound(world_of_one):
+    from horovod_gravac import ddp
+    model = torch.nn.Linear(64, 32)
+    rule = AdamExchange(warmup=3)
+    state = ddp.DDPCompressionState(model, compression="topk:10", adam_exchange=rule)
+    opt = ddp.AdamExchangeOptimizer(torch.optim.AdamW(model.parameters()), state)
+    assert opt.exchange is not rule and opt.exchange.rule == rule.rule
+    assert b"AdamW" not in pickle.dumps(state)  # the optimizer is not part of the state
+    shared = Settings(compression="topk:10", adam_exchange=rule)
+    first = shared.build(torch.optim.AdamW(model.parameters()))[1]
+    second = shared.build(torch.optim.AdamW(model.parameters()))[1]
+    assert first is not second and first is not rule
 
 
 def test_gravac_train_builds_its_settings_from_its_flags():

@@ -9,7 +9,10 @@ first steps — no warm-up window at a fixed floor:
 * **Quality.** On the steps its decision marks (every ``gain_interval``-th) the engine
   measures every candidate's gain δ_k = ‖C_k(g)‖² / ‖g‖² on the fresh gradient (GraVAC's
   ``"fresh"`` gain, estimated from ``gain_sample`` elements), summed over layers and ranks,
-  smoothed per candidate by :class:`~.gravac.GainTracker`. A candidate is *admissible* when
+  smoothed per candidate by :class:`~.gravac.GainTracker`. The candidate sent is measured
+  as it compresses; the others as they would once sent for a while
+  (:meth:`~horovod_gravac.compression.Compressor.settled_energy_profile`: a PowerSGD not
+  sent yet at the best rank-r energy its warm-started Q settles at, not from its seeded Q). A candidate is *admissible* when
   δ_k ≥ ε (dense and fp16 always are). With the Adam family, wrap it in
   :class:`~.phases.AdamPhases`: dense until Adam's variance is frozen, the choice after.
 * **Time.** The step model of :mod:`.costmodel`: t_k = compute_k + a·r_k + λ·s_k + β·B_k,

@@ -403,6 +403,18 @@ class CostModelSearch(Search):
             "predicted_step_s": self.predicted_time(fit, self.candidate_cf)}
 
 
+def _check_policy(policy: str | Callable[[float], float]) -> str | None:
+    """A scaling policy's name, or None for a callable one; anything else a ValueError."""
+    if isinstance(policy, str):
+        if policy not in SCALING_POLICIES:
+            raise ValueError(f"unknown scaling policy {policy!r}; valid: "
+                             f"{', '.join(SCALING_POLICIES)} (or a callable)")
+        return policy
+    if callable(policy):
+        return None
+    raise ValueError(f"policy must be a name or a callable, got {policy!r}")
+
+
 class GraVAC(Agent):
     """Rank 0's GraVAC: a :class:`GainTracker` and a search strategy
     (:class:`CostModelSearch` by default, :class:`ThroughputSearch` — the paper's — with
@@ -459,16 +471,9 @@ class GraVAC(Agent):
         omega_throughput = check_number("omega_throughput", omega_throughput, 0, 1)
         self.window = check_number("window", window, 1, integer=True)
         theta_s = check_number("theta_s", theta_s, 1, low_open=True)
-        if isinstance(policy, str):
-            if policy not in SCALING_POLICIES:
-                raise ValueError(f"unknown scaling policy {policy!r}; valid: "
-                                 f"{', '.join(SCALING_POLICIES)} (or a callable)")
-            self.policy_name = policy
-        elif callable(policy):
-            self.policy_name = None
+        self.policy_name = _check_policy(policy)
+        if self.policy_name is None:
             self._policy = policy
-        else:
-            raise ValueError(f"policy must be a name or a callable, got {policy!r}")
         ewma = check_number("ewma", ewma, 0, 1, low_open=True, optional=True)
         self.batch_size = check_number("batch_size", batch_size, 1, integer=True)
         if gain not in GAINS:

@@ -358,7 +358,7 @@ def flags(args: argparse.Namespace) -> dict[str, Any]:
 def validate(args: argparse.Namespace) -> None:
     """Every flag checked before Horovod starts: errors name the flag, value and range. It
     completes ``args`` too: defaults that depend on other flags, and the objects the flags
-    describe (``compress_patterns``)."""
+    describe (``compress_patterns``) and the library's defaults the run uses."""
     task = _check_workload(args)
     _check_run(args, task)
     _check_exchange(args)
@@ -450,7 +450,14 @@ def _check_exchange(args: argparse.Namespace) -> None:
     except ValueError:
         raise ValueError("--plan-factors must be comma-separated numbers like 0.5,1,2, got "
                          f"{args.plan_factors!r}") from None
-    settings = exchange_settings(args, make_agent(args))  # bad names and values fail here
+    try:  # bad names and values fail here, named as the flags they came from
+        settings = exchange_settings(args, make_agent(args))
+    except ValueError as exc:
+        raise ValueError(re.sub(r"^(bucket_cap_mb|min_compress_numel|on_nonfinite)\b",
+                                lambda m: "--" + m.group(1).replace("_", "-"), str(exc))) from None
+    # the values the run uses, as its config.json records them
+    args.bucket_cap_mb, args.min_compress_numel, args.on_nonfinite = \
+        settings.bucket_cap_mb, settings.min_compress_numel, settings.on_nonfinite
     if not args.torchvision and not args.baseline:  # names known without building the model
         from .models import parameter_shapes
         compression.uncompressed_tensors(((n, s.numel()) for n, s in parameter_shapes(args.model)),
@@ -463,12 +470,12 @@ def exchange_settings(args: argparse.Namespace, agent: Any) -> Any:
     from horovod_gravac import compression
     from horovod_gravac.settings import Settings
     compressor = compression.create(args.compression, **compression_params(args))
-    given = {"on_nonfinite": args.on_nonfinite, "min_compress_numel": args.min_compress_numel,
-             "bucket_cap_mb": args.bucket_cap_mb}  # None: the library's default
     return Settings.of(compression=compressor, memory=args.memory, agent=agent,
                        compress_patterns=args.compress_patterns,
                        adam_exchange=make_adam_exchange(args, compressor) or "off",
-                       **{k: v for k, v in given.items() if v is not None})
+                       on_nonfinite=args.on_nonfinite,  # None: the library's default
+                       min_compress_numel=args.min_compress_numel,
+                       bucket_cap_mb=args.bucket_cap_mb)
 
 
 def make_adam_exchange(args: argparse.Namespace, compressor) -> Any:

@@ -46,6 +46,25 @@ def orthogonalize(p: Tensor) -> Tensor:
     return torch.linalg.qr(p, mode="reduced").Q
 
 
+def length_squared_sketch(matrix: Tensor, top: int, sample: int | None,
+                          generator: torch.Generator | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A length-squared sketch of ``matrix``'s longer side (Drineas, Kannan & Mahoney 2006)
+    — s = max(4·top, ⌈sample / shorter side⌉) lines drawn with probability ∝ their squared
+    norm and scaled, so that the sketch's Gram matrix is the matrix's in expectation
+    (s × shorter side) —, the lines picked and their scales; None where it would hold every
+    line (or ``sample`` is None)."""
+    lines = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.t()
+    long, short = lines.shape
+    s = long if sample is None else min(long, max(4 * top, -(-sample // short)))
+    if s >= long:
+        return None
+    weights = torch.nan_to_num(lines.pow(2).sum(1), nan=0.0, posinf=0.0)
+    tiny = torch.finfo(weights.dtype).tiny
+    picked = torch.multinomial(weights.clamp_min(tiny), s, replacement=True, generator=generator)
+    scale = (weights.sum() / (s * weights[picked].clamp_min(tiny))).sqrt().unsqueeze(1)
+    return lines[picked] * scale, picked, scale
+
+
 class PowerSGD(SeededCompressor):
     """Rank-``rank`` PowerSGD with warm start; exchanged in two summed rounds (P, then Q).
 
@@ -170,7 +189,8 @@ class PowerSGD(SeededCompressor):
         n, m, top = dims
         matrix = tensor.reshape(n, m).float()
         q = self._start_q(name, m, top, matrix.device)
-        sketched = self._sketch(matrix, top, sample, name, step)
+        sketched = length_squared_sketch(
+            matrix, top, sample, self.generator(matrix.device, "powersgd-gain", name, step))
         if sketched is None:
             side, p = matrix.t(), matrix @ q
         else:
@@ -187,7 +207,7 @@ class PowerSGD(SeededCompressor):
         """The energy a warm-started Q settles at: the best rank-r approximation's, ‖M‖²'s
         share in the top r singular directions, from ``SETTLE_ITERATIONS`` subspace
         iterations on the Gram matrix of M's shorter side (of the same length-squared
-        sketch as :meth:`energy_profile`). For a PowerSGD not sent yet, whose own Q is still
+        sketch as :meth:`energy_profile`; the Gram matrix is never formed). For a PowerSGD not sent yet, whose own Q is still
         the seeded one: one power iteration from a random Q underestimates what sending it
         for a few steps would reach, the more so at low rank."""
         dims = self._matrix_shape(tensor.shape, cfs[0])
@@ -195,32 +215,15 @@ class PowerSGD(SeededCompressor):
             return super().energy_profile(tensor, cfs, name, step)
         n, m, top = dims
         matrix = tensor.reshape(n, m).float()
-        sketched = self._sketch(matrix, top, sample, name, step)
+        sketched = length_squared_sketch(
+            matrix, top, sample, self.generator(matrix.device, "powersgd-gain", name, step))
         lines = (matrix if n >= m else matrix.t()) if sketched is None else sketched[0]
-        gram = lines.t() @ lines  # short × short: the Gram matrix of the shorter side
         gen = self.generator(matrix.device, "powersgd-settle", name)
-        v = torch.randn(gram.shape[0], top, generator=gen, device=matrix.device)
-        for _ in range(SETTLE_ITERATIONS):
-            v = orthogonalize(gram @ v)
-        energies = ((gram @ v) * v).sum(0).cumsum(0)
+        v = torch.randn(lines.shape[1], top, generator=gen, device=matrix.device)
+        for _ in range(SETTLE_ITERATIONS):  # v ← orth(LᵀL v), L: the (sketched) lines
+            v = orthogonalize(lines.t() @ (lines @ v))
+        energies = (lines @ v).pow(2).sum(0).cumsum(0)
         return torch.stack([energies[min(self.rank_for(n, m, cf), top) - 1] for cf in cfs])
-
-    def _sketch(self, matrix: Tensor, top: int, sample: int | None, name: str,
-                step: int) -> tuple[Tensor, Tensor, Tensor] | None:
-        """A length-squared sketch of ``matrix``'s longer side — s lines drawn with
-        probability ∝ their squared norm and scaled (s × shorter side), the lines picked
-        and their scales — or None where it would hold every line."""
-        lines = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.t()
-        long, short = lines.shape
-        s = long if sample is None else min(long, max(4 * top, -(-sample // short)))
-        if s >= long:
-            return None
-        weights = torch.nan_to_num(lines.pow(2).sum(1), nan=0.0, posinf=0.0)
-        tiny = torch.finfo(weights.dtype).tiny
-        gen = self.generator(matrix.device, "powersgd-gain", name, step)
-        picked = torch.multinomial(weights.clamp_min(tiny), s, replacement=True, generator=gen)
-        scale = (weights.sum() / (s * weights[picked].clamp_min(tiny))).sqrt().unsqueeze(1)
-        return lines[picked] * scale, picked, scale
 
     def error_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
                       step: int = 0, sample: int | None = None) -> Tensor:

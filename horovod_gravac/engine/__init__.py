@@ -20,6 +20,7 @@ from .step import (ADAM_STATE, RANK_0_STATE, StepEngine, StepOutcome, engine_sta
 from .verdict import NonFiniteGradientError
 
 __all__ = ["ADAM_STATE", "BucketLayout", "CommunicationStats", "DEFAULT_BUCKET_CAP_MB",
-           "EngineConfig", "NONFINITE_ACTIONS", "engine_state", "load_engine_state", "NonFiniteGradientError", "RANK_0_STATE",
-           "StepEngine", "StepOutcome", "StepReport", "exchange_rounds", "ladder_link_bytes",
-           "rank_0_keys", "step_traffic", "tensor_link_bytes", "with_rank_0_state"]
+           "EngineConfig", "NONFINITE_ACTIONS", "NonFiniteGradientError", "RANK_0_STATE",
+           "StepEngine", "StepOutcome", "StepReport", "engine_state", "exchange_rounds",
+           "ladder_link_bytes", "load_engine_state", "rank_0_keys", "step_traffic",
+           "tensor_link_bytes", "with_rank_0_state"]

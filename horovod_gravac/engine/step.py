@@ -201,9 +201,9 @@ class StepEngine:
     def _launch_ready(self, bucket: Bucket | None = None) -> None:
         """The first round of what is complete: ``bucket``, and the carrier (with the
         agent's statistics) once every tensor began; None: every bucket not yet sent."""
-        all_begun = len(self._begun) == len(self.names)
-        ready = self._buckets.ready(bucket, all_begun, self._control.measures) \
-            if bucket is not None else [b for b in self._buckets.buckets if not b.rounds]
+        ready = [b for b in self._buckets.buckets if not b.rounds] if bucket is None else \
+            self._buckets.ready(bucket, len(self._begun) == len(self.names),
+                                self._control.measures)
         for launched in ready:
             stats = self._control.statistics_vector(self._applied, self._device) \
                 if launched is self._buckets.carrier else None
