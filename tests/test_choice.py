@@ -65,6 +65,22 @@ def test_compression_wins_on_a_slow_link():
     assert sent[-30:] == [2] * 30
 
 
+def test_a_trial_clearly_worse_after_one_timed_step_ends_there():
+    # 100 Mbit/s: the dense start's one timed step (1.4 s) scores it ~10x below TopK
+    sent = drive(choice(), 8e-8, compute=(0.1, 0.104, 0.16), gains=(1.0, 1.0, 0.8),
+                 priced=PRICED)
+    assert sent[:2] == [0, 2]
+    patient = drive(choice(trial_cutoff=1000), 8e-8, compute=(0.1, 0.104, 0.16),
+                    gains=(1.0, 1.0, 0.8), priced=PRICED)
+    assert patient[:4] == [0, 0, 0, 2]  # trial_steps=3 timed steps otherwise
+    # 10 Gbit/s: within the cutoff, every trial runs its course
+    fast = drive(choice(), 8e-10, compute=(0.1, 0.104, 0.16), gains=(1.0, 1.0, 0.8),
+                 priced=PRICED)
+    assert fast[:3] == [0] * 3
+    with pytest.raises(ValueError, match="trial_cutoff must be a number > 1, got 1"):
+        A.CodecChoice(trial_cutoff=1)
+
+
 def test_a_candidate_below_epsilon_is_never_sent_however_fast():
     sent = drive(choice(epsilon=0.9), 8e-8, compute=(0.1, 0.104, 0.16),
                  gains=(1.0, 1.0, 0.8), priced=PRICED)

@@ -27,7 +27,8 @@ first steps — no warm-up window at a fixed floor:
   ``omega`` of it (hysteresis) —, chosen again every ``interval`` steps, and sooner after a
   candidate sent for the first time: once ``trial_steps`` of its steps are timed (a trial
   costs a few steps, not an interval). The first ``settle_steps`` steps after a switch (and
-  of the run) are not timed.
+  of the run) are not timed. A trial whose first timed step already scores the candidate
+  ``trial_cutoff`` times below the best admissible one ends there.
 
 The run starts with the set's first candidate (``"auto"``: dense, whose first steps charge
 all their waiting to bytes: an optimistic price for the compressed candidates, which trials
@@ -57,6 +58,10 @@ class CodecChoice(Agent):
         settle_steps: steps after a switch (and at the start) that are not timed.
         trial_steps: timed steps of a candidate sent for the first time before the next
             choice.
+        trial_cutoff: a trial ends after its first timed step where that step already
+            scores the (admissible) candidate this many times below the best admissible one
+            (noise does not double a step: on a slow link, the run's dense start costs one
+            timed step, not ``trial_steps``).
         gain_sample: elements a step's gains are estimated from, shared among the tensors in
             proportion to their sizes (None: exact).
         ewma: smoothing factor α of the gains; None → as GraVAC's (five time constants in an
@@ -70,8 +75,8 @@ class CodecChoice(Agent):
 
     def __init__(self, epsilon: float = 0.7, interval: int = 20, omega: float = 0.05,
                  gain_interval: int = 5, settle_steps: int = 1, trial_steps: int = 3,
-                 gain_sample: int | None = DEFAULT_GAIN_SAMPLE, ewma: float | None = None,
-                 start: int = 0) -> None:
+                 trial_cutoff: float = 2.0, gain_sample: int | None = DEFAULT_GAIN_SAMPLE,
+                 ewma: float | None = None, start: int = 0) -> None:
         super().__init__()
         self.epsilon = check_number("epsilon", epsilon, 0, 1, low_open=True)
         self.interval = check_number("interval", interval, 1, integer=True)
@@ -80,6 +85,7 @@ class CodecChoice(Agent):
         self.settle_steps = check_number("settle_steps", settle_steps, 0, self.interval - 1,
                                          integer=True)
         self.trial_steps = check_number("trial_steps", trial_steps, 1, integer=True)
+        self.trial_cutoff = check_number("trial_cutoff", trial_cutoff, 1, low_open=True)
         self.gain_sample = check_number("gain_sample", gain_sample, 1, integer=True,
                                         optional=True)
         ewma = check_number("ewma", ewma, 0, 1, low_open=True, optional=True)
@@ -126,7 +132,8 @@ class CodecChoice(Agent):
         link = self.costs.link()  # once a step: the choice and the metrics row share it
         predicted = self.predicted_times(link)
         if self.timed >= self.trial_steps and (self.trial or
-                                               self.steps_in_interval >= self.interval):
+                                               self.steps_in_interval >= self.interval) \
+                or self._trial_is_clearly_worse(predicted):
             self._choose(predicted)
         decision = self.decision(stats.step + 1)
         self.record(stats, decision, codec=self.codec,
@@ -161,6 +168,15 @@ class CodecChoice(Agent):
         """Per admissible candidate (gain ≥ ε), δ / its ``predicted`` step time."""
         return compression_throughputs({k: self.tracker.get(k) for k in self.traffic},
                                        predicted, self.epsilon)
+
+    def _trial_is_clearly_worse(self, predicted: dict[int, float]) -> bool:
+        """The (admissible) candidate on trial scores ``trial_cutoff`` times below the best
+        admissible one after a timed step."""
+        if not (self.trial and self.timed >= 1):
+            return False
+        scores = self.scores(predicted)
+        return self.codec in scores and max(scores.values()) > \
+            self.trial_cutoff * scores[self.codec]
 
     def _choose(self, predicted: dict[int, float]) -> None:
         """The best admissible δ/t, unless the codec sent is within ω of it."""

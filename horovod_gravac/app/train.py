@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSON or YAML file of flags ({\"model\": \"lstm200\", \"steps\": 300, "
                         "...}; a run's own config.json repeats it); command-line flags override it")
     for add in (_workload_arguments, _exchange_arguments, _agent_arguments,
-                _adam_arguments, _output_arguments):
+                _plan_and_accordion_arguments, _adam_arguments, _output_arguments):
         add(p)
     return p
 
@@ -214,6 +214,11 @@ def _agent_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gain-sample", type=int, default=16384,
                    help="GraVAC: elements per tensor each gain is estimated from; 0 measures "
                         "it exactly (a second compression of every gradient, the paper's)")
+
+
+def _plan_and_accordion_arguments(p: argparse.ArgumentParser) -> None:
+    """The layer plan over an agent, GraVAC's paper search and Accordion."""
+    g = p.add_argument_group("agents: the layer plan, the paper's search, Accordion")
     g.add_argument("--layer-plan", action="store_true",
                    help="under the agent's uniform CF, a CF per tensor that minimises the bytes "
                         "within the uniform CF's total compression error (re-planned every "
