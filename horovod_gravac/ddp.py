@@ -329,8 +329,9 @@ def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel,
                                     settings=settings, **given)
     elif not isinstance(state, DDPCompressionState):
         raise ValueError(f"state must be a DDPCompressionState, got {type(state).__name__}")
-    elif given or settings is not None:
-        named = ", ".join([*given, *(["settings"] if settings is not None else [])])
+    elif any(v is not None for v in given.values()) or settings is not None:
+        named = ", ".join([*(k for k, v in given.items() if v is not None),
+                           *(["settings"] if settings is not None else [])])
         raise ValueError(f"give either state (to continue from a saved one) or settings, not "
                          f"both: the state carries its own, but {named} was given too")
     else:

@@ -207,9 +207,10 @@ class PowerSGD(SeededCompressor):
         """The energy a warm-started Q settles at: the best rank-r approximation's, ‖M‖²'s
         share in the top r singular directions, from ``SETTLE_ITERATIONS`` subspace
         iterations on the Gram matrix of M's shorter side (of the same length-squared
-        sketch as :meth:`energy_profile`; the Gram matrix is never formed). For a PowerSGD not sent yet, whose own Q is still
-        the seeded one: one power iteration from a random Q underestimates what sending it
-        for a few steps would reach, the more so at low rank."""
+        sketch as :meth:`energy_profile`; the Gram matrix is never formed). For a PowerSGD
+        not sent yet, whose own Q is still the seeded one: one power iteration from a random
+        Q underestimates what sending it for a few steps would reach, the more so at low
+        rank."""
         dims = self._matrix_shape(tensor.shape, cfs[0])
         if dims is None:
             return super().energy_profile(tensor, cfs, name, step)
