@@ -88,6 +88,9 @@ def configurations(steps: int, ranks: int, workload: str = "ptb") -> dict[str, C
                                                   "--adam-exchange", "off")),
             "GraVAC defaults (PowerSGD, DDP hook)": Config(
                 ("--compression", "powersgd", "--agent", "gravac", "--ddp"), adaptive=True),
+            # the codec choice: dense until Adam's variance is frozen, then the choice
+            "CodecChoice auto": Config(("--compression", "auto", "--agent", "choice"),
+                                       adaptive=True),
         }
     return {
         "dense (Horovod)": Config(("--baseline", "horovod")),
