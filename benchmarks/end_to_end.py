@@ -148,6 +148,9 @@ def configurations(steps: int, ranks: int, workload: str = "ptb") -> dict[str, C
         # the codec among dense, fp16, PowerSGD ranks 1/4, TopK 100x/1000x (agents.CodecChoice)
         "CodecChoice auto": Config(("--compression", "auto", "--agent", "choice"),
                                    adaptive=True),
+        # and a codec per tensor under it, within the error of its codec (agents.LayerPlan)
+        "CodecChoice auto + layer plan": Config(
+            ("--compression", "auto", "--agent", "choice", "--layer-plan"), adaptive=True),
     }
 
 

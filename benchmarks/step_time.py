@@ -14,6 +14,7 @@ the same CF (the cost of adapting). The phases of a step (medians, from ``steps.
 * optimizer — the wrapped optimizer's step.
 
     sudo .venv/bin/python -m benchmarks.step_time --np 4 --rate 100mbit --rounds 2
+    .venv/bin/python -m benchmarks.step_time --np 4 --no-emulation   # unshaped (loopback)
     .venv/bin/python -m benchmarks.step_time --merge-only
 """
 from __future__ import annotations
@@ -49,6 +50,10 @@ CONFIGS: dict[str, tuple[tuple[str, ...], str | None]] = {
                                              None),
     "CodecChoice auto (DDP hook)": (("--compression", "auto", "--agent", "choice", "--ddp"),
                                     None),
+    # the choice's own cost at the codec its static twin sends: it starts on PowerSGD rank 1
+    # and, on a slow link, keeps it (dense is priced 14x its bytes)
+    "CodecChoice on powersgd:1|dense": (("--compression", "powersgd:1|dense", "--agent",
+                                         "choice"), "PowerSGD rank 1 (Horovod optimizer)"),
 }
 BASELINE = "DDP + PyTorch PowerSGD hook (rank 1)"
 
@@ -108,7 +113,8 @@ def merge(args: argparse.Namespace) -> list[dict]:
 def write(rows: list[dict], args: argparse.Namespace) -> None:
     by = {r["config"]: r for r in rows}
     base = by.get(BASELINE)
-    lines = [f"{args.np} ranks, {args.workload}, {args.rate} links (tbf), {args.steps} steps "
+    link = "unshaped links" if args.no_emulation else f"{args.rate} links (tbf)"
+    lines = [f"{args.np} ranks, {args.workload}, {link}, {args.steps} steps "
              f"per run, median of the steps after {args.warmup} of every round", "",
              "| configuration | median step (s) | vs DDP + PowerSGD hook | vs its static twin | "
              "rounds (medians) | mean CF sent | compute | begin | wait | finish | optimizer |",
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--rate", default="100mbit")
     p.add_argument("--delay", default="1ms")
+    p.add_argument("--no-emulation", action="store_true",
+                   help="unshaped: the ranks talk over loopback, as fast as it goes")
     p.add_argument("--only", default=None, help="comma-separated configuration names")
     p.add_argument("--merge-only", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="default: results/step_time/<workload>")
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise ValueError(f"unknown configurations {unknown}; valid: {list(CONFIGS)}")
     if not args.merge_only:
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 and not args.no_emulation:
             raise SystemExit("network emulation needs root: run as root")
         base, _, _ = WORKLOADS[args.workload]
         for rnd in range(args.rounds):
@@ -173,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[step_time] round {rnd}: {name}", flush=True)
                 launch([*base, *CONFIGS[name][0], "--steps", str(args.steps),
                         "--eval-interval", str(10 * args.steps), "--eval-batches", "2",
-                        "--no-progress", "--out", str(run_dir)], args, shaped=True)
+                        "--no-progress", "--out", str(run_dir)], args,
+                       shaped=not args.no_emulation)
                 merge(args)
     merge(args)
 

@@ -62,10 +62,10 @@ class GainProbe(Probe):
         spec = self.spec
         x = compensated if spec.measure.compressed == COMPENSATED else grad
         reference = compensated if spec.measure.reference == COMPENSATED else grad
-        energies = self.compressor.energies(x, name, step, sample=self.samples[name],
-                                            sent=decision.codec) if spec.per_codec else \
-            self.compressor.energy_profile(x, spec.cfs(decision), name, step,
-                                           sample=self.samples[name])
+        sample = self.samples[name]
+        energies = self.compressor.energies(x, name, step, sample=sample,
+                                            sent=decision.codec_for(name)) if spec.per_codec \
+            else self.compressor.energy_profile(x, spec.cfs(decision), name, step, sample=sample)
         norm = torch.linalg.vector_norm(reference, dtype=torch.float32)
         row = torch.cat([norm.square().reshape(1), energies.float()])
         self._rows[name] = row.sqrt() if spec.measure.power == 1 else row
@@ -98,9 +98,13 @@ class ErrorProbe(Probe):
     """
 
     def measure(self, name: str, compensated: Tensor, decision: Decision, step: int) -> None:
-        """Record tensor ``name``'s row: [‖x‖², ‖x − C(x, c)‖² per candidate], x = g + e."""
-        errors = self.compressor.error_profile(compensated, self.spec.cfs(decision.cf), name,
-                                               step, sample=self.samples[name])
+        """Record tensor ``name``'s row: [‖x‖², ‖x − C(x, c)‖² per candidate], x = g + e
+        (per candidate CF, or per candidate codec of a set)."""
+        sample = self.samples[name]
+        errors = self.compressor.errors(compensated, name, step, sample=sample,
+                                        sent=decision.codec_for(name)) if self.spec.codecs \
+            else self.compressor.error_profile(compensated, self.spec.cfs(decision.cf), name,
+                                               step, sample=sample)
         norm = torch.linalg.vector_norm(compensated, dtype=torch.float32)
         self._rows[name] = torch.cat([norm.square().reshape(1), errors.float()])
 

@@ -19,7 +19,8 @@ def test_broadcast_goes_over_mpi_exactly_when_horovod_runs_on_mpi(job, request):
 
 @pytest.mark.parametrize("run", ["gravac_exp", "gravac_geo_dgc", "gravac_powersgd",
                                  "gravac_cost", "plan_static",
-                                 "plan_gravac_powersgd", "accordion", "static", "choice"])
+                                 "plan_gravac_powersgd", "accordion", "static", "choice",
+                                 "plan_choice"])
 def test_identical_decisions_and_parameters_on_all_ranks(job, run):
     runs = [r["runs"][run] for r in job]
     assert len(runs[0]["decisions"]) == STEPS
@@ -28,7 +29,7 @@ def test_identical_decisions_and_parameters_on_all_ranks(job, run):
     assert_identical_across_ranks(runs)
     if run != "static":  # the adaptive agents did change their minds
         assert len(set(runs[0]["decisions"])) >= 2, runs[0]["decisions"][:: STEPS // 10]
-    if run != "choice":  # the codec choice may settle on dense
+    if run != "choice":  # the codec choice may settle on dense (the plan's set has none)
         assert runs[0]["bytes"] < runs[0]["dense_bytes"]
 
 
@@ -55,11 +56,12 @@ def test_cost_model_metrics_stream_has_the_fitted_link(job):
     assert row["link_bandwidth"] > 0 and row["predicted_step_s"] > 0
 
 
-@pytest.mark.parametrize("run", ["plan_static", "plan_gravac_powersgd"])
+@pytest.mark.parametrize("run", ["plan_static", "plan_gravac_powersgd", "plan_choice"])
 def test_layer_plans_move_tensors_off_the_uniform_cf_within_its_error(job, run):
     runs = job[0]["runs"][run]
-    planned = [d for d in runs["decisions"] if d[3]]
-    assert planned, "no plan moved a tensor off the uniform CF"
+    planned = [d for d in runs["decisions"] if d[3] or d[5]]
+    assert planned, "no plan moved a tensor off the uniform CF (or codec)"
     rows = [r for r in runs["history"] if "plan_error_ratio" in r]
-    assert rows and max(r["plan_error_ratio"] for r in rows) <= 1.0 + 1e-9
+    alpha = 1.25 if run == "plan_choice" else 1.0  # the error budget of the run
+    assert rows and max(r["plan_error_ratio"] for r in rows) <= alpha + 1e-9
     assert min(r["plan_bytes_ratio"] for r in rows) < 1.0

@@ -144,8 +144,12 @@ def test_an_agent_and_a_set_must_fit_each_other():
         EngineConfig.create("topk:100", agent="choice")
     with pytest.raises(ValueError, match="start=3 names no candidate"):
         EngineConfig.create("dense|topk:100", agent=A.CodecChoice(start=3))
-    with pytest.raises(ValueError, match="chooses a codec"):
-        A.LayerPlan(A.CodecChoice())
+    with pytest.raises(ValueError, match="leave factors out"):
+        A.LayerPlan(A.CodecChoice(), factors=(1, 2))
+    with pytest.raises(ValueError, match="does not choose among"):
+        EngineConfig.create("dense|topk:100", agent=A.LayerPlan("static"))
+    with pytest.raises(ValueError, match="compression='auto'"):
+        EngineConfig.create("topk:100", agent=A.LayerPlan(A.CodecChoice()))
     config = EngineConfig.create("auto", agent="choice")
     assert isinstance(config.memory, C.ResidualMemory)  # TopK and PowerSGD drop something
     assert not config.compressor.preserves_adam
@@ -254,3 +258,87 @@ def test_a_powersgd_not_sent_is_measured_at_the_energy_its_warm_q_settles_at():
     assert sent[0] == unsent[0] == pytest.approx(float(grad.square().sum()), rel=1e-5)
     assert sent[1] < unsent[1] == pytest.approx(float(singular[0]), rel=1e-4)
     assert sent[2] == unsent[2]  # TopK keeps no state: measured alike
+
+
+def test_a_decision_carries_a_codec_per_tensor_through_its_broadcast_encoding():
+    layers = ["emb", "w", "b"]
+    d = A.Decision(cf=None, codec=2, layer_codec={"emb": 1, "b": 0}, measure_errors=True)
+    assert A.Decision.decode(d.encode(layers), layers) == d
+    assert (d.codec_for("emb"), d.codec_for("w"), d.codec_for("b")) == (1, 2, 0)
+    with pytest.raises(ValueError, match="layer_codec names unknown tensors"):
+        A.Decision(cf=None, codec=0, layer_codec={"x": 1}).encode(layers)
+
+
+def test_candidate_errors_are_zero_for_dense_exact_for_projections_and_settled_when_unsent():
+    generator = torch.Generator().manual_seed(0)
+    grad = torch.randn(200, 3, generator=generator) @ torch.diag(torch.tensor([5., 2., 1.])) \
+        @ torch.randn(3, 100, generator=generator) + 0.1 * torch.randn(200, 100,
+                                                                        generator=generator)
+    total = float(grad.square().sum())
+    candidates = C.create("dense|fp16|topk:10|powersgd:1")
+    errors = candidates.errors(grad, "w", sample=None, sent=0)
+    assert errors[0] == 0
+    assert 0 < errors[1] < 1e-6 * total  # fp16's rounding
+    kept = grad.flatten().abs().topk(grad.numel() // 10).values.square().sum()
+    assert errors[2] == pytest.approx(total - float(kept), rel=1e-4)
+    singular = torch.linalg.svdvals(grad).square()
+    assert errors[3] == pytest.approx(total - float(singular[0]), rel=1e-3)  # as it settles
+    warm = candidates.errors(grad, "w", sample=None, sent=3)[3]  # its own (seeded) Q
+    assert warm >= errors[3] * (1 - 1e-4)
+
+
+def codec_plan_stats(step, codec, errors=None, link_bytes=None):
+    return A.StepStats(step=step, iter_time=0.0, world_size=4, codec=codec,
+                       errors_measured=errors is not None, layer_errors=errors or {},
+                       candidate_link_bytes=link_bytes or {})
+
+
+def test_a_plan_over_the_codec_choice_gives_each_tensor_its_codec_within_the_error():
+    # candidates dense, TopK, PowerSGD; the agent sends PowerSGD (2), then dense (0)
+    plan = A.LayerPlan(Scripted([2] * 12 + [0] * 12), plan_interval=5, measure_steps=2)
+    plan.use_candidates(("dense", "topk:100", "powersgd:1"), (True, False, False))
+    assert plan.error_probe.width == 4 and plan.error_probe.codecs == 3
+    # "emb" sits in a few rows: TopK keeps it almost whole; "w" is low-rank
+    errors = {"emb": (10.0, 0.0, 0.1, 3.0), "w": (10.0, 0.0, 6.0, 0.5)}
+    link_bytes = {"emb": (1000.0, 20.0, 50.0), "w": (1000.0, 20.0, 50.0)}
+    decision, decisions, rows = plan.initial_decision(), [], []
+    for step in range(24):
+        measured = decision.measure_errors
+        decision = plan.decide(codec_plan_stats(step, decision.codec,
+                                                errors if measured else None,
+                                                link_bytes if measured else None))
+        decisions.append(decision)
+        rows.append(plan.row())
+    # the first plan (after step 4): emb on TopK — fewer bytes, and e 0.1 + 0.5 ≤ 3.0 + 0.5
+    assert decisions[4].codec == 2 and decisions[4].layer_codec == {"emb": 1}
+    assert rows[4]["plan_bytes_ratio"] == pytest.approx(70 / 100)
+    assert rows[4]["plan_error_ratio"] == pytest.approx(0.6 / 3.5)
+    # the agent moved to dense: the plan is dropped, and one for dense keeps every tensor
+    # dense (its budget is dense's error: none)
+    assert decisions[12].codec == 0 and decisions[12].layer_codec is None
+    assert all(d.layer_codec is None for d in decisions[12:])
+    assert plan.plans >= 3 and plan.planned_for == 0 and plan.plan == {}
+
+
+def test_the_engine_sends_each_tensor_with_its_planned_codec():
+    torch.manual_seed(0)
+
+    class PerTensor(Scripted):
+        def initial_decision(self):
+            return A.Decision(cf=None, codec=1, layer_codec={"v": 0}, measure_gain=False)
+
+    config = EngineConfig.create("topk:4|powersgd:1", agent=PerTensor([1]),
+                                 min_compress_numel=0)
+    shape = torch.Size([16, 8])
+    import horovod.torch as hvd
+    hvd.init()
+    engine = StepEngine(config, HorovodTransport(), [("w", shape, 4), ("v", shape, 4)])
+    grads = {"w": torch.randn(shape), "v": torch.randn(shape)}
+    sent = {}
+    for name in ("v", "w"):
+        engine.begin(name, grads[name].clone())
+    engine.finish(lambda name, t: sent.__setitem__(name, t.clone()))
+    per_tensor = engine.communication.last_step
+    assert per_tensor["w"] == 4 * (16 + 8)  # PowerSGD rank 1: P and Q
+    assert int((sent["v"] != 0).sum()) == 32  # TopK 4x keeps 32 of 128
+    assert torch.linalg.matrix_rank(sent["w"]) == 1

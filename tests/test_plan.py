@@ -191,7 +191,7 @@ def test_the_state_of_a_plan_round_trips_and_reloads_with_weights_only(tmp_path)
     again = LayerPlan(hg.agents.Static(cf=10), alpha=1.2, plan_interval=4, measure_steps=2)
     again.load_state_dict(torch.load(tmp_path / "plan.pt", weights_only=True))
     assert again.plan == plan.plan and again.plan
-    assert again.errors == plan.errors and again.measured_cf == plan.measured_cf
+    assert again.errors == plan.errors and again.measured_for == plan.measured_for
     nxt = stats(7, errors, link_bytes)
     assert again.decide(nxt) == plan.decide(nxt)
 

@@ -96,6 +96,8 @@ def parse(*argv):
      "factors must contain 1"),
     (["--agent", "static", "--layer-plan", "--plan-factors", "half,1"], ValueError,
      "--plan-factors must be comma-separated numbers"),
+    (["--compression", "auto", "--agent", "choice", "--layer-plan", "--plan-factors", "1,2"],
+     ValueError, "--plan-factors 1,2: under --agent choice"),
 ])
 def test_bad_flags_fail_before_training(argv, error, message):
     with pytest.raises(error, match=message):

@@ -39,7 +39,8 @@ class Decision:
     Adam's second moment is frozen and the preconditioned momentum is exchanged. ``codec``:
     which of a set of candidates compresses every tensor (its index in
     :class:`~horovod_gravac.compression.Candidates`; :class:`~.choice.CodecChoice`), at the
-    candidate's own setting; None: the compressor at ``cf``.
+    candidate's own setting; None: the compressor at ``cf``. ``layer_codec``: per-tensor
+    overrides of ``codec`` (a layer plan over a codec choice).
     """
 
     cf: float | None
@@ -50,6 +51,7 @@ class Decision:
     measure_errors: bool = False
     variance_frozen: bool = False
     codec: int | None = None
+    layer_codec: dict[str, int] | None = None
 
     @property
     def sent_cf(self) -> float | None:
@@ -61,6 +63,10 @@ class Decision:
         """The compressed level's CF for tensor ``name`` (per-tensor override or ``cf``)."""
         return self.layer_cf.get(name, self.cf) if self.layer_cf else self.cf
 
+    def codec_for(self, name: str) -> int | None:
+        """The candidate that compresses tensor ``name`` (per-tensor override or ``codec``)."""
+        return self.layer_codec.get(name, self.codec) if self.layer_codec else self.codec
+
     def sent_cf_for(self, name: str) -> float | None:
         """The CF tensor ``name`` is sent at: its compressed level, θmin, or 1 (dense)."""
         if self.send == SEND_COMPRESSED:
@@ -70,38 +76,44 @@ class Decision:
     # A fixed-length vector of floats, so the decision travels as one small broadcast
     # (no pickling, no size exchange):
     # [cf, θmin, send, measure_gain, measure_errors, variance_frozen, codec, has layer_cf,
-    #  per layer].
+    #  has layer_codec, per layer its CF, per layer its codec].
     @staticmethod
     def encoded_length(layers: list[str]) -> int:
-        return 8 + len(layers)
+        return 9 + 2 * len(layers)
 
     def encode(self, layers: list[str]) -> list[float]:
         """This decision as ``encoded_length(layers)`` floats; NaN marks "not set"."""
         nan = float("nan")
-        overrides = self.layer_cf or {}
-        unknown = set(overrides) - set(layers)
-        if unknown:
-            raise ValueError(f"layer_cf names unknown tensors: {sorted(unknown)}")
+        cfs, codecs = self.layer_cf or {}, self.layer_codec or {}
+        for field_name, overrides in (("layer_cf", cfs), ("layer_codec", codecs)):
+            unknown = set(overrides) - set(layers)
+            if unknown:
+                raise ValueError(f"{field_name} names unknown tensors: {sorted(unknown)}")
         return [nan if self.cf is None else float(self.cf),
                 nan if self.theta_min is None else float(self.theta_min),
                 float(SEND_CHOICES.index(self.send)), float(self.measure_gain),
                 float(self.measure_errors), float(self.variance_frozen),
                 nan if self.codec is None else float(self.codec),
-                float(self.layer_cf is not None),
-                *(float(overrides.get(name, nan)) for name in layers)]
+                float(self.layer_cf is not None), float(self.layer_codec is not None),
+                *(float(cfs.get(name, nan)) for name in layers),
+                *(float(codecs.get(name, nan)) for name in layers)]
 
     @classmethod
     def decode(cls, values: list[float], layers: list[str]) -> "Decision":
         """The decision :meth:`encode` turned into ``values``."""
-        cf, theta_min, send, measure_gain, measure_errors, frozen, codec, has_layer_cf = \
-            values[:8]
-        layer_cf = {name: v for name, v in zip(layers, values[8:]) if v == v} \
+        cf, theta_min, send, measure_gain, measure_errors, frozen, codec, has_layer_cf, \
+            has_layer_codec = values[:9]
+        n = len(layers)
+        layer_cf = {name: v for name, v in zip(layers, values[9:9 + n]) if v == v} \
             if has_layer_cf else None
+        layer_codec = {name: int(v) for name, v in zip(layers, values[9 + n:]) if v == v} \
+            if has_layer_codec else None
         return cls(cf=None if cf != cf else cf,
                    theta_min=None if theta_min != theta_min else theta_min,
                    send=SEND_CHOICES[int(send)], layer_cf=layer_cf,
                    measure_gain=bool(measure_gain), measure_errors=bool(measure_errors),
-                   variance_frozen=bool(frozen), codec=None if codec != codec else int(codec))
+                   variance_frozen=bool(frozen), codec=None if codec != codec else int(codec),
+                   layer_codec=layer_codec)
 
 
 GRADIENT, COMPENSATED = "gradient", "compensated"
@@ -170,12 +182,15 @@ class ErrorSpec:
     (``Decision.measure_errors``): per compressed tensor, on this rank's error-fed tensor
     x = g + residual, ‖x‖² and the compression error ‖x − C(x, c)‖² for each candidate CF
     c = factor × the decision's CF (the compressor's ``error_profile``, estimated from
-    ``sample`` elements a step shared among the tensors by size; None: exact). One row per
-    tensor, summed over ranks; only the marked steps carry it.
+    ``sample`` elements a step shared among the tensors by size; None: exact) — or, with
+    ``codecs`` > 0, for each of that many candidates of a set, at its own setting
+    (:meth:`~horovod_gravac.compression.Candidates.errors`). One row per tensor, summed over
+    ranks; only the marked steps carry it.
     """
 
-    factors: tuple[float, ...]
+    factors: tuple[float, ...] = ()
     sample: int | None = None
+    codecs: int = 0
 
     def cfs(self, cf: float) -> tuple[float, ...]:
         """The candidate CFs around the uniform ``cf``, ascending (none below 1)."""
@@ -184,7 +199,7 @@ class ErrorSpec:
     @property
     def width(self) -> int:
         """Terms per row: ‖x‖², then one error per candidate."""
-        return 1 + len(self.factors)
+        return 1 + (self.codecs or len(self.factors))
 
     def decode(self, values: list[float], names: list[str]) -> dict[str, tuple[float, ...]]:
         """Per tensor, (‖x‖², error at each candidate), summed over ranks."""
@@ -312,6 +327,7 @@ class Wrapper(Agent):
     needs_layer_norms = property(lambda self: self.agent.needs_layer_norms)
     history = property(lambda self: self.agent.history)
     chooses_codec = property(lambda self: self.agent.chooses_codec)
+    sets_cf = property(lambda self: self.agent.sets_cf)
 
     def use_candidates(self, names: tuple[str, ...], dense: tuple[bool, ...]) -> None:
         self.agent.use_candidates(names, dense)

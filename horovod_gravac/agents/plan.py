@@ -30,6 +30,18 @@ What a CF means per compressor family: the kept fraction of TopK, DGC and the ot
 sparsifiers, PowerSGD's rank (r = ⌊nm / (c(n+m))⌋). The quantizers here have a fixed CF
 (no setting to plan), as every agent requires. The plan acts on the compressed level; the
 θmin level and dense steps of GraVAC send what they always send.
+
+**A codec per tensor.** Over an agent that chooses the codec among a set of candidates
+(:class:`~.choice.CodecChoice`, ``compression="auto"``), the candidates of each tensor are
+the set's codecs instead of CFs around u: u is the codec the agent sends, e_ℓ(k) the error
+of candidate k on tensor ℓ (:meth:`~horovod_gravac.compression.Candidates.errors`: 0 for
+dense, a codec not sent as it would settle), b_ℓ(k) its link bytes, and the same knapsack
+gives each tensor its codec (``Decision.layer_codec``): an embedding whose gradient sits in
+a few rows can go sparse while the rest goes low-rank, within the error of sending u
+everywhere. When u is dense the budget is 0 and the plan keeps every tensor dense (or on a
+codec that loses nothing). A plan holds for the codec it was made for, as for a CF. The
+agent keeps timing its own codec: the steps under a plan carry the plan's bytes, and its
+link model is fitted to the bytes measured.
 """
 from __future__ import annotations
 
@@ -97,17 +109,20 @@ def plan_layers(errors: Mapping[str, Sequence[float]], link_bytes: Mapping[str, 
 
 
 class LayerPlan(Wrapper):
-    """A time-level agent's uniform CF, redistributed over the tensors within its error.
+    """A time-level agent's uniform CF (or codec), redistributed over the tensors within its
+    error.
 
     Arguments:
         agent: the time-level agent (an object, or a name for ``agents.create``) whose
-            decision sets the uniform CF; it must not set per-tensor CFs itself
-            (Accordion's ``per_layer``).
+            decision sets the uniform CF — or the codec, for an agent that chooses among a
+            set of candidates (then every tensor's codec is planned); it must not set
+            per-tensor CFs itself (Accordion's ``per_layer``).
         alpha: the error budget α > 0, relative to the uniform plan's total error (1: the
             same error, fewer bytes).
         plan_interval: steps between plans (≥ 1).
         factors: candidate CFs per tensor as factors of the uniform CF; positive, with 1
-            (the uniform plan) among them.
+            (the uniform plan) among them (None: ``DEFAULT_FACTORS``). Not with an agent
+            that chooses the codec: a tensor's candidates are then the set's codecs.
         measure_steps: steps at the end of each interval whose errors are measured and
             summed (1 … plan_interval).
         sample: elements a measured step's errors are estimated from, shared among the
@@ -115,47 +130,46 @@ class LayerPlan(Wrapper):
     """
 
     def __init__(self, agent: Agent | str, alpha: float = 1.0, plan_interval: int = 100,
-                 factors: Sequence[float] = DEFAULT_FACTORS, measure_steps: int = 3,
+                 factors: Sequence[float] | None = None, measure_steps: int = 3,
                  sample: int | None = DEFAULT_GAIN_SAMPLE) -> None:
         from . import create  # the registry imports this module
         inner = create(agent)
         if inner is None:
-            raise ValueError("LayerPlan needs a time-level agent (static, accordion, gravac), "
-                             f"got {agent!r}")
-        if inner.chooses_codec:
-            raise ValueError(f"agent {inner.name!r} chooses a codec, not a CF: a layer plan "
-                             "redistributes one uniform CF (give static, accordion or gravac)")
+            raise ValueError("LayerPlan needs a time-level agent (static, accordion, gravac, "
+                             f"choice), got {agent!r}")
         if inner.per_layer:
             raise ValueError(f"agent {inner.name!r} sets per-tensor CFs itself (per_layer=True); "
                              "a layer plan redistributes one uniform CF: use per_layer=False")
         super().__init__(inner)
         self.name = f"{inner.name}+plan"
+        #: whether the plan chooses each tensor's codec (the agent chooses one) or its CF
+        self.per_codec = bool(inner.chooses_codec)
         self.alpha = check_number("alpha", alpha, 0, low_open=True)
         self.plan_interval = check_number("plan_interval", plan_interval, 1, integer=True)
-        factors = tuple(factors) if isinstance(factors, (list, tuple)) else factors
-        if not isinstance(factors, tuple) or not factors:
-            raise ValueError(f"factors must be a non-empty list of positive numbers with 1 "
-                             f"among them, got {factors!r}")
-        for i, f in enumerate(factors):
-            check_number(f"factors[{i}]", f, 0, low_open=True)
-        if 1 not in factors:
-            raise ValueError(f"factors must contain 1 (the uniform plan), got {factors!r}")
-        self.factors = tuple(sorted(float(f) for f in set(factors)))
+        if self.per_codec and factors is not None:
+            raise ValueError(f"factors={factors!r}: agent {inner.name!r} chooses the codec, and "
+                             "a plan under it chooses each tensor's codec among the same "
+                             "candidates: leave factors out")
+        self.factors = () if self.per_codec else _checked_factors(
+            DEFAULT_FACTORS if factors is None else factors)
+        #: the candidates of the set a codec-choosing agent chooses among (use_candidates)
+        self.codecs = 0
         self.measure_steps = check_number("measure_steps", measure_steps, 1,
                                           self.plan_interval, integer=True)
         self.sample = check_number("sample", sample, 1, integer=True, optional=True)
-        #: the plan: tensor → factor of the uniform CF ({}: uniform), and the CF it is for
-        self.plan: dict[str, float] = {}
-        self.planned_cf: float | None = None
+        #: the plan: tensor → factor of the uniform CF, or its codec ({}: uniform), and the
+        #: uniform CF (or codec) it is for
+        self.plan: dict[str, float | int] = {}
+        self.planned_for: float | int | None = None
         #: steps until the next plan (its errors are measured in the last measure_steps)
         self.until_plan = self.plan_interval
-        #: errors summed over this interval's measured steps, and their uniform CF
+        #: errors summed over this interval's measured steps, and their uniform CF (or codec)
         self.errors: dict[str, list[float]] = {}
         self.link_bytes: dict[str, list[float]] = {}
-        self.errors_cf: float | None = None
+        self.errors_for: float | int | None = None
         self.measured_steps = 0
-        #: the uniform CF of the last decision if it measures errors (None: it does not)
-        self.measured_cf: float | None = None
+        #: the uniform CF (or codec) of the last decision if it measures errors (else None)
+        self.measured_for: float | int | None = None
         #: the last plan's totals: link bytes and errors of the uniform plan and of the plan
         self.summary: dict[str, float] = {}
         self.plans = 0
@@ -165,7 +179,15 @@ class LayerPlan(Wrapper):
 
     @property
     def error_probe(self) -> ErrorSpec:
-        return ErrorSpec(self.factors, self.sample)
+        return ErrorSpec(self.factors, self.sample, self.codecs)
+
+    def use_candidates(self, names: tuple[str, ...], dense: tuple[bool, ...]) -> None:
+        super().use_candidates(names, dense)
+        self.codecs = len(names)
+
+    def _uniform(self, decision: Decision) -> float | int | None:
+        """What the time-level ``decision`` sends every tensor: its codec, or its CF."""
+        return decision.codec if self.per_codec else decision.cf
 
     def initial_decision(self) -> Decision:
         return self._planned(self.agent.initial_decision())
@@ -179,10 +201,10 @@ class LayerPlan(Wrapper):
                 self._replan()
             self.until_plan = self.plan_interval
         decision = self.agent.decide(stats)
-        if self.planned_cf is not None and decision.cf != self.planned_cf:
-            # the time-level agent moved the uniform CF: a plan for another CF does not carry
-            # over (PowerSGD's rank 1 is a floor), so measure at the new one and plan again soon
-            self.plan, self.planned_cf = {}, None
+        if self.planned_for is not None and self._uniform(decision) != self.planned_for:
+            # the time-level agent moved the uniform CF (or codec): a plan for another does not
+            # carry over (PowerSGD's rank 1 is a floor), so measure at the new one and plan again
+            self.plan, self.planned_for = {}, None
             self.until_plan = min(self.until_plan, self.measure_steps)
         decision = self._planned(decision)
         if self.agent.history:
@@ -193,19 +215,23 @@ class LayerPlan(Wrapper):
         """``decision`` with the plan's per-tensor CFs, marked for measuring when it is
         for one of the last ``measure_steps`` steps before the next plan."""
         measure = self.until_plan <= self.measure_steps
+        self.measured_for = self._uniform(decision) if measure else None
+        if self.per_codec:
+            layer_codec = {name: k for name, k in self.plan.items() if k != decision.codec}
+            return dataclasses.replace(decision, layer_codec=layer_codec or None,
+                                       measure_errors=measure)
         layer_cf = {name: max(1.0, decision.cf * f) for name, f in self.plan.items()
                     if f != 1.0} or None
-        self.measured_cf = decision.cf if measure else None
         return dataclasses.replace(decision, layer_cf=layer_cf, measure_errors=measure)
 
     def _accumulate(self, stats: StepStats) -> None:
-        """Add a measured step's errors; a change of the uniform CF starts them again."""
-        cf = self.measured_cf  # the uniform CF of the decision this step applied
-        if cf is None or not stats.layer_errors:
+        """Add a measured step's errors; a change of the uniform CF (codec) starts them again."""
+        uniform = self.measured_for  # the uniform CF (codec) of the decision this step applied
+        if uniform is None or not stats.layer_errors:
             return
-        if cf != self.errors_cf:
+        if uniform != self.errors_for:
             self.errors, self.link_bytes, self.measured_steps = {}, {}, 0
-            self.errors_cf = cf
+            self.errors_for = uniform
         for name, row in stats.layer_errors.items():
             total = self.errors.setdefault(name, [0.0] * len(row))
             total[:] = [t + x for t, x in zip(total, row)]
@@ -217,7 +243,7 @@ class LayerPlan(Wrapper):
         names = [n for n in self.errors if n in self.link_bytes]
         errors = {n: self.errors[n][1:] for n in names}
         sizes = {n: self.link_bytes[n] for n in names}
-        one = self.factors.index(1.0)
+        one = self.errors_for if self.per_codec else self.factors.index(1.0)
         uniform = {n: one for n in names}
         budget = self.alpha * sum(e[one] for e in errors.values())
         choice = plan_layers(errors, sizes, budget, LEVELS_PER_TENSOR * max(1, len(names)))
@@ -228,12 +254,13 @@ class LayerPlan(Wrapper):
         if choice is None or budget >= total(errors, uniform) and \
                 total(sizes, choice) >= total(sizes, uniform):
             choice = uniform  # nothing within the budget is cheaper than the uniform CF
-        self.plan = {n: self.factors[k] for n, k in choice.items() if k != one}
-        self.planned_cf = self.errors_cf
+        self.plan = {n: k if self.per_codec else self.factors[k]
+                     for n, k in choice.items() if k != one}
+        self.planned_for = self.errors_for
         self.summary = {"uniform_bytes": total(sizes, uniform), "bytes": total(sizes, choice),
                         "uniform_error": total(errors, uniform), "error": total(errors, choice)}
         self.plans += 1
-        self.errors, self.link_bytes, self.measured_steps, self.errors_cf = {}, {}, 0, None
+        self.errors, self.link_bytes, self.measured_steps, self.errors_for = {}, {}, 0, None
 
     def row(self) -> dict[str, Any]:
         """The metrics the agent's rows get: the last plan's bytes and error relative to the
@@ -254,4 +281,22 @@ class LayerPlan(Wrapper):
         state = dict(state)
         self.agent.load_state_dict(state.pop("agent"))
         for key, value in copy.deepcopy(state).items():
-            setattr(self, key, value)
+            setattr(self, _RENAMED.get(key, key), value)
+
+
+#: state keys a plan saved before it could plan codecs, and their names now
+_RENAMED = {"planned_cf": "planned_for", "errors_cf": "errors_for",
+            "measured_cf": "measured_for"}
+
+
+def _checked_factors(factors: Sequence[float]) -> tuple[float, ...]:
+    """``factors`` sorted, once each; refused unless positive numbers with 1 among them."""
+    factors = tuple(factors) if isinstance(factors, (list, tuple)) else factors
+    if not isinstance(factors, tuple) or not factors:
+        raise ValueError(f"factors must be a non-empty list of positive numbers with 1 "
+                         f"among them, got {factors!r}")
+    for i, f in enumerate(factors):
+        check_number(f"factors[{i}]", f, 0, low_open=True)
+    if 1 not in factors:
+        raise ValueError(f"factors must contain 1 (the uniform plan), got {factors!r}")
+    return tuple(sorted(float(f) for f in set(factors)))

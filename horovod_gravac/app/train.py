@@ -222,7 +222,8 @@ def _plan_and_accordion_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layer-plan", action="store_true",
                    help="under the agent's uniform CF, a CF per tensor that minimises the bytes "
                         "within the uniform CF's total compression error (re-planned every "
-                        "--plan-interval steps; not with Accordion's per-layer norms)")
+                        "--plan-interval steps; not with Accordion's per-layer norms); under "
+                        "--agent choice, a codec per tensor among --compression's candidates")
     g.add_argument("--plan-alpha", type=float, default=1.0,
                    help="layer plan: error budget relative to the uniform CF's total error")
     g.add_argument("--plan-interval", type=int, default=None,
@@ -444,11 +445,15 @@ def _check_exchange(args: argparse.Namespace) -> None:
     if args.gain_sample < 0:
         raise ValueError(f"--gain-sample must be >= 0 (0: exact), got {args.gain_sample!r}")
     if args.layer_plan and args.agent == "none":
-        raise ValueError("--layer-plan redistributes an agent's CF: give --agent static, gravac "
-                         "or accordion")
+        raise ValueError("--layer-plan redistributes an agent's CF (or codec): give --agent "
+                         "static, gravac, accordion or choice")
     if args.layer_plan and args.agent == "accordion" and not args.whole_model_norms:
         raise ValueError("--layer-plan plans the tensors' CFs itself: give Accordion "
                          "--whole-model-norms (one CF for the model)")
+    if args.layer_plan and args.agent == "choice" and args.plan_factors is not None:
+        raise ValueError(f"--plan-factors {args.plan_factors}: under --agent choice the plan "
+                         "chooses each tensor's codec among --compression's candidates, not "
+                         "a CF: leave --plan-factors out")
     try:
         if args.plan_factors is not None:
             args.plan_factors = tuple(float(f) for f in str(args.plan_factors).split(","))

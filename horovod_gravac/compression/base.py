@@ -273,13 +273,22 @@ class Compressor:
             errors.append(torch.linalg.vector_norm(tensor.float() - approx.float()).square())
         return torch.stack(errors)
 
+    def settled_error_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                              step: int = 0, sample: int | None = None) -> Tensor:
+        """:meth:`error_profile` as it will be once this compressor has been sent for a
+        while (see :meth:`settled_energy_profile`): the same here; PowerSGD overrides it."""
+        return self.error_profile(tensor, cfs, name, step, sample=sample)
+
     def projection_errors(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
-                          step: int = 0, sample: int | None = None) -> Tensor:
+                          step: int = 0, sample: int | None = None,
+                          settled: bool = False) -> Tensor:
         """:meth:`error_profile` where C(x) is an orthogonal projection of x (a sparsifier
         keeps some coordinates; PowerSGD projects onto the span of P̂): then
-        ‖x − C(x)‖² = ‖x‖² − ‖C(x)‖², so the errors cost what the energies cost."""
+        ‖x − C(x)‖² = ‖x‖² − ‖C(x)‖², so the errors cost what the energies cost (the
+        ``settled`` ones: :meth:`settled_energy_profile`'s)."""
         total = torch.linalg.vector_norm(tensor, dtype=torch.float32).square()
-        energies = self.energy_profile(tensor, cfs, name, step, sample=sample).float()
+        profile = self.settled_energy_profile if settled else self.energy_profile
+        energies = profile(tensor, cfs, name, step, sample=sample).float()
         return (total - energies).clamp_min(0)
 
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:

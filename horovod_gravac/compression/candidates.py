@@ -98,6 +98,28 @@ class Candidates(Compressor):
                 rows.append(candidate.sent_norm_sq(payload, ctx).float())
         return torch.stack(rows)
 
+    def errors(self, tensor: Tensor, name: str = "", step: int = 0,
+               sample: int | None = None, sent: int | None = None) -> Tensor:
+        """‖tensor − C_k(tensor)‖² for every candidate k at its own setting (a layer plan's
+        errors, per codec): 0 for the identity; a candidate with a CF from its
+        :meth:`~horovod_gravac.compression.Compressor.error_profile` on ``sample`` elements
+        (those not ``sent``, as they would settle, as in :meth:`energies`); any other from
+        what error feedback would keep of one compression (fp16's rounding, a quantizer's
+        error)."""
+        rows = []
+        for k, candidate in enumerate(self.candidates):
+            if self.is_dense(k):
+                rows.append(torch.zeros((), device=tensor.device))
+            elif candidate.adjustable_cf:
+                profile = candidate.error_profile if k == sent else \
+                    candidate.settled_error_profile
+                rows.append(profile(tensor, [candidate.cf], name, step, sample=sample)[0].float())
+            else:
+                payload, ctx = candidate.compress(tensor, name, step)
+                kept = candidate.error(tensor.clone(), payload, ctx)
+                rows.append(torch.linalg.vector_norm(kept, dtype=torch.float32).square())
+        return torch.stack(rows)
+
     # -- the compressor interface, forwarded to every candidate ---------------------------------
     def bind(self, rank: int, size: int) -> None:
         super().bind(rank, size)

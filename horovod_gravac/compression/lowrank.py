@@ -231,6 +231,11 @@ class PowerSGD(SeededCompressor):
         """‖M‖² − ‖P̂ᵀM‖² (P̂P̂ᵀ projects): from :meth:`energy_profile`, with the warm Q."""
         return self.projection_errors(tensor, cfs, name, step, sample)
 
+    def settled_error_profile(self, tensor: Tensor, cfs: Sequence[float], name: str = "",
+                              step: int = 0, sample: int | None = None) -> Tensor:
+        """‖M‖² less the energy a warm-started Q settles at (:meth:`settled_energy_profile`)."""
+        return self.projection_errors(tensor, cfs, name, step, sample, settled=True)
+
     def expected_bytes(self, shape: torch.Size, cf: float | None = None) -> tuple[int, Exchange]:
         """P (n×r) and Q (m×r) in float32, or the dense tensor where rank r would not gain."""
         dims = self._matrix_shape(shape, cf)

@@ -142,10 +142,8 @@ class Control:
         errors = self.error_probe.spec.decode(terms[gain_terms:], self.error_probe.names) \
             if errors_measured else {}
         rank0, size = self.transport.rank == 0, self.transport.size
-        candidate_bytes = {
-            n: tuple(tensor_link_bytes(self.compressor, self.shapes[n], cf, size)
-                     for cf in self.error_probe.spec.cfs(applied.cf))
-            for n in errors} if errors_measured and rank0 else {}
+        candidate_bytes = {n: self._candidate_link_bytes(n, applied.cf) for n in errors} \
+            if errors_measured and rank0 else {}
         ladder = self._ladder_link_bytes() if spec is not None and spec.ladder and rank0 \
             else {}
         measured = applied.measure_gain and spec is not None
@@ -161,6 +159,16 @@ class Control:
             ladder_link_bytes=ladder if measured else {},
             errors_measured=errors_measured, layer_errors=errors,
             candidate_link_bytes=candidate_bytes, variance_change=variance_change)
+
+    def _candidate_link_bytes(self, name: str, cf: float | None) -> tuple[float, ...]:
+        """The link bytes tensor ``name`` costs with each of a layer plan's candidates: the
+        CFs around ``cf``, or the codecs of the set."""
+        shape, size = self.shapes[name], self.transport.size
+        if self.error_probe.spec.codecs:
+            return tuple(tensor_link_bytes(candidate, shape, None, size)
+                         for candidate in self.compressor.candidates)
+        return tuple(tensor_link_bytes(self.compressor, shape, c, size)
+                     for c in self.error_probe.spec.cfs(cf))
 
     def _ladder_link_bytes(self) -> dict[float, float]:
         """Per ladder CF, the link bytes of a step at it: from the shapes alone, so computed

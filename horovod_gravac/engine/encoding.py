@@ -76,7 +76,7 @@ class Encoder:
         if self.error_probe is not None and decision.measure_errors:
             self.error_probe.measure(name, compensated, decision, step)
         cf = decision.sent_cf_for(name) if decision is not None else None
-        codec = decision.codec if decision is not None else None
+        codec = decision.codec_for(name) if decision is not None else None
         if cf == 1.0 or (codec is not None and self.compressor.is_dense(codec)):
             # dense, and the residual restarts at zero (GraVAC's third branch)
             self.memory.reset(name)

@@ -37,7 +37,8 @@ def train(agent, compression="topk", memory=None, **options):
         torch.nn.functional.cross_entropy(model(X[idx]), Y[idx]).backward()
         opt.step()
     decisions = [(d.cf, d.theta_min, d.send, tuple(sorted((d.layer_cf or {}).items())),
-                  d.codec) for d in opt.decisions]
+                  d.codec, tuple(sorted((d.layer_codec or {}).items())))
+                 for d in opt.decisions]
     return {"decisions": decisions, "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
             "bytes": opt.communication.total_bytes, "dense_bytes": opt.communication.total_dense_bytes,
             "history": opt.agent.history if RANK == 0 else None}
@@ -68,5 +69,11 @@ runs = {
     # ε=0.99, so the first interval's end leaves it for dense, fp16 or PowerSGD
     "choice": train(hg.agents.CodecChoice(epsilon=0.99, interval=15, gain_interval=1),
                     compression="topk:50|dense|fp16|powersgd:2", min_compress_numel=0),
+    # a codec per tensor under the choice's (every candidate admissible at ε = 0.05), within
+    # 1.25x its error: the biases PowerSGD sends whole go to TopK 50x
+    "plan_choice": train(hg.agents.LayerPlan(hg.agents.CodecChoice(epsilon=0.05, interval=15,
+                                                                   gain_interval=1),
+                                             alpha=1.25, plan_interval=10, measure_steps=2),
+                         compression="powersgd:2|topk:50|topk:4", min_compress_numel=0),
 }
 report(RANK, runs=runs, mpi=hvd.mpi_enabled())
