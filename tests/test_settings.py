@@ -66,6 +66,21 @@ def test_build_runs_the_adam_exchange_only_where_it_applies():
     assert Settings(compression="fp16").build(torch.optim.AdamW(model.parameters()))[1] is None
 
 
+def test_auto_under_the_adam_exchange_chooses_among_codecs_without_sparsifiers():
+    model = torch.nn.Linear(4, 2)
+    settings = Settings(compression="auto", agent="choice")
+    adamw = torch.optim.AdamW(model.parameters())
+    config, exchange = settings.build(adamw)
+    assert exchange is not None and config.compressor.name == C.ADAM_CANDIDATES
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert settings.build(sgd)[0].compressor.name == C.DEFAULT_CANDIDATES
+    off = dataclasses.replace(settings, adam_exchange="off")
+    assert off.build(adamw)[0].compressor.name == C.DEFAULT_CANDIDATES
+    # a set written out is the user's
+    mine = Settings(compression="dense|powersgd:1|topk:100", agent="choice").build(adamw)[0]
+    assert mine.compressor.name == "dense|powersgd:1|topk:100"
+
+
 def test_no_front_end_lists_a_setting_of_its_own():
     """Every setting is written once, in Settings: the front-ends take ``settings=`` and
     ``**given`` (only ``compression`` keeps its place in Horovod's argument order)."""

@@ -138,7 +138,8 @@ class CodecChoice(Agent):
         decision = self.decision(stats.step + 1)
         self.record(stats, decision, codec=self.codec,
                     codec_name=self.names[self.codec] if self.names else None,
-                    gain=self.tracker.get(self.codec), wait_s=stats.wait_time,
+                    gain=self.tracker.get(self.codec), candidate_gains=self._gains_text(),
+                    wait_s=stats.wait_time,
                     link_bytes=stats.link_bytes, predicted_step_s=predicted.get(self.codec),
                     **self._link_row(link))
         return decision
@@ -193,6 +194,11 @@ class CodecChoice(Agent):
             self.codec = best
             self.settling = self.settle_steps
             self.timed = 0
+
+    def _gains_text(self) -> str:
+        """Every candidate's smoothed gain, in the set's order ("-": not measured yet)."""
+        gains = (self.tracker.get(k) for k in range(len(self.names)))
+        return " ".join("-" if g is None else f"{g:.3f}" for g in gains)
 
     def _link_row(self, link: Link | None) -> dict[str, Any]:
         return {} if link is None else {"link_bandwidth": 1 / link.per_byte

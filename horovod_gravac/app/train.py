@@ -836,10 +836,13 @@ PHASE_COLUMNS = ("forward_s", "backward_s", "update_s", "begin_s", "finish_s")
 PLAN_COLUMNS = ("plans", "plan_bytes_ratio", "plan_error_ratio")
 #: the Adam-family exchange's: warmup or frozen, and the variance change the freeze rule saw
 ADAM_COLUMNS = ("phase", "variance_change")
+#: the codec choice's: the smoothed gain of the codec sent, and every candidate's (in the
+#: set's order, space-separated)
+CHOICE_COLUMNS = ("gain", "candidate_gains")
 STEP_COLUMNS = ("step", "epoch", "wall", "step_s", "loss", "samples_per_s", "cf", "cf_sent",
                 "send", "codec", "delta_min", "delta_c", "bytes", "total_bytes", "dense_bytes",
                 "skipped_steps", *LINK_COLUMNS, "rounds", "link_steps",
-                *PHASE_COLUMNS, *PLAN_COLUMNS, *ADAM_COLUMNS)
+                *PHASE_COLUMNS, *PLAN_COLUMNS, *ADAM_COLUMNS, *CHOICE_COLUMNS)
 
 
 class RunLog:
@@ -882,6 +885,7 @@ class RunLog:
             for tag, key in (("train/loss", "loss"), ("train/samples_per_s", "samples_per_s"),
                              ("comm/cf", "cf"), ("comm/bytes", "total_bytes"),
                              ("gravac/delta_c", "delta_c"), ("gravac/delta_min", "delta_min"),
+                             ("choice/gain", "gain"),
                              *((f"link/{c}", c) for c in LINK_COLUMNS)):
                 if row.get(key) not in (None, ""):
                     self.writer.add_scalar(tag, row[key], step)
@@ -964,7 +968,7 @@ def report_columns(report: Any) -> dict[str, Any]:
                 "begin_s": report.begin_s, "finish_s": report.finish_s} \
         if report is not None else {}
     return {**{c: row.get(c) for c in ("delta_min", "delta_c", *LINK_COLUMNS, *PLAN_COLUMNS,
-                                       *ADAM_COLUMNS)}, **measured,
+                                       *ADAM_COLUMNS, *CHOICE_COLUMNS)}, **measured,
             "cf_sent": decision.sent_cf if decision else "",
             "send": decision.send if decision else "",
             "codec": "" if decision is None or decision.codec is None else decision.codec}

@@ -16,7 +16,7 @@ from typing import Any
 from .base import (Compressor, Ctx, Exchange, Payload, SeededCompressor, finite_marker,
                    is_finite, num_selected, payload_is_finite, scale_and_check, validate_cf,
                    wire_bytes, write_into)
-from .candidates import DEFAULT_CANDIDATES, DENSE, SEPARATOR, Candidates
+from .candidates import ADAM_CANDIDATES, DEFAULT_CANDIDATES, DENSE, SEPARATOR, Candidates
 from .lowrank import PowerSGD
 from .memory import MEMORIES, DGCMemory, EFSignSGDMemory, Memory, ResidualMemory
 from .selection import DEFAULT_MIN_COMPRESS_NUMEL, uncompressed_tensors
@@ -164,7 +164,8 @@ def create_memory(name: str | Memory | None, compressor: Compressor, **params: A
 
 
 __all__ = [
-    "COMPRESSORS", "MEMORIES", "Candidates", "DEFAULT_CANDIDATES", "create_candidates",
+    "ADAM_CANDIDATES", "COMPRESSORS", "MEMORIES", "Candidates", "DEFAULT_CANDIDATES",
+    "create_candidates",
     "Compressor", "Ctx", "Exchange", "Memory", "Payload",
     "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "SeededCompressor", "check_adjustable",
     "create", "create_memory", "names", "parse_spec", "num_selected",
