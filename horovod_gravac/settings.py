@@ -125,10 +125,10 @@ class Settings:
         exchange bound to it (None: gradients are exchanged): its agent then runs in
         :class:`~horovod_gravac.agents.AdamPhases` and its memory is error feedback. There
         ``compression="auto"`` is the set without sparsifiers (``C.ADAM_CANDIDATES``)."""
-        compression = "none" if self.compression is None else self.compression
-        if _is_auto(compression) and self.adam_exchange not in (None, adam.OFF) and \
-                optimizer is not None and adam.is_adam_family(optimizer):
-            compression = C.ADAM_CANDIDATES
+        compression = C.for_optimizer(
+            "none" if self.compression is None else self.compression,
+            self.adam_exchange not in (None, OFF) and optimizer is not None and
+            adam.is_adam_family(optimizer))
         compressor = C.create(compression)
         exchange = None if optimizer is None else \
             adam.create(copy.deepcopy(self.adam_exchange), optimizer, compressor)
@@ -140,10 +140,6 @@ class Settings:
             compress_patterns=dict(self.compress_patterns or {}),
             bucket_cap_mb=self.bucket_cap_mb, average=average, predivide=predivide)
         return config, exchange
-
-
-def _is_auto(compression: Any) -> bool:
-    return isinstance(compression, str) and compression.strip().lower() == "auto"
 
 
 #: every setting's default, by name

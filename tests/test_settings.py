@@ -168,3 +168,9 @@ def test_gravac_train_builds_its_settings_from_its_flags():
     assert settings.bucket_cap_mb == Settings.bucket_cap_mb  # not given: the library's
     assert settings.on_nonfinite == Settings.on_nonfinite
     assert settings.compression.name == "topk" and settings.adam_exchange == "off"
+    adamw = exchange_settings(parse_args(["--compression", "auto", "--agent", "choice",
+                                          "--optimizer", "adamw", "--steps", "2"]), "choice")
+    assert adamw.compression.name == C.ADAM_CANDIDATES and adamw.adam_exchange != "off"
+    sgd = exchange_settings(parse_args(["--compression", "auto", "--agent", "choice",
+                                        "--steps", "2"]), "choice")
+    assert sgd.compression.name == C.DEFAULT_CANDIDATES

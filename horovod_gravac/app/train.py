@@ -479,7 +479,10 @@ def exchange_settings(args: argparse.Namespace, agent: Any) -> Any:
     the run's length)."""
     from horovod_gravac import compression
     from horovod_gravac.settings import Settings
-    compressor = compression.create(args.compression, **compression_params(args))
+    adam_family = args.optimizer == "adamw" and args.adam_exchange != "off" and \
+        not args.baseline
+    compressor = compression.create(compression.for_optimizer(args.compression, adam_family),
+                                    **compression_params(args))
     return Settings.of(compression=compressor, memory=args.memory, agent=agent,
                        compress_patterns=args.compress_patterns,
                        adam_exchange=make_adam_exchange(args, compressor) or "off",

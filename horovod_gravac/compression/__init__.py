@@ -117,6 +117,14 @@ def create(spec: str | Compressor, **params: Any) -> Compressor:
         raise ValueError(f"bad parameters for compressor {name!r}: {exc}") from None
 
 
+def for_optimizer(spec: Any, adam_exchange: bool) -> Any:
+    """``spec`` as a run with (``adam_exchange``) or without the Adam-family exchange means
+    it: ``"auto"`` is :data:`ADAM_CANDIDATES` under the exchange (no sparsifier), else as
+    written."""
+    is_auto = isinstance(spec, str) and spec.strip().lower() == "auto"
+    return ADAM_CANDIDATES if is_auto and adam_exchange else spec
+
+
 def create_candidates(spec: str) -> Candidates:
     """The set ``"dense|fp16|powersgd:1"``: each candidate built once (``"dense"`` is
     ``"none"``); an empty set, an empty candidate, a duplicate or a set within a set is a
@@ -165,7 +173,7 @@ def create_memory(name: str | Memory | None, compressor: Compressor, **params: A
 
 __all__ = [
     "ADAM_CANDIDATES", "COMPRESSORS", "MEMORIES", "Candidates", "DEFAULT_CANDIDATES",
-    "create_candidates",
+    "create_candidates", "for_optimizer",
     "Compressor", "Ctx", "Exchange", "Memory", "Payload",
     "ResidualMemory", "DGCMemory", "EFSignSGDMemory", "SeededCompressor", "check_adjustable",
     "create", "create_memory", "names", "parse_spec", "num_selected",
