@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--merge-only", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="default: results/step_time/<workload>")
     args = p.parse_args(argv)
-    args.out = args.out or Path("results/step_time") / args.workload
+    args.out = args.out or Path("results/step_time") / (
+        f"{args.workload}_unshaped" if args.no_emulation else args.workload)
     for flag, value, low in (("--np", args.np, 1), ("--steps", args.steps, 1),
                              ("--rounds", args.rounds, 1), ("--warmup", args.warmup, 0)):
         if value < low:

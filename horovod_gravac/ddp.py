@@ -152,21 +152,28 @@ class DDPCompressionState:
         """Exchange ``optimizer``'s preconditioned gradient once its variance is frozen
         (:mod:`horovod_gravac.adam`): the agent becomes
         :class:`~horovod_gravac.agents.AdamPhases` over the configured one, the memory error
-        feedback (unless one was given). :class:`AdamExchangeOptimizer` calls it."""
+        feedback (unless one was given), and ``compression="auto"`` the set without
+        sparsifiers (``C.ADAM_CANDIDATES``). :class:`AdamExchangeOptimizer` calls it."""
         if self.engine is not None and self.engine.in_flight:
             raise RuntimeError("use_adam_exchange() during a step (after backward began)")
         config = self.config
+        compressor = config.compressor
+        adam_set = C.for_optimizer(self.settings.compression, under_exchange=True)
+        if adam_set != self.settings.compression and compressor.name != adam_set:
+            compressor = C.create(adam_set)
         agent = config.agent if isinstance(config.agent, A.AdamPhases) else \
             A.AdamPhases(config.agent, exchange.rule)
         memory = adam.create_memory(config.memory if self.settings.memory is not None else None,
-                                    config.compressor, exchange)
-        if type(memory) is type(config.memory):
+                                    compressor, exchange)
+        if type(memory) is type(config.memory) and compressor is config.compressor:
             memory = config.memory  # with its residuals (a state loaded from a checkpoint)
         self.adam = exchange
         if self._optimizer is None:
             self._optimizer = optimizer
-        if agent is not config.agent or memory is not config.memory:
-            self.config = dataclasses.replace(config, agent=agent, memory=memory)
+        if agent is not config.agent or memory is not config.memory or \
+                compressor is not config.compressor:
+            self.config = dataclasses.replace(config, compressor=compressor, agent=agent,
+                                              memory=memory)
             if self.engine is not None:  # the same model and group, the new settings
                 self.attach(*self._attached, self._optimizer)
 

@@ -81,6 +81,24 @@ def test_a_trial_clearly_worse_after_one_timed_step_ends_there():
         A.CodecChoice(trial_cutoff=1)
 
 
+def test_a_candidate_sent_is_priced_by_its_own_steps_where_the_link_model_misses():
+    # unshaped Gloo on a CPU: fp16's sum is slow (0.3 s beyond its bytes), which no price per
+    # byte, round or message explains; the fitted model alone would keep fp16 (half the bytes)
+    agent, decision, sent = choice(), None, []
+    decision = agent.initial_decision()
+    slow = {0: 0.0, 1: 0.3, 2: 0.0}
+    for step in range(60):
+        k = decision.codec
+        sent.append(k)
+        wait = PRICED[k].link_bytes * 8e-10 + slow[k]
+        decision = agent.decide(stats(step, k, step_time=(0.1, 0.104, 0.16)[k] + wait, wait=wait,
+                                      link_bytes=PRICED[k].link_bytes, gains=(1.0, 1.0, 0.8),
+                                      traffic=PRICED))
+    assert sent[-20:] == [0] * 20
+    predicted = agent.predicted_times(agent.costs.link())
+    assert predicted[1] == pytest.approx(0.104 + 8 * MB * 8e-10 + 0.3)
+
+
 def test_a_candidate_below_epsilon_is_never_sent_however_fast():
     sent = drive(choice(epsilon=0.9), 8e-8, compute=(0.1, 0.104, 0.16),
                  gains=(1.0, 1.0, 0.8), priced=PRICED)
@@ -342,3 +360,46 @@ def test_the_engine_sends_each_tensor_with_its_planned_codec():
     assert per_tensor["w"] == 4 * (16 + 8)  # PowerSGD rank 1: P and Q
     assert int((sent["v"] != 0).sum()) == 32  # TopK 4x keeps 32 of 128
     assert torch.linalg.matrix_rank(sent["w"]) == 1
+
+
+def test_a_codec_plan_under_the_adam_phases_round_trips_through_a_checkpoint(tmp_path):
+    def agent():
+        plan = A.LayerPlan(A.CodecChoice(interval=5, settle_steps=0, gain_interval=1),
+                           plan_interval=4, measure_steps=2)
+        phases = A.AdamPhases(plan, A.FreezeRule(warmup=1, max_warmup=2))
+        phases.use_candidates(NAMES, (True, False, False))
+        return phases
+
+    errors = {"emb": (10.0, 0.0, 0.1, 3.0), "w": (10.0, 0.0, 6.0, 0.5)}
+    link_bytes = {"emb": (1000.0, 20.0, 50.0), "w": (1000.0, 20.0, 50.0)}
+
+    def step(a, n, d):
+        measured = d.measure_errors
+        return a.decide(A.StepStats(
+            step=n, iter_time=0.1, world_size=4, gain_measured=True, gain_reference=1.0,
+            gain_codecs={0: 1.0, 1: 0.9, 2: 0.8}, codec=d.codec, codec_traffic=PRICED,
+            wait_time=0.05, link_bytes=1e6, rounds=2, errors_measured=measured,
+            layer_errors=errors if measured else {},
+            candidate_link_bytes=link_bytes if measured else {}))
+
+    first = agent()
+    d = first.initial_decision()
+    for n in range(12):
+        d = step(first, n, d)
+    torch.save(first.state_dict(), tmp_path / "agent.pt")
+    again = agent()
+    again.load_state_dict(torch.load(tmp_path / "agent.pt", weights_only=True))
+    assert again.frozen_at == first.frozen_at and again.agent.plans == first.agent.plans > 0
+    assert again.agent.agent.codec == first.agent.agent.codec
+    assert step(again, 12, d) == step(first, 12, d)
+
+
+def test_a_plan_saved_before_it_planned_codecs_loads():
+    plan = A.LayerPlan(A.Static(cf=10), plan_interval=4, measure_steps=2)
+    old = {k: v for k, v in plan.state_dict().items()
+           if k not in ("planned_for", "errors_for", "measured_for")}
+    old.update(plan={"w": 2.0}, planned_cf=10.0, errors_cf=None, measured_cf=10.0)
+    again = A.LayerPlan(A.Static(cf=10), plan_interval=4, measure_steps=2)
+    again.load_state_dict(old)
+    assert (again.plan, again.planned_for, again.measured_for) == ({"w": 2.0}, 10.0, 10.0)
+    assert not hasattr(again, "planned_cf")

@@ -159,6 +159,18 @@ def test_the_adam_wrapper_binds_a_copy_and_the_settings_stay_unbound(world_of_on
     assert first is not second and first is not rule
 
 
+def test_the_ddp_hook_under_the_adam_exchange_chooses_among_codecs_without_sparsifiers(
+        world_of_one):
+    from horovod_gravac import ddp
+    model = torch.nn.Linear(64, 32)
+    state = ddp.DDPCompressionState(model, compression="auto", agent="choice")
+    assert state.compressor.name == C.DEFAULT_CANDIDATES
+    ddp.AdamExchangeOptimizer(torch.optim.AdamW(model.parameters()), state)
+    assert state.compressor.name == C.ADAM_CANDIDATES
+    assert isinstance(state.agent, A.AdamPhases)
+    assert state.agent.agent.names == tuple(C.ADAM_CANDIDATES.split("|"))
+
+
 def test_gravac_train_builds_its_settings_from_its_flags():
     from horovod_gravac.app.train import exchange_settings, parse_args
     args = parse_args(["--compression", "topk:10", "--min-compress-numel", "0",

@@ -222,7 +222,7 @@ class StepStats:
     ``ladder_link_bytes``: per CF of the agent's ``ladder`` (GraVAC's cost-model search), the
     gain term and the link bytes a step at that CF would carry. At steps whose decision measured a
     layer plan's errors (``errors_measured``), ``layer_errors`` holds per compressed tensor
-    (‖x‖², error per candidate CF) (see :class:`ErrorSpec`) and ``candidate_link_bytes``
+    (‖x‖², error per candidate CF or codec) (see :class:`ErrorSpec`) and ``candidate_link_bytes``
     the link bytes each candidate would cost it. ``variance_change``: during an Adam-family
     exchange's warm-up, at the steps that measure it, the relative change of Adam's
     preconditioner over the last check interval (:class:`~horovod_gravac.adam.AdamExchange`;

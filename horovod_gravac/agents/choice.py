@@ -15,13 +15,15 @@ first steps — no warm-up window at a fixed floor:
   sent yet at the best rank-r energy its warm-started Q settles at, not from its seeded Q). A candidate is *admissible* when
   δ_k ≥ ε (dense and fp16 always are). With the Adam family, wrap it in
   :class:`~.phases.AdamPhases`: dense until Adam's variance is frozen, the choice after.
-* **Time.** The step model of :mod:`.costmodel`: t_k = compute_k + a·r_k + λ·s_k + β·B_k,
-  the traffic (rounds r, ring message steps s, link bytes B) of every candidate priced by
-  the engine from the tensor shapes, the link (a, λ, β) fitted by non-negative least squares
-  to the median waits of the candidates sent so far (one candidate sent: all waiting is
-  charged to bytes), compute_k the median step time less waiting of the steps that sent k —
-  for a candidate never sent, the least compute measured so far (an optimistic guess: if it
-  then looks best it is sent on trial and measured, and a wrong guess costs a trial).
+* **Time.** A candidate sent before is priced by its own steps: t_k = compute_k + wait_k,
+  the medians of its timed steps (what a link model cannot see is in them: an fp16 sum that
+  Gloo reduces slowly on a CPU, a layer plan's smaller traffic). One never sent, by the step
+  model of :mod:`.costmodel`: t_k = c + a·r_k + λ·s_k + β·B_k, its traffic (rounds r, ring
+  message steps s, link bytes B) priced by the engine from the tensor shapes, the link
+  (a, λ, β) fitted by non-negative least squares to the median waits of the candidates sent
+  so far (one candidate sent: all waiting is charged to bytes), c the least compute measured
+  so far (an optimistic guess: if it then looks best it is sent on trial and measured, and a
+  wrong guess costs a trial).
 * **The choice.** The admissible candidate with the best predicted progress per second
   δ_k / t_k is sent from the next step on — unless the candidate sent scores within
   ``omega`` of it (hysteresis) —, chosen again every ``interval`` steps, and sooner after a
@@ -152,8 +154,8 @@ class CodecChoice(Agent):
         self.names, self.dense = tuple(names), tuple(dense)
 
     def predicted_times(self, link: Link | None) -> dict[int, float]:
-        """Per candidate, the step time the ``link`` fitted to the steps so far predicts
-        (empty before a step)."""
+        """Per candidate, its step time: the median of its own timed steps, or for one never
+        sent what the ``link`` fitted to the steps so far predicts (empty before a step)."""
         measured = [c for c in map(self.costs.compute, self.traffic) if c is not None]
         if link is None or not measured:
             return {}
@@ -161,8 +163,8 @@ class CodecChoice(Agent):
         times = {}
         for codec, priced in self.traffic.items():
             compute = self.costs.compute(codec)
-            times[codec] = (guess if compute is None else compute) + \
-                link.wait_for(Traffic(*priced))
+            times[codec] = guess + link.wait_for(Traffic(*priced)) if compute is None \
+                else compute + self.costs.wait(codec)
         return times
 
     def scores(self, predicted: dict[int, float]) -> dict[int, float]:

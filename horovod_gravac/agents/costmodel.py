@@ -128,6 +128,10 @@ class CodecCosts:
         """Median compute of the steps that sent ``codec`` (None: never sent)."""
         return self._median(codec, 0) if self.sent.get(codec) else None
 
+    def wait(self, codec: int) -> float | None:
+        """Median wait of the steps that sent ``codec`` (None: never sent)."""
+        return self._median(codec, 1) if self.sent.get(codec) else None
+
     def link(self) -> Link | None:
         """The link fitted to every codec's median (rounds, steps, bytes, wait); None before
         a step."""

@@ -154,6 +154,13 @@ class AdamPhases(Agent):
         return decision
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.pop("rule")  # a setting, not state
-        return state
+        """The phase and, through its own ``state_dict``, the wrapped agent's state."""
+        state = {k: v for k, v in super().state_dict().items() if k not in ("rule", "agent")}
+        return {**state, "agent": None if self.agent is None else self.agent.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        inner = state.pop("agent", None)
+        super().load_state_dict(state)
+        if inner is not None and self.agent is not None:
+            self.agent.load_state_dict(inner)

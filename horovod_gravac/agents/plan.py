@@ -1,7 +1,8 @@
 """An error-budgeted layer plan (after L-GreCo, Markov et al., MLSys 2024) on top of any agent.
 
-The time-level agent (static, Accordion, GraVAC) sets the uniform CF u of the compressed
-level; :class:`LayerPlan` redistributes it over the tensors. Every ``plan_interval`` steps:
+The time-level agent (static, Accordion, GraVAC; the codec choice: below) sets the uniform
+CF u of the compressed level; :class:`LayerPlan` redistributes it over the tensors. Every
+``plan_interval`` steps:
 
 1. On the interval's last ``measure_steps`` steps the engine measures, per compressed tensor
    ℓ and candidate CF c = f·u (f in ``factors``, around 1), the compression error
@@ -38,10 +39,10 @@ of candidate k on tensor ℓ (:meth:`~horovod_gravac.compression.Candidates.erro
 dense, a codec not sent as it would settle), b_ℓ(k) its link bytes, and the same knapsack
 gives each tensor its codec (``Decision.layer_codec``): an embedding whose gradient sits in
 a few rows can go sparse while the rest goes low-rank, within the error of sending u
-everywhere. When u is dense the budget is 0 and the plan keeps every tensor dense (or on a
-codec that loses nothing). A plan holds for the codec it was made for, as for a CF. The
-agent keeps timing its own codec: the steps under a plan carry the plan's bytes, and its
-link model is fitted to the bytes measured.
+everywhere. When u is dense every tensor is sent dense (nothing is planned). A plan holds
+for the codec it was made for, as for a CF. The agent prices its codec by the steps that
+sent it, the plan's smaller traffic included; a codec it has not sent, as if sent to every
+tensor.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..validation import check_number
-from .base import Agent, Decision, ErrorSpec, StepStats, Wrapper
+from .base import SEND_COMPRESSED, Agent, Decision, ErrorSpec, StepStats, Wrapper
 from .gravac import DEFAULT_GAIN_SAMPLE
 
 #: candidate CFs per tensor, as factors of the uniform CF (L-GreCo: ranks ½× to 2×)
@@ -212,12 +213,14 @@ class LayerPlan(Wrapper):
         return decision
 
     def _planned(self, decision: Decision) -> Decision:
-        """``decision`` with the plan's per-tensor CFs, marked for measuring when it is
-        for one of the last ``measure_steps`` steps before the next plan."""
+        """``decision`` with the plan's per-tensor CFs (or codecs), marked for measuring when
+        it is for one of the last ``measure_steps`` steps before the next plan."""
         measure = self.until_plan <= self.measure_steps
         self.measured_for = self._uniform(decision) if measure else None
         if self.per_codec:
-            layer_codec = {name: k for name, k in self.plan.items() if k != decision.codec}
+            compressed = decision.send == SEND_COMPRESSED  # not the dense candidate
+            layer_codec = {name: k for name, k in self.plan.items()
+                           if k != decision.codec and compressed}
             return dataclasses.replace(decision, layer_codec=layer_codec or None,
                                        measure_errors=measure)
         layer_cf = {name: max(1.0, decision.cf * f) for name, f in self.plan.items()

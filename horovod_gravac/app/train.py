@@ -892,6 +892,9 @@ class RunLog:
                              *((f"link/{c}", c) for c in LINK_COLUMNS)):
                 if row.get(key) not in (None, ""):
                     self.writer.add_scalar(tag, row[key], step)
+            for k, gain in enumerate((row.get("candidate_gains") or "").split()):
+                if gain != "-":  # the codec choice's candidates, in the set's order
+                    self.writer.add_scalar(f"choice/candidate_gain/{k}", float(gain), step)
         if self.progress:
             self.progress.update(1)
             self.progress.set_postfix(loss=f"{row['loss']:.3f}", cf=f"{row['cf']:.0f}")

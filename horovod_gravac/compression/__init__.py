@@ -117,12 +117,12 @@ def create(spec: str | Compressor, **params: Any) -> Compressor:
         raise ValueError(f"bad parameters for compressor {name!r}: {exc}") from None
 
 
-def for_optimizer(spec: Any, adam_exchange: bool) -> Any:
-    """``spec`` as a run with (``adam_exchange``) or without the Adam-family exchange means
+def for_optimizer(spec: str | Compressor, under_exchange: bool) -> str | Compressor:
+    """``spec`` as a run with (``under_exchange``) or without the Adam-family exchange means
     it: ``"auto"`` is :data:`ADAM_CANDIDATES` under the exchange (no sparsifier), else as
     written."""
     is_auto = isinstance(spec, str) and spec.strip().lower() == "auto"
-    return ADAM_CANDIDATES if is_auto and adam_exchange else spec
+    return ADAM_CANDIDATES if is_auto and under_exchange else spec
 
 
 def create_candidates(spec: str) -> Candidates:
