@@ -52,8 +52,8 @@ CONFIGS: dict[str, tuple[tuple[str, ...], str | None]] = {
                                     None),
     # the choice's own cost at the codec its static twin sends: it starts on PowerSGD rank 1
     # and, on a slow link, keeps it (dense is priced 14x its bytes)
-    "CodecChoice on powersgd:1|dense": (("--compression", "powersgd:1|dense", "--agent",
-                                         "choice"), "PowerSGD rank 1 (Horovod optimizer)"),
+    "CodecChoice on powersgd:1 / dense": (("--compression", "powersgd:1|dense", "--agent",
+                                           "choice"), "PowerSGD rank 1 (Horovod optimizer)"),
 }
 BASELINE = "DDP + PyTorch PowerSGD hook (rank 1)"
 
