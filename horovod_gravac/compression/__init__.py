@@ -90,11 +90,11 @@ def create(spec: str | Compressor, **params: Any) -> Compressor:
         if params:
             raise ValueError("parameters can't be given with a compressor object")
         return spec
-    if isinstance(spec, str) and (SEPARATOR in spec or spec.strip().lower() == "auto"):
+    if isinstance(spec, str) and (SEPARATOR in spec or _is_auto(spec)):
         if params:
             raise ValueError(f"parameters can't be given with a set of candidates ({spec!r}): "
                              "write them into each candidate, e.g. 'topk:cf=100,value_dtype=fp16'")
-        return create_candidates(DEFAULT_CANDIDATES if spec.strip().lower() == "auto" else spec)
+        return create_candidates(DEFAULT_CANDIDATES if _is_auto(spec) else spec)
     name, parsed = parse_spec(spec)
     cls = COMPRESSORS.get(name)
     if cls is None:
@@ -121,8 +121,12 @@ def for_optimizer(spec: str | Compressor, under_exchange: bool) -> str | Compres
     """``spec`` as a run with (``under_exchange``) or without the Adam-family exchange means
     it: ``"auto"`` is :data:`ADAM_CANDIDATES` under the exchange (no sparsifier), else as
     written."""
-    is_auto = isinstance(spec, str) and spec.strip().lower() == "auto"
-    return ADAM_CANDIDATES if is_auto and under_exchange else spec
+    return ADAM_CANDIDATES if _is_auto(spec) and under_exchange else spec
+
+
+def _is_auto(spec: str | Compressor) -> bool:
+    """Whether ``spec`` names the default set of candidates (``"auto"``)."""
+    return isinstance(spec, str) and spec.strip().lower() == "auto"
 
 
 def create_candidates(spec: str) -> Candidates:
